@@ -1,0 +1,1 @@
+"""`approxdist-bench`: compute, kernel and communication benchmarks (not tests)."""

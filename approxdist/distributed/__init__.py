@@ -1,0 +1,6 @@
+"""Distributed part: the sparse all-reduce DDP communication hook, its state, index
+agreement across ranks, communication accounting and process-group initialisation."""
+from .env import init_distributed
+from .hook import SparseAllReduceState, register, sparse_allreduce_hook
+
+__all__ = ["SparseAllReduceState", "sparse_allreduce_hook", "register", "init_distributed"]

@@ -1,0 +1,127 @@
+"""Autograd Functions for the three sampling modes.
+
+Forward sampling computes the product over the k selected pairs and, in backward,
+computes only the gradient slices of those pairs, written into zero-filled full-size
+gradients with plain copies (indices are unique, so no atomic adds as in the backward
+of index_select). It keeps the k-channel operands from the forward instead of the full
+ones, so it also saves memory.
+"""
+import torch
+
+from .sampling import select_columns
+
+
+def _scale_view(scale, like, dim):
+    shape = [1] * like.dim()
+    shape[dim] = -1
+    return scale.to(like.dtype).view(shape)
+
+
+def _scatter(full_shape, idx, part, dim=1):
+    out = part.new_zeros(full_shape)
+    if idx.numel():
+        out.index_copy_(dim, idx, part)
+    return out
+
+
+class ForwardSampled(torch.autograd.Function):
+    """Sampled forward; backward through the sampled pairs (dense_grad=False) or, for the
+    'blackbox' mode, the exact gradients of the dense product (dense_grad=True)."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, idx, scale, product, dense_grad):
+        x_s = x.index_select(1, idx)
+        w_s = w.index_select(1, idx)
+        if scale is not None:
+            w_s = w_s * _scale_view(scale, w_s, 1)
+        if idx.numel():
+            out = product(x_s, w_s, b)
+        else:  # nothing drawn (possible under Bernoulli sampling): the estimate is the bias
+            out = x.new_zeros(product.out_shape(x, w))
+            if b is not None:
+                out += b.view([1, -1] + [1] * (out.dim() - 2))
+        ctx.product, ctx.dense_grad, ctx.has_bias = product, dense_grad, b is not None
+        ctx.x_shape, ctx.w_shape = x.shape, w.shape
+        if dense_grad:
+            ctx.save_for_backward(x, w)
+        else:
+            ctx.save_for_backward(x_s, w_s, idx, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        mask = ctx.needs_input_grad[:3]
+        if ctx.dense_grad:
+            x, w = ctx.saved_tensors
+            gx, gw, gb = ctx.product.backward(g, x, w, ctx.has_bias, mask)
+            return gx, gw, gb, None, None, None, None
+        x_s, w_s, idx, scale = ctx.saved_tensors
+        if idx.numel() == 0:
+            gb = g.sum([d for d in range(g.dim()) if d != 1]) if (mask[2] and ctx.has_bias) else None
+            gx = g.new_zeros(ctx.x_shape) if mask[0] else None
+            gw = g.new_zeros(ctx.w_shape) if mask[1] else None
+            return gx, gw, gb, None, None, None, None
+        gx_s, gw_s, gb = ctx.product.backward(g, x_s, w_s, ctx.has_bias, mask)
+        gx = _scatter(ctx.x_shape, idx, gx_s) if mask[0] else None
+        gw = None
+        if mask[1]:
+            if scale is not None:
+                gw_s = gw_s * _scale_view(scale, gw_s, 1)
+            gw = _scatter(ctx.w_shape, idx, gw_s)
+        return gx, gw, gb, None, None, None, None
+
+
+def _norms_except(t, dim):
+    other = [d for d in range(t.dim()) if d != dim]
+    dtype = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None
+    return torch.linalg.vector_norm(t, dim=other, dtype=dtype)
+
+
+class BackwardSampled(torch.autograd.Function):
+    """Exact forward; the backward products are sampled: the input gradient over the
+    output channels/features, the weight gradient over the batch rows."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, k_out, k_batch, policy, generator, product):
+        out = product(x, w, b)
+        ctx.save_for_backward(x, w)
+        ctx.k_out, ctx.k_batch, ctx.policy, ctx.generator = k_out, k_batch, policy, generator
+        ctx.product, ctx.has_bias = product, b is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        product = ctx.product
+        gx = gw = gb = None
+        if ctx.needs_input_grad[2] and ctx.has_bias:
+            gb = g.sum([d for d in range(g.dim()) if d != 1])
+        if ctx.needs_input_grad[0]:
+            n_out = w.shape[0]
+            if ctx.k_out >= n_out:
+                gx = product.backward(g, x, w, False, (True, False, False))[0]
+            else:
+                scores = _norms_except(g, 1) * _norms_except(w, 0)
+                idx, scale = select_columns(scores, ctx.k_out, ctx.policy, ctx.generator)
+                w_o = w.index_select(0, idx)
+                if scale is not None:
+                    w_o = w_o * _scale_view(scale, w_o, 0)
+                if idx.numel():
+                    gx = product.backward(g.index_select(1, idx), x, w_o, False, (True, False, False))[0]
+                else:
+                    gx = torch.zeros_like(x)
+        if ctx.needs_input_grad[1]:
+            n_batch = x.shape[0]
+            if ctx.k_batch >= n_batch:
+                gw = product.backward(g, x, w, False, (False, True, False))[1]
+            else:
+                scores = _norms_except(x, 0) * _norms_except(g, 0)
+                idx, scale = select_columns(scores, ctx.k_batch, ctx.policy, ctx.generator)
+                g_b = g.index_select(0, idx)
+                if scale is not None:
+                    g_b = g_b * _scale_view(scale, g_b, 0)
+                if idx.numel():
+                    gw = product.backward(g_b, x.index_select(0, idx), w, False, (False, True, False))[1]
+                else:
+                    gw = torch.zeros_like(w)
+        return gx, gw, gb, None, None, None, None, None

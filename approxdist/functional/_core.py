@@ -1,0 +1,50 @@
+"""What approx_linear and approx_conv2d share: argument checks, the choice of pairs and
+the dispatch to the mode's autograd Function. Operands arrive with the sampled
+dimension at dim 1 of both input and weight."""
+import torch
+
+from ._autograd import BackwardSampled, ForwardSampled
+from ._checks import WEIGHT_POLICIES, check_minimal_k, check_mode, check_policy, check_sample_ratio
+from .sampling import channel_norms, num_samples, select_columns
+
+
+def check_config(sample_ratio, minimal_k, policy, mode):
+    check_sample_ratio(sample_ratio)
+    check_minimal_k(minimal_k)
+    check_policy(policy)
+    check_mode(mode, policy)
+
+
+def pair_scores(x, w, policy):
+    """Per-pair scores for the policy: |B_i| for the weight policies, |A_i|*|B_i| else."""
+    with torch.no_grad():
+        w_norms = channel_norms(w, 1)
+        if policy in WEIGHT_POLICIES:
+            return w_norms
+        return channel_norms(x, 1) * w_norms
+
+
+def select_pairs(x, w, k, policy, generator=None):
+    """(sorted indices, scale or None) of the k pairs to keep (k < n)."""
+    return select_columns(pair_scores(x, w, policy), k, policy, generator)
+
+
+def sampled_product(x, w, b, idx, scale, product, mode="forward"):
+    """The product over the given pairs; mode 'forward' or 'blackbox'."""
+    return ForwardSampled.apply(x, w, b, idx, scale, product, mode == "blackbox")
+
+
+def approx_product(x, w, b, product, sample_ratio, minimal_k, policy, mode, generator):
+    check_config(sample_ratio, minimal_k, policy, mode)
+    if mode == "backward":
+        k_out = num_samples(w.shape[0], sample_ratio, minimal_k)
+        k_batch = num_samples(x.shape[0], sample_ratio, minimal_k)
+        if k_out == w.shape[0] and k_batch == x.shape[0]:
+            return product(x, w, b)
+        return BackwardSampled.apply(x, w, b, k_out, k_batch, policy, generator, product)
+    n = w.shape[1]
+    k = num_samples(n, sample_ratio, minimal_k)
+    if k == n:
+        return product(x, w, b)
+    idx, scale = select_pairs(x, w, k, policy, generator)
+    return sampled_product(x, w, b, idx, scale, product, mode)

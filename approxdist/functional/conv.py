@@ -1,0 +1,34 @@
+"""approx_conv2d: a 2-D convolution that keeps k of its input channels."""
+from torch.nn.modules.utils import _pair
+
+from ._amp import cast_for_autocast
+from ._checks import check_groups
+from ._core import approx_product, sampled_product
+from ._products import Conv2dProduct
+
+
+def approx_conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
+                  sample_ratio, minimal_k=1, policy="topk", mode="forward", generator=None):
+    """Approximate ``F.conv2d``: column-row sampling over the input channels.
+
+    Channel i contributes the pair (input[:, i], weight[:, i]); keeping k of them cuts the
+    multiply-accumulates by k/n. With k == in_channels this is exactly ``F.conv2d``.
+    ``padding`` is numeric (pad first for other padding modes); groups must be 1.
+    """
+    check_groups(groups)
+    if isinstance(padding, str):
+        raise ValueError(f"padding must be an int or a pair of ints here, got {padding!r}")
+    product = Conv2dProduct(_pair(stride), _pair(padding), _pair(dilation))
+    (input, weight, bias), ctx = cast_for_autocast((input, weight, bias), input.device.type)
+    with ctx:
+        return approx_product(input, weight, bias, product, sample_ratio, minimal_k, policy,
+                              mode, generator)
+
+
+def sampled_conv2d(input, weight, bias, indices, scale=None, stride=1, padding=0, dilation=1,
+                   mode="forward"):
+    """``F.conv2d`` over the given sorted input-channel ``indices`` (scaled by ``scale``)."""
+    product = Conv2dProduct(_pair(stride), _pair(padding), _pair(dilation))
+    (input, weight, bias), ctx = cast_for_autocast((input, weight, bias), input.device.type)
+    with ctx:
+        return sampled_product(input, weight, bias, indices, scale, product, mode)

@@ -1,0 +1,33 @@
+"""approx_linear: a linear layer whose product keeps k of the in_features pairs."""
+from ._amp import cast_for_autocast
+from ._core import approx_product, sampled_product
+from ._products import LinearProduct
+
+_PRODUCT = LinearProduct()
+
+
+def _flat(input):
+    return input.reshape(-1, input.shape[-1])
+
+
+def approx_linear(input, weight, bias=None, *, sample_ratio, minimal_k=1, policy="topk",
+                  mode="forward", generator=None):
+    """Approximate ``F.linear``: column-row sampling over the in_features dimension.
+
+    With k == in_features (sample_ratio 1 or minimal_k >= in_features) this is exactly
+    ``F.linear``. ``generator`` drives the random policies (never the global RNG when
+    given). See DESIGN.md for the policies and modes.
+    """
+    (input, weight, bias), ctx = cast_for_autocast((input, weight, bias), input.device.type)
+    with ctx:
+        out = approx_product(_flat(input), weight, bias, _PRODUCT, sample_ratio, minimal_k,
+                             policy, mode, generator)
+    return out.reshape(*input.shape[:-1], weight.shape[0])
+
+
+def sampled_linear(input, weight, bias, indices, scale=None, mode="forward"):
+    """``F.linear`` over the given sorted in_features ``indices`` (scaled by ``scale``)."""
+    (input, weight, bias), ctx = cast_for_autocast((input, weight, bias), input.device.type)
+    with ctx:
+        out = sampled_product(_flat(input), weight, bias, indices, scale, _PRODUCT, mode)
+    return out.reshape(*input.shape[:-1], weight.shape[0])

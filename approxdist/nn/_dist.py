@@ -1,0 +1,103 @@
+"""Channel selection that every DDP rank agrees on without exchanging an index.
+
+The selection depends only on the weights (identical on all ranks under DDP) and, for
+'bernoulli_weight', on a dedicated generator seeded identically on every rank. Each
+layer records the channels its weight gradient can be non-zero on since the hook last
+reduced it (a union, so gradient accumulation with no_sync stays lossless)."""
+import torch
+
+from ..functional import channel_norms, num_samples, select_columns
+from ..functional._checks import WEIGHT_POLICIES
+from ._config import SamplingConfig
+from ._registry import register_sampled
+
+
+class WeightSampled(SamplingConfig):
+    _allowed_policies = WEIGHT_POLICIES
+
+    def _init_dist(self, seed):
+        self.seed = int(seed)
+        self._generator = None
+        self._generator_state = None  # restored state waiting for the first draw
+        self.last_indices = None
+        self._touched = None
+        self._index_sync = None  # set by the distributed agreement mode 'broadcast'
+        register_sampled(self)
+
+    # -- selection -------------------------------------------------------------------
+    @property
+    def generator(self):
+        if self._generator is None or self._generator.device != self.weight.device:
+            g = torch.Generator(device=self.weight.device)
+            g.manual_seed(self.seed)
+            if self._generator_state is not None:
+                g.set_state(self._generator_state)
+                self._generator_state = None
+            self._generator = g
+        return self._generator
+
+    def _select(self):
+        """(indices or None for all, scale or None) for a training forward."""
+        n = self.weight.shape[1]
+        k = num_samples(n, self.sample_ratio, self.minimal_k)
+        idx, scale = None, None
+        if k < n:
+            scores = channel_norms(self.weight.detach(), 1)
+            gen = self.generator if self.policy == "bernoulli_weight" else None
+            idx, scale = select_columns(scores, k, self.policy, gen)
+        if self._index_sync is not None:
+            idx, scale = self._index_sync(self, idx, scale)
+        return idx, scale
+
+    def _record(self, idx):
+        n = self.weight.shape[1]
+        used = idx if idx is not None else torch.arange(n, device=self.weight.device)
+        self.last_indices = used
+        if torch.is_grad_enabled() and self.weight.requires_grad:
+            if self._touched is None:
+                self._touched = torch.zeros(n, dtype=torch.bool, device=self.weight.device)
+            self._touched[used] = True
+
+    def _note_dense_use(self):
+        """An exact forward (eval mode) with autograd on: every column gets a gradient."""
+        if torch.is_grad_enabled() and self.weight.requires_grad:
+            n = self.weight.shape[1]
+            self._touched = torch.ones(n, dtype=torch.bool, device=self.weight.device)
+
+    # -- for the comm hook ---------------------------------------------------------
+    def pop_touched(self):
+        """Channels whose weight gradient may be non-zero since the last call, and reset.
+
+        Returns None when every channel may be non-zero (reduce densely), else a sorted
+        LongTensor (possibly empty)."""
+        touched, self._touched = self._touched, None
+        if touched is None:
+            return torch.empty(0, dtype=torch.long, device=self.weight.device)
+        idx = touched.nonzero().squeeze(1)
+        return None if idx.numel() == touched.numel() else idx
+
+    # -- checkpoints ------------------------------------------------------------------
+    def sampler_state(self):
+        state = self._generator.get_state() if self._generator is not None else self._generator_state
+        return {"seed": self.seed, "generator": state}
+
+    def load_sampler_state(self, state):
+        self.seed = int(state["seed"])
+        self._generator = None
+        self._generator_state = state.get("generator")
+
+
+def sampler_state(model):
+    """Generator states of every weight-sampled layer, keyed by module name: save it with
+    a checkpoint so a resumed run draws the same channels as an uninterrupted one."""
+    return {name: m.sampler_state() for name, m in model.named_modules() if isinstance(m, WeightSampled)}
+
+
+def load_sampler_state(model, state):
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, WeightSampled)}
+    missing = sorted(set(layers) - set(state))
+    unexpected = sorted(set(state) - set(layers))
+    if missing or unexpected:
+        raise ValueError(f"sampler state does not match the model: missing {missing}, unexpected {unexpected}")
+    for name, layer in layers.items():
+        layer.load_sampler_state(state[name])

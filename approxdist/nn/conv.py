@@ -1,0 +1,81 @@
+"""ApproxConv2d and ApproxConv2dDist: nn.Conv2d with input-channel sampling in training."""
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
+
+from ..functional import approx_conv2d, sampled_conv2d
+from ..functional._checks import check_groups
+from ._config import SamplingConfig
+from ._dist import WeightSampled
+
+
+class _ApproxConvBase(nn.Conv2d):
+    def _padded(self, input):
+        """(input, numeric padding): non-'zeros' padding modes are applied up front."""
+        if self.padding_mode != "zeros":
+            return F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode), (0, 0)
+        if isinstance(self.padding, str):  # 'same' / 'valid'
+            if self.padding == "valid":
+                return input, (0, 0)
+            total = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size)]
+            pad = [t // 2 for t in total]
+            if all(t % 2 == 0 for t in total):
+                return input, tuple(pad)
+            lr = []
+            for t, p in zip(reversed(total), reversed(pad)):
+                lr += [p, t - p]
+            return F.pad(input, lr), (0, 0)
+        return input, _pair(self.padding)
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, {self._sampling_repr()}"
+
+
+class ApproxConv2d(SamplingConfig, _ApproxConvBase):
+    """nn.Conv2d whose training forward keeps k of the input channels; eval is exact."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
+                 groups=1, bias=True, padding_mode="zeros", *, sample_ratio=1.0, minimal_k=1,
+                 policy="topk", mode="forward", device=None, dtype=None):
+        check_groups(groups)
+        self._init_sampling(sample_ratio, minimal_k, policy, mode)
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                         bias, padding_mode, device=device, dtype=dtype)
+
+    def forward(self, input):
+        if not self.training:
+            return self._conv_forward(input, self.weight, self.bias)
+        x, padding = self._padded(input)
+        return approx_conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, 1,
+                             sample_ratio=self.sample_ratio, minimal_k=self.minimal_k,
+                             policy=self.policy, mode=self.mode)
+
+
+class ApproxConv2dDist(WeightSampled, _ApproxConvBase):
+    """ApproxConv2d that selects input channels from the weights alone ('topk_weight', or
+    'bernoulli_weight' from a generator seeded with `seed`), so every DDP rank picks the
+    same ones; `last_indices` holds the channels of the last training forward."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
+                 groups=1, bias=True, padding_mode="zeros", *, sample_ratio=1.0, minimal_k=1,
+                 policy="topk_weight", mode="forward", seed=0, device=None, dtype=None):
+        check_groups(groups)
+        self._init_sampling(sample_ratio, minimal_k, policy, mode)
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                         bias, padding_mode, device=device, dtype=dtype)
+        self._init_dist(seed)
+
+    def forward(self, input):
+        if not self.training:
+            self._note_dense_use()
+            return self._conv_forward(input, self.weight, self.bias)
+        idx, scale = self._select()
+        self._record(idx)
+        if idx is None:
+            return self._conv_forward(input, self.weight, self.bias)
+        x, padding = self._padded(input)
+        return sampled_conv2d(x, self.weight, self.bias, idx, scale, self.stride, padding,
+                              self.dilation, self.mode)
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, seed={self.seed}"

@@ -1,0 +1,106 @@
+"""convert_model: swap nn.Linear / nn.Conv2d for their approximate forms in place."""
+import fnmatch
+import logging
+
+import torch
+import torch.nn as nn
+
+from ..functional._checks import (POLICIES, WEIGHT_POLICIES, check_minimal_k, check_mode,
+                                  check_policy, check_sample_ratio)
+from .conv import ApproxConv2d, ApproxConv2dDist
+from .linear import ApproxLinear, ApproxLinearDist
+
+log = logging.getLogger(__name__)
+_APPROX = (ApproxLinear, ApproxLinearDist, ApproxConv2d, ApproxConv2dDist)
+
+
+def _excluded(name, module, exclude):
+    for rule in exclude:
+        if isinstance(rule, type):
+            if isinstance(module, rule):
+                return True
+        elif isinstance(rule, str):
+            if name == rule or fnmatch.fnmatchcase(name, rule):
+                return True
+        else:
+            raise ValueError(f"exclude entries must be module names (str) or types, got {rule!r}")
+    return False
+
+
+def _swap(old, cls, kwargs):
+    """The approximate twin of `old`, sharing its Parameter objects (so requires_grad,
+    device, dtype and any optimizer that already holds them are kept)."""
+    if isinstance(old, nn.Linear):
+        new = cls(old.in_features, old.out_features, old.bias is not None, device="meta", **kwargs)
+    else:
+        new = cls(old.in_channels, old.out_channels, old.kernel_size, old.stride, old.padding,
+                  old.dilation, old.groups, old.bias is not None, old.padding_mode, device="meta",
+                  **kwargs)
+    with torch.no_grad():
+        new.weight = old.weight
+        new.bias = old.bias
+    new._forward_pre_hooks.update(old._forward_pre_hooks)
+    new._forward_hooks.update(old._forward_hooks)
+    new.train(old.training)
+    if hasattr(new, "_init_dist"):
+        new._init_dist(kwargs["seed"])  # re-register: the weight changed
+    return new
+
+
+def convert_model(module, sample_ratio, minimal_k=1, *, distributed=False, policy=None,
+                  mode="forward", skip_first_conv=True, exclude=(), seed=0):
+    """Replace every nn.Linear / nn.Conv2d under `module` by ApproxLinear / ApproxConv2d
+    (their *Dist forms with distributed=True) in place and return the module.
+
+    State_dict keys and values do not change: the new layers take over the old Parameter
+    objects. Left exact: the first convolution when skip_first_conv (it sees the raw
+    image, whose few channels are all needed), anything named or typed in `exclude`
+    (names may be glob patterns), and grouped/depthwise convolutions (CRS across groups
+    is not defined). With distributed=True the layers choose channels from the weights
+    (policy 'topk_weight' by default, or 'bernoulli_weight' seeded with seed + layer
+    number, the same on every rank).
+    """
+    check_sample_ratio(sample_ratio)
+    check_minimal_k(minimal_k)
+    allowed = WEIGHT_POLICIES if distributed else POLICIES
+    policy = policy or ("topk_weight" if distributed else "topk")
+    check_policy(policy, allowed)
+    check_mode(mode, policy)
+    if isinstance(exclude, (str, type)):
+        exclude = (exclude,)
+    linear_cls, conv_cls = (ApproxLinearDist, ApproxConv2dDist) if distributed else (ApproxLinear, ApproxConv2d)
+
+    first_conv = None
+    if skip_first_conv:
+        first_conv = next((name for name, m in module.named_modules() if isinstance(m, nn.Conv2d)), None)
+
+    replaced = {}
+    ordinal = 0
+    for name, m in module.named_modules():
+        if isinstance(m, _APPROX) or not isinstance(m, (nn.Linear, nn.Conv2d)):
+            continue
+        if type(m) not in (nn.Linear, nn.Conv2d):
+            log.debug("convert_model: %s (%s) is a subclass, left as it is", name, type(m).__name__)
+            continue
+        if _excluded(name, m, exclude):
+            log.debug("convert_model: %s excluded, left exact", name)
+            continue
+        if name == first_conv:
+            log.debug("convert_model: %s is the first convolution, left exact", name)
+            continue
+        if isinstance(m, nn.Conv2d) and m.groups != 1:
+            log.debug("convert_model: %s has groups=%d, left exact", name, m.groups)
+            continue
+        kwargs = dict(sample_ratio=sample_ratio, minimal_k=minimal_k, policy=policy, mode=mode)
+        if distributed:
+            kwargs["seed"] = seed + ordinal
+            ordinal += 1
+        cls = linear_cls if isinstance(m, nn.Linear) else conv_cls
+        replaced[name] = _swap(m, cls, kwargs)
+
+    if "" in replaced:
+        return replaced[""]
+    for name, new in replaced.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(module.get_submodule(parent_name), child, new)
+    return module

@@ -1,0 +1,53 @@
+"""ApproxLinear and ApproxLinearDist: nn.Linear with column-row sampling in training."""
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..functional import approx_linear, sampled_linear
+from ._config import SamplingConfig
+from ._dist import WeightSampled
+
+
+class ApproxLinear(SamplingConfig, nn.Linear):
+    """nn.Linear whose training forward keeps k of the in_features pairs; eval is exact.
+
+    A subclass of nn.Linear, so its state_dict, initialisation and isinstance checks are
+    those of nn.Linear."""
+
+    def __init__(self, in_features, out_features, bias=True, *, sample_ratio=1.0, minimal_k=1,
+                 policy="topk", mode="forward", device=None, dtype=None):
+        self._init_sampling(sample_ratio, minimal_k, policy, mode)
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+
+    def forward(self, input):
+        if not self.training:
+            return F.linear(input, self.weight, self.bias)
+        return approx_linear(input, self.weight, self.bias, sample_ratio=self.sample_ratio,
+                             minimal_k=self.minimal_k, policy=self.policy, mode=self.mode)
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, {self._sampling_repr()}"
+
+
+class ApproxLinearDist(WeightSampled, nn.Linear):
+    """ApproxLinear that selects features from the weights alone ('topk_weight', or
+    'bernoulli_weight' from a generator seeded with `seed`), so every DDP rank picks the
+    same ones; `last_indices` holds the features of the last training forward."""
+
+    def __init__(self, in_features, out_features, bias=True, *, sample_ratio=1.0, minimal_k=1,
+                 policy="topk_weight", mode="forward", seed=0, device=None, dtype=None):
+        self._init_sampling(sample_ratio, minimal_k, policy, mode)
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self._init_dist(seed)
+
+    def forward(self, input):
+        if not self.training:
+            self._note_dense_use()
+            return F.linear(input, self.weight, self.bias)
+        idx, scale = self._select()
+        self._record(idx)
+        if idx is None:
+            return F.linear(input, self.weight, self.bias)
+        return sampled_linear(input, self.weight, self.bias, idx, scale, self.mode)
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, {self._sampling_repr()}, seed={self.seed}"
