@@ -1,0 +1,267 @@
+// Multi-tensor pack/unpack of sampled gradient slices on the CPU, and the Python module.
+//
+// Why not index_select + cat: per tensor that is an allocation, a strided gather that
+// recomputes a 64-bit offset per element, and a second copy into the bucket. Here each
+// tensor's index set is turned once into runs of consecutive columns; a run of a row is
+// one memcpy when it is long, a typed gather loop when the runs are short (top-k
+// indices of a 1x1 conv are mostly isolated). Work is split into items of about
+// kItemBytes (a block of rows of one tensor, or a chunk of a dense tensor) that
+// at::parallel_for hands to the intra-op threads.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "pack_plan.h"
+
+namespace approxdist {
+
+#ifdef APPROXDIST_WITH_CUDA
+void pack_cuda(const std::vector<at::Tensor>& grads,
+               const std::vector<std::optional<at::Tensor>>& indices,
+               const std::vector<Geom>& plan, at::Tensor& out);
+void unpack_cuda(const at::Tensor& flat, const std::vector<at::Tensor>& grads,
+                 const std::vector<std::optional<at::Tensor>>& indices,
+                 const std::vector<Geom>& plan);
+#endif
+
+namespace {
+
+constexpr int64_t kItemBytes = 256 * 1024;
+constexpr int64_t kMemcpyBytes = 64;  // below this a typed loop beats a memcpy call
+
+struct Run {
+  int64_t src;  // first column in the tensor
+  int64_t dst;  // first column in the packed row
+  int64_t len;  // columns
+};
+
+struct TensorJob {
+  char* data = nullptr;
+  char* flat = nullptr;  // start of this tensor's packed slice
+  const int64_t* idx = nullptr;
+  Geom geom;
+  std::vector<Run> runs;
+  bool gather = false;  // inner == 1 with short runs: element-wise gather over idx
+};
+
+struct Item {
+  int32_t job;
+  int64_t begin;  // rows (sampled) or elements (dense)
+  int64_t end;
+};
+
+// Also the memory-safety check of the C++ path: the runs are built from the indices, so
+// rejecting unsorted, duplicate or out-of-range entries here costs O(k) per tensor.
+void build_runs(TensorJob& job, size_t i) {
+  const int64_t k = job.geom.k;
+  const int64_t cols = job.geom.cols;
+  const int64_t* idx = job.idx;
+  for (int64_t j = 0; j < k; ++j) {
+    const int64_t c = idx[j];
+    TORCH_CHECK_VALUE(c >= 0 && c < cols, "indices[", i, "] has entry ", c,
+                      " out of range [0, ", cols, ")");
+    if (j > 0) {
+      TORCH_CHECK_VALUE(c > idx[j - 1], "indices[", i,
+                        "] must be sorted and free of duplicates (entry ", j, ")");
+    }
+    if (!job.runs.empty() && job.runs.back().src + job.runs.back().len == c) {
+      job.runs.back().len += 1;
+    } else {
+      job.runs.push_back(Run{c, j, 1});
+    }
+  }
+  job.gather = job.geom.inner == 1 && static_cast<int64_t>(job.runs.size()) * 4 > k;
+}
+
+template <typename T>
+inline void copy_small(char* dst, const char* src, int64_t n) {
+  T* d = reinterpret_cast<T*>(dst);
+  const T* s = reinterpret_cast<const T*>(src);
+  for (int64_t i = 0; i < n; ++i) d[i] = s[i];
+}
+
+inline void copy_bytes(char* dst, const char* src, int64_t nbytes, int64_t es) {
+  if (nbytes >= kMemcpyBytes) {
+    std::memcpy(dst, src, nbytes);
+    return;
+  }
+  switch (es) {
+    case 2: copy_small<uint16_t>(dst, src, nbytes / 2); break;
+    case 4: copy_small<uint32_t>(dst, src, nbytes / 4); break;
+    case 8: copy_small<uint64_t>(dst, src, nbytes / 8); break;
+    default: std::memcpy(dst, src, nbytes);
+  }
+}
+
+// PACK: tensor -> flat; otherwise flat -> tensor. T only carries the element size.
+template <typename T, bool PACK>
+void gather_rows(const TensorJob& job, int64_t r0, int64_t r1) {
+  const int64_t k = job.geom.k;
+  const int64_t cols = job.geom.cols;
+  const int64_t* idx = job.idx;
+  T* data = reinterpret_cast<T*>(job.data);
+  T* flat = reinterpret_cast<T*>(job.flat);
+  for (int64_t r = r0; r < r1; ++r) {
+    T* trow = data + r * cols;
+    T* frow = flat + r * k;
+    for (int64_t j = 0; j < k; ++j) {
+      if (PACK) {
+        frow[j] = trow[idx[j]];
+      } else {
+        trow[idx[j]] = frow[j];
+      }
+    }
+  }
+}
+
+template <bool PACK>
+void run_rows(const TensorJob& job, int64_t r0, int64_t r1, int64_t es) {
+  const int64_t inner_bytes = job.geom.inner * es;
+  const int64_t trow_bytes = job.geom.cols * inner_bytes;
+  const int64_t frow_bytes = job.geom.k * inner_bytes;
+  for (int64_t r = r0; r < r1; ++r) {
+    char* trow = job.data + r * trow_bytes;
+    char* frow = job.flat + r * frow_bytes;
+    for (const Run& run : job.runs) {
+      char* t = trow + run.src * inner_bytes;
+      char* f = frow + run.dst * inner_bytes;
+      const int64_t n = run.len * inner_bytes;
+      if (PACK) {
+        copy_bytes(f, t, n, es);
+      } else {
+        copy_bytes(t, f, n, es);
+      }
+    }
+  }
+}
+
+template <bool PACK>
+void do_item(const TensorJob& job, const Item& item, int64_t es) {
+  if (job.geom.dense) {
+    char* t = job.data + item.begin * es;
+    char* f = job.flat + item.begin * es;
+    const int64_t n = (item.end - item.begin) * es;
+    if (PACK) {
+      std::memcpy(f, t, n);
+    } else {
+      std::memcpy(t, f, n);
+    }
+    return;
+  }
+  if (job.gather) {
+    switch (es) {
+      case 2: gather_rows<uint16_t, PACK>(job, item.begin, item.end); return;
+      case 4: gather_rows<uint32_t, PACK>(job, item.begin, item.end); return;
+      case 8: gather_rows<uint64_t, PACK>(job, item.begin, item.end); return;
+      default: break;  // other sizes take the run path
+    }
+  }
+  run_rows<PACK>(job, item.begin, item.end, es);
+}
+
+template <bool PACK>
+void run_cpu(const std::vector<at::Tensor>& grads,
+             const std::vector<std::optional<at::Tensor>>& indices, const std::vector<Geom>& plan,
+             const at::Tensor& flat) {
+  const int64_t es = flat.element_size();
+  std::vector<TensorJob> jobs(grads.size());
+  std::vector<Item> items;
+  char* flat_base = static_cast<char*>(flat.data_ptr());
+  for (size_t i = 0; i < grads.size(); ++i) {
+    TensorJob& job = jobs[i];
+    job.geom = plan[i];
+    job.data = static_cast<char*>(grads[i].data_ptr());
+    job.flat = flat_base + plan[i].offset * es;
+    if (indices[i].has_value() && indices[i]->defined()) {
+      job.idx = indices[i]->data_ptr<int64_t>();
+      build_runs(job, i);
+    }
+    if (plan[i].numel == 0) continue;
+    if (job.geom.dense) {
+      const int64_t n = plan[i].numel;
+      const int64_t step = std::max<int64_t>(1, kItemBytes / es);
+      for (int64_t b = 0; b < n; b += step) {
+        items.push_back(Item{static_cast<int32_t>(i), b, std::min(n, b + step)});
+      }
+    } else {
+      const int64_t row_bytes = job.geom.k * job.geom.inner * es;
+      const int64_t step = std::max<int64_t>(1, kItemBytes / row_bytes);
+      for (int64_t r = 0; r < job.geom.rows; r += step) {
+        items.push_back(Item{static_cast<int32_t>(i), r, std::min(job.geom.rows, r + step)});
+      }
+    }
+  }
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t e) {
+    for (int64_t it = b; it < e; ++it) {
+      do_item<PACK>(jobs[items[it].job], items[it], es);
+    }
+  });
+}
+
+void check_flat(const at::Tensor& flat, const std::vector<at::Tensor>& grads, int64_t numel,
+                const char* name) {
+  TORCH_CHECK_VALUE(flat.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK_VALUE(flat.numel() == numel, name, " has ", flat.numel(), " elements, expected ",
+                    numel);
+  for (size_t i = 0; i < grads.size(); ++i) {
+    TORCH_CHECK_VALUE(grads[i].scalar_type() == flat.scalar_type(), "grads[", i, "] has dtype ",
+                      grads[i].scalar_type(), ", ", name, " has ", flat.scalar_type());
+    TORCH_CHECK_VALUE(grads[i].device() == flat.device(), "grads[", i, "] is on ",
+                      grads[i].device(), ", ", name, " on ", flat.device());
+  }
+}
+
+}  // namespace
+
+at::Tensor pack(const std::vector<at::Tensor>& grads,
+                const std::vector<std::optional<at::Tensor>>& indices, at::Tensor out) {
+  const std::vector<Geom> plan = make_plan(grads, indices);
+  check_flat(out, grads, plan_numel(plan), "out");
+  if (out.is_cuda()) {
+#ifdef APPROXDIST_WITH_CUDA
+    pack_cuda(grads, indices, plan, out);
+    return out;
+#else
+    TORCH_CHECK(false, "approxdist kernels were built without CUDA");
+#endif
+  }
+  run_cpu<true>(grads, indices, plan, out);
+  return out;
+}
+
+void unpack(const at::Tensor& flat, const std::vector<at::Tensor>& grads,
+            const std::vector<std::optional<at::Tensor>>& indices) {
+  const std::vector<Geom> plan = make_plan(grads, indices);
+  check_flat(flat, grads, plan_numel(plan), "flat");
+  if (flat.is_cuda()) {
+#ifdef APPROXDIST_WITH_CUDA
+    unpack_cuda(flat, grads, indices, plan);
+    return;
+#else
+    TORCH_CHECK(false, "approxdist kernels were built without CUDA");
+#endif
+  }
+  run_cpu<false>(grads, indices, plan, flat);
+}
+
+bool with_cuda() {
+#ifdef APPROXDIST_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace approxdist
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "approxdist: fused pack/unpack of sampled gradient slices";
+  m.def("pack", &approxdist::pack, "pack selected slices of grads into out", py::arg("grads"),
+        py::arg("indices"), py::arg("out"));
+  m.def("unpack", &approxdist::unpack, "write flat back into the selected slices of grads",
+        py::arg("flat"), py::arg("grads"), py::arg("indices"));
+  m.def("with_cuda", &approxdist::with_cuda, "whether the CUDA kernels were compiled in");
+}

@@ -1,0 +1,78 @@
+// Geometry of a multi-tensor pack, shared by the CPU and CUDA implementations.
+//
+// Every gradient is viewed as (rows, cols, inner): dim 0, the sampled dim 1, and the
+// product of the remaining dims (kh*kw for a conv weight, 1 for a linear weight). Its
+// packed form is, row by row, the selected columns' inner slices in index order, which
+// is exactly `g.index_select(1, idx).reshape(-1)`; a dense tensor (no indices, or k ==
+// cols) is packed whole. Packed tensors follow one another in list order.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+namespace approxdist {
+
+struct Geom {
+  int64_t rows = 1;
+  int64_t cols = 1;
+  int64_t inner = 1;
+  int64_t k = 1;          // selected columns (== cols when dense)
+  bool dense = true;      // copied whole: no indices, or every column selected
+  int64_t numel = 0;      // elements of the packed slice
+  int64_t offset = 0;     // element offset of the packed slice in the flat buffer
+};
+
+// The Python face has already checked the structure (lengths, dtypes, devices,
+// contiguity); these checks only keep the C++ entry points memory-safe when called
+// directly.
+inline std::vector<Geom> make_plan(const std::vector<at::Tensor>& grads,
+                                   const std::vector<std::optional<at::Tensor>>& indices) {
+  TORCH_CHECK_VALUE(grads.size() == indices.size(),
+                    "grads and indices must have the same length, got ", grads.size(), " and ",
+                    indices.size());
+  std::vector<Geom> plan(grads.size());
+  int64_t offset = 0;
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const at::Tensor& g = grads[i];
+    TORCH_CHECK_VALUE(g.is_contiguous(), "grads[", i, "] must be contiguous");
+    Geom& p = plan[i];
+    const bool has_idx = indices[i].has_value() && indices[i]->defined();
+    if (has_idx) {
+      const at::Tensor& idx = *indices[i];
+      TORCH_CHECK_VALUE(g.dim() >= 2, "indices[", i, "] must be None for a ", g.dim(),
+                        "-D tensor (grads[", i, "])");
+      TORCH_CHECK_VALUE(idx.scalar_type() == at::kLong && idx.dim() == 1 && idx.is_contiguous(),
+                        "indices[", i, "] must be a contiguous 1-D int64 tensor");
+      TORCH_CHECK_VALUE(idx.device() == g.device(), "indices[", i, "] must be on ", g.device());
+      p.rows = g.size(0);
+      p.cols = g.size(1);
+      p.inner = p.rows * p.cols == 0 ? 0 : g.numel() / (p.rows * p.cols);
+      p.k = idx.numel();
+      TORCH_CHECK_VALUE(p.k <= p.cols, "indices[", i, "] has ", p.k, " entries for ", p.cols,
+                        " columns");
+      // A sorted, duplicate-free, in-range set of cols entries is every column.
+      p.dense = p.k == p.cols;
+      p.numel = p.rows * p.k * p.inner;
+    } else {
+      p.rows = 1;
+      p.cols = g.numel();
+      p.inner = 1;
+      p.k = p.cols;
+      p.dense = true;
+      p.numel = g.numel();
+    }
+    p.offset = offset;
+    offset += p.numel;
+  }
+  return plan;
+}
+
+inline int64_t plan_numel(const std::vector<Geom>& plan) {
+  return plan.empty() ? 0 : plan.back().offset + plan.back().numel;
+}
+
+}  // namespace approxdist
