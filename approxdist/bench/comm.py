@@ -1,0 +1,615 @@
+"""`approxdist-bench comm`: what the sparse all-reduce hook saves, next to what users would
+use instead (DDP's all-reduce, fp16 compression, PowerSGD).
+
+Two modes:
+- loopback (default): 2 gloo ranks on this machine (torch.multiprocessing); payload bytes
+  per step of the sparse hook vs dense vs fp16, and the hook's share of the step time.
+  The link is loopback, so the times say little about slow networks; the bytes are exact.
+- `--testbed`: the same DDP steps on a namespace testbed (approxdist.bench.testbed) with
+  tbf-shaped links, 2 and 4 nodes at 1gbit and 100mbit, every hook interleaved with the
+  others and repeated, so a slow spell of the machine does not favour one; JSON, PNG
+  plots and a table in docs/benchmarks.md.
+
+Every figure is a median of real DDP steps (real model, real backward, SGD step) on random
+32 px images: the hooks' cost does not depend on the data. Payload bytes are counted at
+`torch.distributed.all_reduce` (what the hooks hand to gloo), checked against the
+analytic count for the sparse hook, and on the testbed also read from the node's eth0
+byte counter (what really went over the wire, headers included).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+__all__ = ["main", "parse_hook", "analytic_payload_bytes", "run_plan"]
+
+# PowerSGD's hook issues its second all-reduce from a .then() callback; on gloo that
+# crashes once DDP has more than one bucket, so it runs with one bucket (documented).
+SINGLE_BUCKET_MB = 10_000
+DEFAULT_BUCKET_MB = 25
+POWERSGD_START_ITER = 2  # the smallest start PyTorch allows with error feedback
+
+
+# -- hooks ---------------------------------------------------------------------------------
+def parse_hook(name: str) -> dict:
+    """"allreduce", "fp16", "powersgdR", "sparseX" or "sparseX+fp16" -> a spec dict."""
+    if name in ("allreduce", "fp16"):
+        return {"name": name, "kind": name, "ratio": 1.0, "fp16": name == "fp16"}
+    m = re.fullmatch(r"powersgd(\d+)", name)
+    if m and int(m.group(1)) >= 1:
+        return {"name": name, "kind": "powersgd", "rank": int(m.group(1)), "ratio": 1.0,
+                "fp16": False}
+    m = re.fullmatch(r"sparse(\d*\.?\d+)(\+fp16)?", name)
+    if m and 0.0 < float(m.group(1)) <= 1.0:
+        return {"name": name, "kind": "sparse", "ratio": float(m.group(1)),
+                "fp16": bool(m.group(2))}
+    raise ValueError(f"hook must be allreduce, fp16, powersgdR, sparseX or sparseX+fp16 "
+                     f"(0 < X <= 1), got {name!r}")
+
+
+def _timed(hook, box: list):
+    """Sum into box[0] the time spent in the hook's body: its own cost on the critical
+    path (casting, packing, launching), the wait for the network excluded."""
+    def timed_hook(state, bucket):
+        t0 = time.perf_counter()
+        fut = hook(state, bucket)
+        box[0] += time.perf_counter() - t0
+        return fut
+
+    return timed_hook
+
+
+def _install_hook(ddp, spec: dict, box: list):
+    """Register the hook spec names on ddp; returns the sparse hook's state, else None."""
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+
+    kind = spec["kind"]
+    if kind == "allreduce":
+        return None  # DDP's built-in C++ all-reduce: what users get without a hook
+    if kind == "fp16":
+        ddp.register_comm_hook(dist.group.WORLD, _timed(default_hooks.fp16_compress_hook, box))
+        return None
+    if kind == "powersgd":
+        state = powerSGD_hook.PowerSGDState(
+            process_group=None, matrix_approximation_rank=spec["rank"],
+            start_powerSGD_iter=POWERSGD_START_ITER, use_error_feedback=True, warm_start=True)
+        ddp.register_comm_hook(state, _timed(powerSGD_hook.powerSGD_hook, box))
+        return None
+    import approxdist as ad
+
+    state = ad.distributed.SparseAllReduceState()
+    hook = ad.distributed.sparse_allreduce_hook
+    if spec["fp16"]:
+        # PyTorch's wrapper casts the bucket to fp16 and hands it to the sparse hook,
+        # which packs from bucket.buffer(), so the sampled slices travel in fp16.
+        hook = default_hooks.fp16_compress_wrapper(hook)
+    ddp.register_comm_hook(state, _timed(hook, box))
+    return state
+
+
+def analytic_payload_bytes(model, fp16: bool = False) -> int:
+    """Bytes a lossless sparse all-reduce must send per step: the sampled input-channel
+    slices of every sampled weight plus every other trainable parameter; no indices."""
+    total = 0
+    for mod in model.modules():
+        idx = getattr(mod, "last_indices", None)
+        for pname, p in mod.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            if pname == "weight" and idx is not None:
+                n = p.numel() // p.shape[1] * len(idx)
+            else:
+                n = p.numel()
+            total += n * (2 if fp16 else p.element_size())
+    return total
+
+
+def dense_payload_bytes(model, fp16: bool = False) -> int:
+    return sum(p.numel() * (2 if fp16 else p.element_size())
+               for p in model.parameters() if p.requires_grad)
+
+
+# -- one process's share of a plan --------------------------------------------------------
+class _AllReduceCounter:
+    """Counts the bytes handed to torch.distributed.all_reduce (it still does the work)."""
+
+    def __init__(self):
+        self.nbytes = 0
+        self.calls = 0
+        self._orig = None
+
+    def __enter__(self):
+        import torch.distributed as dist
+
+        self._orig = orig = dist.all_reduce
+
+        def counting_all_reduce(tensor, *args, **kwargs):
+            self.nbytes += tensor.numel() * tensor.element_size()
+            self.calls += 1
+            return orig(tensor, *args, **kwargs)
+
+        dist.all_reduce = counting_all_reduce
+        return self
+
+    def __exit__(self, *exc):
+        import torch.distributed as dist
+
+        dist.all_reduce = self._orig
+
+
+def _tx_bytes(ifname: str) -> int | None:
+    """Bytes this network namespace has sent on ifname (None where it has none)."""
+    try:
+        with open("/proc/net/dev") as f:
+            for line in f:
+                name, _, rest = line.partition(":")
+                if name.strip() == ifname:
+                    return int(rest.split()[8])
+    except OSError:
+        pass
+    return None
+
+
+def make_model(name: str):
+    """A torchvision classifier with 10 classes, or "tiny" (two convs and a linear layer,
+    for tests: its steps take milliseconds, its layers still get sampled)."""
+    import torch.nn as nn
+    import torchvision
+
+    if name == "tiny":
+        return nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+    builder = getattr(torchvision.models, name, None)
+    if builder is None or not callable(builder):
+        raise ValueError(f"model must be 'tiny' or a torchvision.models name, got {name!r}")
+    return builder(num_classes=10)
+
+
+def _build(cfg: dict, spec: dict, seed: int):
+    import torch
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(seed)
+    model = make_model(cfg["model"])
+    if spec["kind"] == "sparse":
+        import approxdist as ad
+
+        model = ad.convert_model(model, spec["ratio"], distributed=True)
+    bucket = SINGLE_BUCKET_MB if spec["kind"] == "powersgd" else DEFAULT_BUCKET_MB
+    ddp = DDP(model, bucket_cap_mb=bucket)
+    box = [0.0]
+    state = _install_hook(ddp, spec, box)
+    return ddp, state, box
+
+
+def _run_config(cfg: dict, spec: dict, plan: dict, seed: int) -> dict:
+    import torch
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ddp, state, box = _build(cfg, spec, seed)
+    model = ddp.module
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
+    crit = torch.nn.CrossEntropyLoss()
+    g = torch.Generator().manual_seed(seed * 1000 + rank)
+    size = plan["image_size"]
+    x = torch.randn(plan["batch"], 3, size, size, generator=g)
+    y = torch.randint(0, 10, (plan["batch"],), generator=g)
+    ifname = os.environ.get("GLOO_SOCKET_IFNAME", "")
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = crit(ddp(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    warmup = max(plan["warmup"], POWERSGD_START_ITER if spec["kind"] == "powersgd" else 0)
+    for _ in range(warmup):
+        step()
+    stats0 = dict(state.stats) if state is not None else None
+    box[0] = 0.0
+    tx0 = _tx_bytes(ifname) if ifname and ifname != "lo" else None
+    times, analytic = [], []
+    with _AllReduceCounter() as counter:
+        for _ in range(plan["steps"]):
+            dist.barrier()
+            t0 = time.perf_counter()
+            loss = step()
+            times.append(time.perf_counter() - t0)
+            analytic.append(analytic_payload_bytes(model, spec["fp16"])
+                            if spec["kind"] == "sparse" else None)
+    tx1 = _tx_bytes(ifname) if tx0 is not None else None
+    # Taken before the local-only steps below, which let the replicas drift apart.
+    digest = float(torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double().sum())
+    compute = []
+    for _ in range(max(2, plan["steps"] // 2)):
+        dist.barrier()
+        t0 = time.perf_counter()
+        with ddp.no_sync():
+            step()
+        compute.append(time.perf_counter() - t0)
+    steps = plan["steps"]
+    dense = dense_payload_bytes(model)
+    if spec["kind"] == "allreduce":
+        payload = dense  # the built-in all-reduce never reaches Python: its bucket is the model
+    else:
+        payload = counter.nbytes / steps
+    out = {
+        "model": cfg["model"], "hook": spec["name"], "kind": spec["kind"],
+        "ratio": spec["ratio"], "fp16": spec["fp16"], "rank": rank, "world_size": world,
+        "step_s": times, "compute_s": compute, "loss": float(loss.detach()),
+        "payload_bytes": payload, "dense_bytes": dense,
+        "allreduce_calls_per_step": counter.calls / steps,
+        "hook_body_s": box[0] / steps,
+        "wire_tx_bytes": None if tx1 is None else (tx1 - tx0) / steps,
+        "param_digest": digest,
+    }
+    if spec["kind"] == "sparse":
+        out["analytic_bytes"] = analytic[-1]
+        out["analytic_bytes_all_steps"] = analytic
+        after = dict(state.stats)
+        if "payload_bytes" in after and "steps" in after:
+            nsteps = after["steps"] - stats0.get("steps", 0)
+            out["stats_payload_bytes"] = ((after["payload_bytes"] - stats0.get("payload_bytes", 0))
+                                          / max(1, nsteps))
+            out["stats"] = {k: v for k, v in after.items() if isinstance(v, (int, float))}
+            out["unpack_s"] = (after["unpack_seconds"] - stats0["unpack_seconds"]) / max(1, nsteps)
+            out["pack_s"] = (after["pack_seconds"] - stats0["pack_seconds"]) / max(1, nsteps)
+    return out
+
+
+def run_plan(plan: dict) -> list[dict]:
+    """Run every (model, hook) of the plan, interleaved, plan["repeats"] times.
+
+    Expects an initialised gloo process group; returns this rank's rows.
+    """
+    import torch
+
+    torch.set_num_threads(max(1, plan.get("threads") or 1))
+    rows = []
+    for rep in range(plan["repeats"]):
+        for j, cfg in enumerate(plan["configs"]):
+            spec = parse_hook(cfg["hook"])
+            row = _run_config(cfg, spec, plan, seed=plan.get("seed", 0) + j)
+            row["repeat"] = rep
+            row.update({k: v for k, v in cfg.items() if k not in row})
+            rows.append(row)
+            if plan.get("verbose") and row["rank"] == 0:
+                print(f"[rep {rep}] {cfg['model']:>9} {cfg['hook']:<13} "
+                      f"step {statistics.median(row['step_s']):.3f} s  "
+                      f"payload {row['payload_bytes'] / 1e6:.2f} MB", file=sys.stderr, flush=True)
+    return rows
+
+
+def _worker_main(argv: list[str]) -> int:
+    """One rank of a plan; ranks find each other through env:// (RANK, MASTER_ADDR, ...)."""
+    p = argparse.ArgumentParser(prog="approxdist-bench comm _worker")
+    p.add_argument("--plan", required=True)
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    import datetime
+
+    import torch.distributed as dist
+
+    plan = json.loads(Path(a.plan).read_text())
+    dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=10))
+    try:
+        rows = run_plan(plan)
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, rows)
+        if dist.get_rank() == 0:
+            Path(a.out).write_text(json.dumps([r for rs in gathered for r in rs]))
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+def _spawned(rank: int, world: int, port: int, plan_path: str, out_path: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), GLOO_SOCKET_IFNAME="lo")
+    _worker_main(["--plan", plan_path, "--out", out_path])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_loopback(plan: dict, world: int = 2) -> list[dict]:
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory(prefix="adcomm-") as tmp:
+        plan_path, out_path = os.path.join(tmp, "plan.json"), os.path.join(tmp, "out.json")
+        Path(plan_path).write_text(json.dumps(plan))
+        mp.spawn(_spawned, args=(world, _free_port(), plan_path, out_path), nprocs=world)
+        return json.loads(Path(out_path).read_text())
+
+
+def run_on_testbed(tb, plan: dict, *, port: int = 29510, timeout: float = 3600) -> list[dict]:
+    """Run a plan with one rank in every node of an open Testbed."""
+    with tempfile.TemporaryDirectory(prefix="adcomm-") as tmp:
+        os.chmod(tmp, 0o755)
+        plan_path, out_path = os.path.join(tmp, "plan.json"), os.path.join(tmp, "out.json")
+        Path(plan_path).write_text(json.dumps(plan))
+        argv = [sys.executable, "-m", "approxdist.bench.comm", "_worker",
+                "--plan", plan_path, "--out", out_path]
+        res = tb.run_all(lambda i: argv, env_of=lambda i: tb.env(i, port=port), timeout=timeout)
+        if plan.get("verbose"):
+            sys.stderr.write(res[0]["stderr"])
+        bad = [(i, r) for i, r in enumerate(res) if r["returncode"] != 0]
+        if bad:
+            i, r = bad[0]
+            raise RuntimeError(f"node {i} exited with {r['returncode']}:\n{r['stderr'][-3000:]}")
+        return json.loads(Path(out_path).read_text())
+
+
+# -- summaries ----------------------------------------------------------------------------
+def summarize(rows: list[dict]) -> list[dict]:
+    """Median over every timed step of every repeat, rank 0's clock (all ranks wait on the
+    same collective, so their step times agree to within the barrier's skew)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["rank"] == 0:
+            key = (r.get("nodes", r["world_size"]), r.get("rate", "loopback"), r["model"], r["hook"])
+            groups.setdefault(key, []).append(r)
+    out = []
+    for (nodes, rate, model, hook), rs in groups.items():
+        steps = [t for r in rs for t in r["step_s"]]
+        compute = [t for r in rs for t in r["compute_s"]]
+        s = {"nodes": nodes, "rate": rate, "model": model, "hook": hook, "kind": rs[0]["kind"],
+             "ratio": rs[0]["ratio"], "fp16": rs[0]["fp16"], "repeats": len(rs),
+             "step_s": statistics.median(steps), "compute_s": statistics.median(compute),
+             "payload_bytes": statistics.median(r["payload_bytes"] for r in rs),
+             "dense_bytes": rs[0]["dense_bytes"]}
+        wire = [r["wire_tx_bytes"] for r in rs if r.get("wire_tx_bytes") is not None]
+        s["wire_tx_bytes"] = statistics.median(wire) if wire else None
+        if "analytic_bytes" in rs[0]:
+            s["analytic_bytes"] = rs[0]["analytic_bytes"]
+        if rs[0].get("link_bits_per_s"):
+            s["link_bits_per_s"] = rs[0]["link_bits_per_s"]
+            s["allreduce_s"] = (8 * _ring_bytes(s["payload_bytes"], nodes) / s["link_bits_per_s"])
+            s["limit_s"] = max(s["compute_s"], s["allreduce_s"])
+            s["of_limit"] = s["step_s"] / s["limit_s"]
+        s["comm_share"] = max(0.0, 1.0 - s["compute_s"] / s["step_s"])
+        # The hook's own work per step: its body (cast/pack/launch) plus, for the sparse
+        # hook, the scatter-back that runs in its callback.
+        s["hook_s"] = statistics.median(r["hook_body_s"] + r.get("unpack_s", 0.0) for r in rs)
+        s["hook_share"] = s["hook_s"] / s["step_s"]
+        out.append(s)
+    base = {(s["nodes"], s["rate"], s["model"]): s["step_s"] for s in out if s["hook"] == "allreduce"}
+    for s in out:
+        b = base.get((s["nodes"], s["rate"], s["model"]))
+        s["speedup"] = b / s["step_s"] if b else None
+    return out
+
+
+def _ring_bytes(nbytes: float, world: int) -> float:
+    return 2.0 * (world - 1) / world * nbytes
+
+
+def format_table(summary: list[dict], testbed: bool) -> str:
+    head = ["nodes", "link", "model", "hook", "step s", "speedup", "payload MB/step", "of dense"]
+    if testbed:
+        head += ["wire MB/step", "compute s", "all-reduce s at link", "step / limit"]
+    else:
+        head += ["compute s", "hook s", "hook share"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in summary:
+        cells = [str(s["nodes"]), s["rate"], s["model"], s["hook"], f"{s['step_s']:.3f}",
+                 f"{s['speedup']:.2f}x" if s.get("speedup") else "-",
+                 f"{s['payload_bytes'] / 1e6:.2f}", f"{s['payload_bytes'] / s['dense_bytes']:.3f}"]
+        if testbed:
+            cells += [f"{s['wire_tx_bytes'] / 1e6:.2f}" if s.get("wire_tx_bytes") else "-",
+                      f"{s['compute_s']:.3f}", f"{s['allreduce_s']:.3f}", f"{s['of_limit']:.2f}"]
+        else:
+            hook = s["kind"] != "allreduce"
+            cells += [f"{s['compute_s']:.3f}", f"{s['hook_s']:.4f}" if hook else "(C++)",
+                      f"{s['hook_share']:.1%}" if hook else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(summary: list[dict], outdir: Path, prefix: str = "comm") -> list[Path]:
+    """Step time vs bytes per step, and speedup vs sample ratio per link rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    outdir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    setups = sorted({(s["nodes"], s["rate"]) for s in summary}, key=lambda t: (t[1], t[0]))
+    models = sorted({s["model"] for s in summary})
+    markers = {"allreduce": "s", "fp16": "D", "powersgd": "^", "sparse": "o"}
+    fig, axes = plt.subplots(len(models), len(setups), squeeze=False,
+                             figsize=(4.2 * len(setups), 3.6 * len(models)))
+    for mi, model in enumerate(models):
+        for si, (nodes, rate) in enumerate(setups):
+            ax = axes[mi][si]
+            for s in summary:
+                if s["model"] != model or (s["nodes"], s["rate"]) != (nodes, rate):
+                    continue
+                ax.scatter(s["payload_bytes"] / 1e6, s["step_s"], marker=markers[s["kind"]],
+                           color="C3" if s["kind"] == "sparse" else "C0")
+                ax.annotate(s["hook"], (s["payload_bytes"] / 1e6, s["step_s"]), fontsize=7,
+                            xytext=(3, 3), textcoords="offset points")
+            ax.set_title(f"{model}, {nodes} nodes, {rate}", fontsize=9)
+            ax.set_xlabel("payload MB / step")
+            ax.set_ylabel("median step s")
+            ax.set_ylim(bottom=0)
+            ax.set_xlim(left=0)
+    fig.tight_layout()
+    p = outdir / f"{prefix}_step_vs_bytes.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
+
+    fig, axes = plt.subplots(1, len(models), squeeze=False, figsize=(5 * len(models), 3.8))
+    for mi, model in enumerate(models):
+        ax = axes[0][mi]
+        for ci, (nodes, rate) in enumerate(setups):
+            pts = sorted((s["ratio"], s["speedup"]) for s in summary
+                         if s["model"] == model and (s["nodes"], s["rate"]) == (nodes, rate)
+                         and s["kind"] == "sparse" and not s["fp16"] and s.get("speedup"))
+            if pts:
+                ax.plot(*zip(*pts), "o-", color=f"C{ci}", label=f"sparse, {nodes} nodes {rate}")
+            for s in summary:
+                if (s["model"] == model and (s["nodes"], s["rate"]) == (nodes, rate)
+                        and s["kind"] == "fp16" and s.get("speedup")):
+                    ax.axhline(s["speedup"], color=f"C{ci}", ls=":", lw=1)
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_title(f"{model}: speedup over all-reduce (dotted: fp16)", fontsize=9)
+        ax.set_xlabel("sample_ratio")
+        ax.set_ylabel("speedup")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    p = outdir / f"{prefix}_speedup_vs_ratio.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
+    return paths
+
+
+def write_markdown_section(path: Path, body: str, title: str = "## Communication") -> None:
+    """Replace (or append) this benchmark's own section of docs/benchmarks.md only."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.strip() == title), None)
+    block = [title, "", *body.rstrip().splitlines(), ""]
+    if start is None:
+        new = lines + ([""] if lines and lines[-1].strip() else []) + block
+    else:
+        end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")),
+                   len(lines))
+        new = lines[:start] + block + lines[end:]
+    path.write_text("\n".join(new).rstrip() + "\n")
+
+
+# -- command line -------------------------------------------------------------------------
+LOOPBACK_HOOKS = ["allreduce", "fp16", "sparse1", "sparse0.5", "sparse0.33", "sparse0.25"]
+TESTBED_HOOKS = ["allreduce", "fp16", "powersgd1", "powersgd4", "sparse0.5", "sparse0.33",
+                 "sparse0.25", "sparse0.5+fp16", "sparse0.33+fp16"]
+
+
+def _csv(s: str) -> list[str]:
+    return [x for x in s.split(",") if x]
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["_worker"]:
+        return _worker_main(argv[1:])
+    p = argparse.ArgumentParser(prog="approxdist-bench comm", description=__doc__.split("\n\n")[0])
+    p.add_argument("--testbed", action="store_true", help="run on the namespace testbed")
+    p.add_argument("--models", default="resnet18,resnet50")
+    p.add_argument("--hooks", default=None,
+                   help=f"default loopback: {','.join(LOOPBACK_HOOKS)}; "
+                        f"testbed: {','.join(TESTBED_HOOKS)}")
+    p.add_argument("--nodes", default="2,4", help="testbed node counts")
+    p.add_argument("--rates", default="1gbit,100mbit", help="testbed link rates")
+    p.add_argument("--batch", type=int, default=16, help="per rank")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=4, help="timed steps per run")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds over all hooks")
+    p.add_argument("--json", default=None, help="write raw rows and the summary here")
+    p.add_argument("--plots", default=None, help="directory for the PNG plots")
+    p.add_argument("--markdown", default=None,
+                   help="replace the '## Communication' section of this file")
+    p.add_argument("--quiet", action="store_true")
+    a = p.parse_args(argv)
+    for name in ("batch", "image_size", "steps", "repeats"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    hooks = _csv(a.hooks) if a.hooks else (TESTBED_HOOKS if a.testbed else LOOPBACK_HOOKS)
+    for h in hooks:
+        try:
+            parse_hook(h)
+        except ValueError as e:
+            p.error(str(e))
+    models = _csv(a.models)
+    configs = [{"model": m, "hook": h} for m in models for h in hooks]
+    plan = {"configs": configs, "batch": a.batch, "image_size": a.image_size,
+            "steps": a.steps, "warmup": a.warmup, "repeats": a.repeats, "seed": 0,
+            "verbose": not a.quiet}
+    command = "approxdist-bench comm " + " ".join(argv)
+    rows: list[dict] = []
+    links = {}
+    if not a.testbed:
+        plan["threads"] = max(1, (os.cpu_count() or 2) // 2)
+        rows = run_loopback(plan, world=2)
+    else:
+        from .testbed import Testbed, available
+
+        ok, why = available()
+        if not ok:
+            print(f"approxdist-bench comm --testbed: {why}", file=sys.stderr)
+            return 2
+        for rate in _csv(a.rates):
+            for nodes in (int(n) for n in _csv(a.nodes)):
+                plan["threads"] = max(1, (os.cpu_count() or 2) // nodes)
+                with Testbed(nodes, rate) as tb:
+                    link = tb.measure_allreduce(25_000_000 if rate != "none" else 100_000_000,
+                                                iters=3)
+                    links[f"{nodes}x{rate}"] = link
+                    if not a.quiet:
+                        print(f"testbed {nodes} nodes {rate}: gloo all-reduce carries "
+                              f"{link['link_bits_per_s'] / 1e9:.3f} Gbit/s per link",
+                              file=sys.stderr, flush=True)
+                    for r in run_on_testbed(tb, plan):
+                        r.update(nodes=nodes, rate=rate, link_bits_per_s=link["link_bits_per_s"])
+                        rows.append(r)
+    summary = summarize(rows)
+    table = format_table(summary, a.testbed)
+    print(table)
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps({"command": command, "plan": plan, "links": links,
+                                            "summary": summary, "rows": rows}, indent=1))
+    pngs = plot(summary, Path(a.plots), "comm_testbed" if a.testbed else "comm_loopback") \
+        if a.plots else []
+    if a.markdown:
+        write_markdown_section(Path(a.markdown), _markdown_body(command, plan, summary, table,
+                                                                 pngs, a.testbed, links))
+    return 0
+
+
+def _markdown_body(command, plan, summary, table, pngs, testbed, links) -> str:
+    lines = [f"Command: `{command}`", ""]
+    if testbed:
+        lines += [
+            "Namespace testbed (`launch/testbed/`, tbf on both veth ends of every link, no "
+            "added latency: netem is unavailable). Real DDP steps of torchvision models, "
+            f"batch {plan['batch']} per node at {plan['image_size']} px, {plan['steps']} timed "
+            f"steps after {plan['warmup']} warm-up steps, {plan['repeats']} interleaved rounds; "
+            "medians. PowerSGD runs in a single DDP bucket (PyTorch's hook crashes on gloo "
+            "with several), start_powerSGD_iter=2, error feedback and warm start on. "
+            "`all-reduce s at link` = payload x 2(n-1)/n over the measured gloo rate of the "
+            "link; `step / limit` = step time over max(compute, that).", ""]
+        for k, v in links.items():
+            lines.append(f"- measured gloo rate, {k}: {v['link_bits_per_s'] / 1e9:.3f} Gbit/s")
+        lines.append("")
+    else:
+        lines += ["Loopback, 2 gloo ranks on one machine: the bytes are exact, the times are "
+                  "not those of a slow network.", ""]
+    lines += [table, ""]
+    for p in pngs:
+        lines.append(f"![{p.stem}]({p.name})")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

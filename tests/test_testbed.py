@@ -1,0 +1,216 @@
+"""The namespace testbed: scripts, lifetime, shaping, and a short DDP run across nodes.
+
+Everything that builds namespaces skips (with the reason) where that is not possible:
+not root, or no iproute2. Each test uses its own tag, so it never sees another testbed,
+and checks that none of its namespaces outlive it.
+"""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from approxdist.bench.testbed import Testbed, available, parse_rate, ring_allreduce_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "launch" / "testbed"
+STATE_DIR = Path(os.environ.get("APPROXDIST_TESTBED_STATE_DIR", "/run/approxdist-testbed"))
+CAN, WHY = available()
+needs_netns = pytest.mark.skipif(not CAN, reason=f"cannot create network namespaces: {WHY}")
+
+
+def _tag(name):
+    return f"{name}{os.getpid() % 100000}"[:8]
+
+
+def _netns_with_prefix(prefix):
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return [line.split()[0] for line in out.splitlines() if line.startswith(prefix)]
+
+
+# -- the scripts, anywhere ----------------------------------------------------------------
+@pytest.mark.parametrize("script", ["setup.sh", "teardown.sh"])
+def test_scripts_parse_and_lint(script):
+    path = SCRIPTS / script
+    assert os.access(path, os.X_OK), f"{script} must be executable"
+    subprocess.run(["bash", "-n", str(path)], check=True)
+    if shutil.which("shellcheck"):
+        res = subprocess.run(["shellcheck", str(path)], capture_output=True, text=True)
+        assert res.returncode == 0, res.stdout
+
+
+@pytest.mark.parametrize("args, word", [(["-n", "1"], "NODES"), (["-r", "fast"], "RATE"),
+                                        (["-t", "Bad!"], "TAG"), (["-l", "soon"], "LATENCY")])
+def test_setup_rejects_bad_arguments_before_touching_anything(args, word):
+    res = subprocess.run([str(SCRIPTS / "setup.sh"), *args], capture_output=True, text=True)
+    assert res.returncode == 2 and word in res.stderr
+
+
+def test_python_wrapper_validates_arguments():
+    with pytest.raises(ValueError, match="nodes"):
+        Testbed(1)
+    with pytest.raises(ValueError, match="rate"):
+        Testbed(2, "fast")
+    with pytest.raises(ValueError, match="tag"):
+        Testbed(2, tag="Not-OK")
+    assert parse_rate("1gbit") == 1e9 and parse_rate("100mbit") == 1e8
+    assert parse_rate("12.5mbps") == 1e8
+    assert ring_allreduce_bytes(1000, 2) == 1000 and ring_allreduce_bytes(1000, 4) == 1500
+
+
+# -- building and removing ----------------------------------------------------------------
+@needs_netns
+def test_setup_builds_shaped_nodes_and_teardown_removes_them():
+    tag = _tag("life")
+    with Testbed(3, "1gbit", tag=tag) as tb:
+        assert sorted(tb.namespaces()) == sorted(
+            [f"adtb-{tag}-hub"] + [f"adtb-{tag}-n{i}" for i in range(3)])
+        assert (STATE_DIR / f"{tag}.netns").is_file()
+        # Both ends of node 1's link carry a 1 Gbit/s tbf: egress of the node, egress of
+        # the bridge port towards it (= the node's ingress).
+        node = subprocess.run(["tc", "-n", tb.netns(1), "qdisc", "show", "dev", "eth0"],
+                              capture_output=True, text=True).stdout
+        hub = subprocess.run(["tc", "-n", f"adtb-{tag}-hub", "qdisc", "show", "dev", "v1"],
+                             capture_output=True, text=True).stdout
+        assert "tbf" in node and "rate 1Gbit" in node, node
+        assert "tbf" in hub and "rate 1Gbit" in hub, hub
+        addr = subprocess.run(tb.exec_args(2, ["ip", "-4", "-o", "addr", "show", "eth0"]),
+                              capture_output=True, text=True).stdout
+        assert "10.77.0.3/24" in addr
+        # Nothing of the testbed is visible in the host's namespace.
+        host = subprocess.run(["ip", "-o", "addr"], capture_output=True, text=True).stdout
+        assert "10.77.0." not in host
+    assert tb.namespaces() == []
+    assert not (STATE_DIR / f"{tag}.netns").exists()
+
+
+@needs_netns
+def test_links_are_shaped_in_both_directions():
+    # 100 Mbit/s is 1/100 of what an unshaped veth carries here, so an upper bound
+    # proves the shaping; the lower bound is loose because two cores are shared.
+    tag = _tag("rate")
+    with Testbed(2, "100mbit", tag=tag) as tb:
+        up = tb.measure_tcp(0, 1, nbytes=3_000_000, port=29991)
+        down = tb.measure_tcp(1, 0, nbytes=3_000_000, port=29992)
+    assert tb.namespaces() == []
+    for bps in (up, down):
+        assert 0.5e8 < bps < 1.05e8, bps
+
+
+@needs_netns
+def test_teardown_runs_when_the_body_raises():
+    tag = _tag("exc")
+    with pytest.raises(RuntimeError, match="boom"):
+        with Testbed(2, "1gbit", tag=tag) as tb:
+            sleeper = tb.popen(1, ["sleep", "60"])
+            raise RuntimeError("boom")
+    assert sleeper.poll() is not None, "processes started in a node must be stopped"
+    assert _netns_with_prefix(f"adtb-{tag}-") == []
+
+
+@needs_netns
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_teardown_runs_on_ctrl_c_and_sigterm(sig, tmp_path):
+    tag = _tag("sig" + str(int(sig)))
+    code = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(ROOT)!r})
+        from approxdist.bench.testbed import Testbed
+        with Testbed(2, "100mbit", tag={tag!r}) as tb:
+            tb.popen(0, ["sleep", "60"])
+            print("up", flush=True)
+            time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "up"
+        assert len(_netns_with_prefix(f"adtb-{tag}-")) == 3
+        proc.send_signal(sig)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert _netns_with_prefix(f"adtb-{tag}-") == []
+
+
+@needs_netns
+def test_teardown_refuses_namespaces_it_did_not_create():
+    tag = _tag("own")
+    foreign = f"adtb-{tag}-n0"
+    marker = STATE_DIR / f"{tag}.netns"
+    subprocess.run(["ip", "netns", "add", foreign], check=True)
+    try:
+        # No record of a testbed with this tag: teardown leaves the namespace alone.
+        res = subprocess.run([str(SCRIPTS / "teardown.sh"), "-t", tag], capture_output=True,
+                             text=True)
+        assert res.returncode == 0 and foreign in _netns_with_prefix(foreign)
+        # setup will not adopt (nor later delete) a namespace it did not make.
+        res = subprocess.run([str(SCRIPTS / "setup.sh"), "-t", tag], capture_output=True,
+                             text=True)
+        assert res.returncode == 2 and "not made by this setup" in res.stderr
+        assert foreign in _netns_with_prefix(foreign) and not marker.exists()
+        # A record naming something setup.sh never makes is ignored, not obeyed.
+        STATE_DIR.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"# forged\nsomebody-elses-ns\nadtb-other-n0\n")
+        res = subprocess.run([str(SCRIPTS / "teardown.sh"), "-t", tag], capture_output=True,
+                             text=True)
+        assert res.returncode == 1 and "skipped" in res.stderr
+        assert foreign in _netns_with_prefix(foreign)
+    finally:
+        marker.unlink(missing_ok=True)
+        subprocess.run(["ip", "netns", "delete", foreign])
+    assert _netns_with_prefix(f"adtb-{tag}-") == []
+
+
+# -- a short DDP run across two nodes -------------------------------------------------------
+def _expected_tiny_payload(ratio):
+    """Bytes of the sampled slices of the "tiny" model in approxdist.bench.comm, counted
+    by hand: conv1 is kept dense (skip_first_conv), conv2 keeps k of its 16 input
+    channels, the classifier k of its 32 features; every other parameter is dense."""
+    from approxdist.functional import num_samples
+
+    k_conv, k_fc = num_samples(16, ratio, 1), num_samples(32, ratio, 1)
+    elems = (16 * 3 * 9 + 16) + (16 + 16)          # conv1 w, b; bn1
+    elems += 32 * k_conv * 9 + 32 + (32 + 32)      # conv2 sampled w, b; bn2
+    elems += 10 * k_fc + 10                        # fc sampled w, b
+    return 4 * elems
+
+
+@needs_netns
+def test_ddp_steps_on_two_shaped_nodes_send_the_analytic_payload():
+    from approxdist.bench.comm import run_on_testbed
+
+    tag = _tag("ddp")
+    plan = {"configs": [{"model": "tiny", "hook": "allreduce"},
+                        {"model": "tiny", "hook": "sparse0.5"}],
+            "batch": 8, "image_size": 16, "steps": 3, "warmup": 1, "repeats": 1, "seed": 0,
+            "threads": 1}
+    with Testbed(2, "1gbit", tag=tag) as tb:
+        rows = run_on_testbed(tb, plan, port=29530, timeout=240)
+    assert _netns_with_prefix(f"adtb-{tag}-") == []
+    by = {(r["hook"], r["rank"]): r for r in rows}
+    assert set(by) == {(h, r) for h in ("allreduce", "sparse0.5") for r in (0, 1)}
+    dense, sparse = by[("allreduce", 0)], by[("sparse0.5", 0)]
+    # DDP keeps every rank's weights identical, with either hook.
+    for hook in ("allreduce", "sparse0.5"):
+        assert by[(hook, 0)]["param_digest"] == by[(hook, 1)]["param_digest"]
+    # The sparse hook handed gloo exactly the analytic count, every step, on both ranks,
+    # and its own accounting agrees.
+    expected = _expected_tiny_payload(0.5)
+    for rank in (0, 1):
+        r = by[("sparse0.5", rank)]
+        assert r["analytic_bytes_all_steps"] == [expected] * plan["steps"]
+        assert r["payload_bytes"] == expected
+        assert r["stats_payload_bytes"] == expected
+        assert r["allreduce_calls_per_step"] == 1
+    assert expected < dense["payload_bytes"] == dense["dense_bytes"]
+    # And the wire saw it: eth0 carried at least the payload, and less than for dense.
+    assert sparse["wire_tx_bytes"] >= expected
+    assert sparse["wire_tx_bytes"] < dense["wire_tx_bytes"]
+    assert all(t > 0 for t in sparse["step_s"])
