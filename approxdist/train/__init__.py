@@ -1,0 +1,1 @@
+"""`approxdist-train`: the training application (see `approxdist.train.train`)."""

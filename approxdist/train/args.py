@@ -1,0 +1,113 @@
+"""Command-line flags of `approxdist-train` and their validation.
+
+Everything here runs before a process group exists: a bad flag must cost one line on
+stderr and a non-zero exit, not a rendezvous timeout on the other ranks.
+"""
+import argparse
+import sys
+
+from .data import DATASETS, check_data_path
+from .models import check_model_name
+
+COMM_HOOKS = ("allreduce", "fp16", "bf16", "powersgd", "sparse")
+# Policies of the distributed sampled layers: both pick the same channels on every rank
+# without communication (from the weights, or from a generator seeded alike everywhere).
+POLICIES = ("topk_weight", "bernoulli_weight")
+AGREEMENTS = ("local", "check", "broadcast")
+BACKENDS = ("nccl", "gloo")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse prints the whole usage block on error; a launcher that starts 64 processes
+    turns that into 64 blocks. One line each is enough to see what went wrong."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser(prog="approxdist-train"):
+    p = OneLineParser(prog=prog, description="Data-parallel training with approximate layers and a sparse all-reduce hook.")
+    p.add_argument("--model", default="cnn", help="cnn, mlp, or any torchvision classification model (resnet50, ...)")
+    p.add_argument("--dataset", default="digits", choices=DATASETS)
+    p.add_argument("--data-path", default=None, help="ImageFolder root (train/, val/) or CIFAR-10 python batches")
+    p.add_argument("--image-size", type=int, default=None, help="crop size for imagefolder (224) and fake data (32)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=32, help="per process")
+    p.add_argument("--lr", type=float, default=0.1, help="peak learning rate (cosine schedule over --epochs)")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--workers", type=int, default=0, help="data loader worker processes per rank")
+    p.add_argument("--sample-ratio", type=float, default=1.0, help="fraction of channels kept by sampled layers, in (0, 1]")
+    p.add_argument("--minimal-k", type=int, default=1, help="keep at least this many channels per layer")
+    p.add_argument("--policy", default="topk_weight", choices=POLICIES)
+    p.add_argument("--comm-hook", default="allreduce", choices=COMM_HOOKS)
+    p.add_argument("--agreement", default="local", choices=AGREEMENTS, help="index agreement of the sparse hook")
+    p.add_argument("--powersgd-rank", type=int, default=1, help="matrix approximation rank for --comm-hook powersgd")
+    p.add_argument("--powersgd-start-iter", type=int, default=2, help="steps of plain all-reduce before PowerSGD")
+    p.add_argument("--amp", action="store_true", help="mixed precision (fp16 + GradScaler on CUDA, bf16 on CPU)")
+    p.add_argument("--backend", default=None, choices=BACKENDS, help="default: nccl with CUDA, gloo otherwise")
+    p.add_argument("--output-dir", default=None, help="checkpoints, metrics.jsonl and TensorBoard events")
+    p.add_argument("--resume", default=None, help="checkpoint path, or 'auto' for OUTPUT_DIR/checkpoint.pt if present")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (0: per epoch only)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps in total (0: no cap); "
+                   "the learning-rate schedule still spans --epochs, so a capped run is a prefix of the full one")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar (rank 0 shows one otherwise)")
+    return p
+
+
+def validate(args):
+    """Raise ValueError naming the flag; cheap checks first, then the ones that touch disk."""
+    if not 0.0 < args.sample_ratio <= 1.0:
+        raise ValueError(f"--sample-ratio must be in (0, 1], got {args.sample_ratio}")
+    positive = {"--epochs": args.epochs, "--batch-size": args.batch_size, "--minimal-k": args.minimal_k,
+                "--powersgd-rank": args.powersgd_rank}
+    for flag, value in positive.items():
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if args.powersgd_start_iter < 2:
+        raise ValueError(f"--powersgd-start-iter must be >= 2 (DDP rebuilds buckets after step 1), got {args.powersgd_start_iter}")
+    if not args.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {args.lr}")
+    for flag, value in {"--momentum": args.momentum, "--weight-decay": args.weight_decay, "--workers": args.workers,
+                        "--max-steps": args.max_steps, "--checkpoint-every": args.checkpoint_every}.items():
+        if value < 0:
+            raise ValueError(f"{flag} must be >= 0, got {value}")
+    if args.image_size is not None and args.image_size < 1:
+        raise ValueError(f"--image-size must be >= 1, got {args.image_size}")
+    if args.checkpoint_every and not args.output_dir:
+        raise ValueError("--checkpoint-every needs --output-dir")
+    if args.resume == "auto" and not args.output_dir:
+        raise ValueError("--resume auto needs --output-dir")
+    if args.backend == "nccl":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("--backend nccl needs CUDA, which is not available here (use --backend gloo)")
+    check_model_name(args.model)
+    check_data_path(args.dataset, args.data_path)
+    if args.resume not in (None, "auto"):
+        import os
+
+        if not os.path.isfile(args.resume):
+            raise ValueError(f"--resume {args.resume!r}: no such file")
+    return args
+
+
+def parse_args(argv=None):
+    """Parse and validate; a bad flag exits with status 2 and one line on stderr."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        validate(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return args
+
+
+def fail(message, status=2):
+    print(f"approxdist-train: error: {message}", file=sys.stderr)
+    raise SystemExit(status)
+
+
+__all__ = ["COMM_HOOKS", "POLICIES", "AGREEMENTS", "build_parser", "validate", "parse_args", "fail"]

@@ -1,0 +1,172 @@
+"""Gradient communication for `approxdist-train`: which DDP hook, and how many bytes it sent.
+
+Every hook reports the same three counters (steps, payload bytes, dense bytes) so the
+epoch lines compare like with like: ``dense_bytes`` is what a float all-reduce of the same
+buckets would have sent, ``payload_bytes`` what this hook put on the wire per rank.
+PowerSGD's payload depends on its internal matrix shapes, so it reports none.
+
+Every state can be turned into weights_only-safe plain data and back, for checkpoints.
+"""
+import numpy as np
+import torch
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
+
+from .checkpoint import to_plain
+
+
+class _Counting:
+    """Wraps a torch hook's state with byte counters; the hook itself is unchanged."""
+
+    def __init__(self, inner, bytes_per_element):
+        self.inner = inner
+        self.bytes_per_element = bytes_per_element  # None: payload unknown (PowerSGD)
+        self.steps = self.payload_bytes = self.dense_bytes = 0
+
+    def count(self, bucket):
+        buf = bucket.buffer()
+        self.dense_bytes += buf.numel() * buf.element_size()
+        if self.bytes_per_element is not None:
+            self.payload_bytes += buf.numel() * self.bytes_per_element(buf)
+        if bucket.is_last():
+            self.steps += 1
+
+
+def _counted(hook):
+    def counted_hook(state, bucket):
+        state.count(bucket)
+        return hook(state.inner, bucket)
+
+    counted_hook.__name__ = f"counted_{hook.__name__}"
+    return counted_hook
+
+
+class Comm:
+    """The hook in use: ``stats()`` for the logs, ``state_dict()``/``load_state_dict()`` for
+    checkpoints."""
+
+    def __init__(self, name, state, kind):
+        self.name, self.state, self.kind = name, state, kind
+
+    def stats(self):
+        if self.kind == "sparse":
+            s = dict(self.state.stats)
+            return {"steps": int(s.get("steps", 0)), "payload_bytes": int(s.get("payload_bytes", 0)),
+                    "dense_bytes": int(s.get("dense_bytes", 0))}
+        if self.kind == "none":
+            return {"steps": 0, "payload_bytes": 0, "dense_bytes": 0}
+        payload = self.state.payload_bytes if self.state.bytes_per_element is not None else None
+        return {"steps": self.state.steps, "payload_bytes": payload, "dense_bytes": self.state.dense_bytes}
+
+    def state_dict(self):
+        if self.kind == "none":
+            return {}
+        if self.kind == "sparse":
+            return {"sparse": _sparse_plain_state(self.state)}
+        counters = {"steps": self.state.steps, "payload_bytes": self.state.payload_bytes,
+                    "dense_bytes": self.state.dense_bytes}
+        out = {"counters": counters}
+        if self.kind == "powersgd":
+            out["powersgd"] = _powersgd_plain_state(self.state.inner)
+        return out
+
+    def load_state_dict(self, data):
+        if self.kind == "none" or not data:
+            return
+        if self.kind == "sparse":
+            _load_sparse_state(self.state, data["sparse"])
+            return
+        for key, value in data["counters"].items():
+            setattr(self.state, key, int(value))
+        if self.kind == "powersgd" and "powersgd" in data:
+            _load_powersgd_state(self.state.inner, data["powersgd"])
+
+
+def _half_bytes(_buf):
+    return 2
+
+
+def _same_bytes(buf):
+    return buf.element_size()
+
+
+def build_comm(ddp_model, name, *, agreement="local", powersgd_rank=1, powersgd_start_iter=2):
+    """Register hook ``name`` on ``ddp_model`` (None: single process, nothing to register)."""
+    if ddp_model is None:
+        return Comm(name, None, "none")
+    if name == "sparse":
+        import approxdist.distributed as add
+
+        state = add.SparseAllReduceState(agreement=agreement)
+        state = add.register(ddp_model, state) or state
+        return Comm(name, state, "sparse")
+    if name == "powersgd":
+        inner = psgd.PowerSGDState(
+            process_group=None,
+            matrix_approximation_rank=powersgd_rank,
+            start_powerSGD_iter=powersgd_start_iter,
+            min_compression_rate=2,
+            random_seed=0,
+        )
+        state = _Counting(inner, None)
+        ddp_model.register_comm_hook(state, _counted(psgd.powerSGD_hook))
+        return Comm(name, state, "powersgd")
+    hooks = {
+        "allreduce": (default_hooks.allreduce_hook, _same_bytes),
+        "fp16": (default_hooks.fp16_compress_hook, _half_bytes),
+        "bf16": (default_hooks.bf16_compress_hook, _half_bytes),
+    }
+    if name not in hooks:
+        raise ValueError(f"comm hook must be one of sparse, powersgd, {', '.join(hooks)}; got {name!r}")
+    hook, size = hooks[name]
+    state = _Counting(None, size)  # None: the default process group
+    ddp_model.register_comm_hook(state, _counted(hook))
+    return Comm(name, state, name)
+
+
+def _sparse_plain_state(state):
+    """SparseAllReduceState's state_dict is plain data (no group, no parameter ids), so it
+    loads with weights_only=True; fall back to its counters for states without one."""
+    if hasattr(state, "state_dict"):
+        return {"state_dict": to_plain(state.state_dict())}
+    return {"stats": to_plain(dict(state.stats))}
+
+
+def _load_sparse_state(state, data):
+    if "state_dict" in data and hasattr(state, "load_state_dict"):
+        state.load_state_dict(dict(data["state_dict"]))
+        return
+    for key in ("steps", "payload_bytes", "dense_bytes"):
+        if key in data.get("stats", {}) and hasattr(state, key):
+            setattr(state, key, data["stats"][key])
+
+
+_PSGD_TENSOR_DICTS = ("error_dict", "p_memory_dict", "q_memory_dict")
+
+
+def _powersgd_plain_state(state):
+    """PowerSGD's own pickled state holds a numpy RandomState; store its raw state instead."""
+    kind, keys, pos, has_gauss, cached = state.rng.get_state()
+    out = {"iter": int(state.iter), "total_numel_before_compression": int(state.total_numel_before_compression),
+           "total_numel_after_compression": int(state.total_numel_after_compression),
+           "rng": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]}
+    for name in _PSGD_TENSOR_DICTS:
+        out[name] = {int(k): v.detach().cpu() for k, v in getattr(state, name).items()}
+    return out
+
+
+def _load_powersgd_state(state, data):
+    device = None
+    state.iter = int(data["iter"])
+    state.total_numel_before_compression = int(data["total_numel_before_compression"])
+    state.total_numel_after_compression = int(data["total_numel_after_compression"])
+    kind, keys, pos, has_gauss, cached = data["rng"]
+    state.rng.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if torch.cuda.is_available() and torch.distributed.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    for name in _PSGD_TENSOR_DICTS:
+        getattr(state, name).clear()
+        getattr(state, name).update({int(k): v.to(device) if device else v for k, v in data[name].items()})
+
+
+__all__ = ["Comm", "build_comm"]

@@ -1,0 +1,215 @@
+"""Datasets and loaders for `approxdist-train`.
+
+Four sources: an ImageFolder tree (ImageNet layout), the CIFAR-10 python batches, sklearn's
+bundled handwritten digits and generated tensors. None of them downloads anything: the
+digits ship inside scikit-learn and the fake data is made from a seeded generator, so the
+tests and the demo run on a machine without network.
+
+The training sampler can skip the first batches of an epoch, which is what lets a run
+resumed from a mid-epoch checkpoint see exactly the batches the uninterrupted run saw.
+"""
+import os
+import pickle
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
+
+DATASETS = ("imagefolder", "cifar10", "digits", "fake")
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclass
+class DataInfo:
+    num_classes: int
+    in_channels: int
+    image_size: int
+
+
+def check_data_path(dataset: str, data_path):
+    """Fail before any process group exists when the data cannot be where it is said to be."""
+    if dataset not in DATASETS:
+        raise ValueError(f"--dataset must be one of {', '.join(DATASETS)}, got {dataset!r}")
+    if dataset == "imagefolder":
+        if not data_path:
+            raise ValueError("--data-path is required for --dataset imagefolder")
+        for split in ("train", "val"):
+            if not os.path.isdir(os.path.join(data_path, split)):
+                raise ValueError(f"--data-path {data_path!r} has no {split}/ folder (ImageFolder layout expected)")
+    elif dataset == "cifar10":
+        if not data_path:
+            raise ValueError("--data-path is required for --dataset cifar10")
+        root = _cifar_root(data_path)
+        if root is None:
+            raise ValueError(
+                f"--data-path {data_path!r} holds no CIFAR-10 python batches (data_batch_1..5, test_batch); "
+                "this program never downloads"
+            )
+
+
+def _cifar_root(data_path):
+    for candidate in (data_path, os.path.join(data_path, "cifar-10-batches-py")):
+        if all(os.path.isfile(os.path.join(candidate, f"data_batch_{i}")) for i in range(1, 6)) and os.path.isfile(
+            os.path.join(candidate, "test_batch")
+        ):
+            return candidate
+    return None
+
+
+def _load_cifar_batches(root, names):
+    xs, ys = [], []
+    for name in names:
+        with open(os.path.join(root, name), "rb") as f:
+            batch = pickle.load(f, encoding="latin1")
+        xs.append(torch.as_tensor(batch["data"], dtype=torch.uint8).reshape(-1, 3, 32, 32))
+        ys.append(torch.as_tensor(batch["labels"], dtype=torch.long))
+    return torch.cat(xs), torch.cat(ys)
+
+
+class _CifarTensors(Dataset):
+    """CIFAR-10 held as uint8 tensors; training adds the usual crop-and-flip augmentation."""
+
+    def __init__(self, images, labels, train):
+        self.images, self.labels, self.train = images, labels, train
+        self.mean = torch.tensor(CIFAR_MEAN).view(3, 1, 1)
+        self.std = torch.tensor(CIFAR_STD).view(3, 1, 1)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        x = self.images[i].float().div_(255)
+        if self.train:
+            x = torch.nn.functional.pad(x, (4, 4, 4, 4), mode="reflect")
+            top, left = torch.randint(0, 9, (2,)).tolist()
+            x = x[:, top : top + 32, left : left + 32]
+            if torch.rand(()) < 0.5:
+                x = x.flip(-1)
+        return (x - self.mean) / self.std, self.labels[i]
+
+
+def _digits(seed_split=0):
+    """sklearn's 8x8 digits (1797 images) split 80/20 with a fixed permutation, so every
+    run and every rank sees the same split whatever --seed is."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = torch.as_tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.as_tensor(bunch.target, dtype=torch.long)
+    x = (x - 0.3) / 0.4  # roughly zero mean, unit variance over the whole set
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed_split))
+    n_train = int(0.8 * len(y))
+    tr, va = perm[:n_train], perm[n_train:]
+    return TensorDataset(x[tr], y[tr]), TensorDataset(x[va], y[va]), DataInfo(10, 1, 8)
+
+
+def _fake(image_size, num_classes=10, n_train=512, n_val=128):
+    """Noise plus a fixed per-class template, so the task is learnable and accuracy moves;
+    drawn from a fixed generator, hence identical on every rank and every run."""
+    g = torch.Generator().manual_seed(1234)
+    templates = torch.randn(num_classes, 3, image_size, image_size, generator=g)
+
+    def make(n):
+        y = torch.randint(0, num_classes, (n,), generator=g)
+        x = torch.randn(n, 3, image_size, image_size, generator=g) + 0.05 * templates[y]
+        return TensorDataset(x, y)
+
+    return make(n_train), make(n_val), DataInfo(num_classes, 3, image_size)
+
+
+def _imagefolder(data_path, image_size):
+    from torchvision import datasets, transforms
+
+    normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    train_tf = transforms.Compose(
+        [transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize]
+    )
+    resize = int(round(image_size / 0.875))
+    val_tf = transforms.Compose(
+        [transforms.Resize(resize), transforms.CenterCrop(image_size), transforms.ToTensor(), normalize]
+    )
+    train = datasets.ImageFolder(os.path.join(data_path, "train"), train_tf)
+    val = datasets.ImageFolder(os.path.join(data_path, "val"), val_tf)
+    return train, val, DataInfo(len(train.classes), 3, image_size)
+
+
+def build_datasets(dataset, data_path=None, image_size=None):
+    """Return ``(train_set, val_set, DataInfo)``."""
+    check_data_path(dataset, data_path)
+    if dataset == "digits":
+        return _digits()
+    if dataset == "fake":
+        return _fake(image_size or 32)
+    if dataset == "cifar10":
+        root = _cifar_root(data_path)
+        xtr, ytr = _load_cifar_batches(root, [f"data_batch_{i}" for i in range(1, 6)])
+        xva, yva = _load_cifar_batches(root, ["test_batch"])
+        return _CifarTensors(xtr, ytr, True), _CifarTensors(xva, yva, False), DataInfo(10, 3, 32)
+    return _imagefolder(data_path, image_size or 224)
+
+
+class ResumableDistributedSampler(Sampler):
+    """DistributedSampler's epoch-seeded shuffle with drop-last shards, plus a start offset.
+
+    ``set_epoch(epoch, start_batch)`` makes the next iteration begin at batch
+    ``start_batch`` of that epoch's order, so a mid-epoch resume replays nothing and skips
+    nothing. Every rank gets the same number of batches (the tail that does not fill a
+    batch on every rank is dropped), which keeps DDP's collectives in lock step.
+    """
+
+    def __init__(self, n, num_replicas, rank, batch_size, seed=0, shuffle=True):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.n, self.num_replicas, self.rank = n, num_replicas, rank
+        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
+        self.batches_per_epoch = n // (num_replicas * batch_size)
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"--batch-size {batch_size} x {num_replicas} processes exceeds the {n} training samples"
+            )
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def _order(self):
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            return torch.randperm(self.n, generator=g)
+        return torch.arange(self.n)
+
+    def __iter__(self):
+        per_rank = self.batches_per_epoch * self.batch_size
+        order = self._order()[: per_rank * self.num_replicas]
+        mine = order[self.rank :: self.num_replicas]
+        return iter(mine[self.start_batch * self.batch_size :].tolist())
+
+    def __len__(self):
+        return (self.batches_per_epoch - self.start_batch) * self.batch_size
+
+
+def build_loaders(train_set, val_set, *, rank, world_size, batch_size, workers, seed):
+    """Training loader with the resumable sampler; validation sharded rank::world without
+    padding, so summing the per-rank counts gives the exact accuracy on the whole set."""
+    sampler = ResumableDistributedSampler(len(train_set), world_size, rank, batch_size, seed=seed)
+    common = dict(num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=False)
+    train_loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, drop_last=True, **common)
+    val_indices = list(range(rank, len(val_set), world_size))
+    val_loader = DataLoader(torch.utils.data.Subset(val_set, val_indices), batch_size=batch_size, **common)
+    return train_loader, val_loader, sampler
+
+
+def steps_per_epoch(n_train, world_size, batch_size):
+    return max(n_train // (world_size * batch_size), 0)
+
+
+__all__ = [
+    "DATASETS",
+    "DataInfo",
+    "build_datasets",
+    "build_loaders",
+    "check_data_path",
+    "ResumableDistributedSampler",
+    "steps_per_epoch",
+]

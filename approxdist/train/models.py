@@ -1,0 +1,88 @@
+"""Models for `approxdist-train`: any torchvision classification model by name, plus two
+small built-ins that train in seconds on CPU (the tests and the demo use them).
+
+The built-ins use plain nn.Conv2d / nn.Linear so `approxdist.convert_model` swaps them like
+any user model, and carry no BatchNorm or dropout: nothing in them draws from the global
+RNG or keeps running statistics, so a resumed run is bit-identical to an uninterrupted one.
+"""
+import torch
+from torch import nn
+
+BUILTIN = ("cnn", "mlp")
+
+
+class SmallCNN(nn.Module):
+    """Three 3x3 convolutions and a linear head; sized for 8x8 digits and 32x32 images."""
+
+    def __init__(self, in_channels=1, num_classes=10, width=32):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(width, 2 * width, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(2 * width, 2 * width, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(4),  # keeps where a stroke is, which is most of a digit
+        )
+        self.classifier = nn.Linear(2 * width * 16, num_classes)
+        # He initialisation, as torchvision's ResNets: with torch's default init this ReLU
+        # stack starts with vanishing activations and stalls for the first epochs.
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+class MLP(nn.Module):
+    def __init__(self, in_features, num_classes=10, hidden=256):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(in_features, hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def torchvision_models():
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def check_model_name(name):
+    if name in BUILTIN:
+        return
+    known = torchvision_models()
+    if name not in known:
+        raise ValueError(
+            f"--model {name!r} is neither a built-in ({', '.join(BUILTIN)}) nor a torchvision "
+            f"classification model (e.g. resnet18, resnet50, vgg16, mobilenet_v3_small)"
+        )
+
+
+def build_model(name, *, num_classes, in_channels=3, image_size=32):
+    """Build an untrained model; torchvision weights are never fetched (no network)."""
+    check_model_name(name)
+    if name == "cnn":
+        return SmallCNN(in_channels, num_classes)
+    if name == "mlp":
+        return MLP(in_channels * image_size * image_size, num_classes)
+    import torchvision
+
+    if in_channels != 3:
+        raise ValueError(f"--model {name!r} expects 3-channel images; this dataset has {in_channels}")
+    return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+
+
+__all__ = ["BUILTIN", "SmallCNN", "MLP", "build_model", "check_model_name", "torchvision_models"]
