@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# What only a GPU machine can check, in one script (< 5 minutes on one GPU):
+#   1. build the CUDA kernels from source (JIT, as a user's first call would) and require
+#      backend() == "cuda";
+#   2. the kernel equality tests on CUDA tensors (tests/test_kernels.py runs its CUDA cases
+#      when a GPU is present);
+#   3. a one-rank NCCL DDP run of a converted resnet18: sparse hook + CUDA kernels vs the
+#      default all-reduce hook, same init and batches: parameters must agree;
+#   4. `approxdist-bench kernels` on the GPU (figures for docs/benchmarks.md).
+# Usage: tests/gpu/run.sh [OUTDIR]   (PYTHON=... picks the interpreter; default: .venv's, else python3)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+OUT="${1:-${OUT:-/tmp/approxdist-gpu}}"
+mkdir -p "$OUT"
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x .venv/bin/python ] && .venv/bin/python -c "import torch" 2>/dev/null; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# A private build cache, so a stale build from another checkout can never be picked up.
+export APPROXDIST_CACHE_DIR="${APPROXDIST_CACHE_DIR:-$OUT/cache}"
+export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+unset APPROXDIST_KERNELS
+SECONDS=0
+step() { echo; echo "== [$SECONDS s] $*"; }
+
+step "environment"
+"$PYTHON" - <<'EOF'
+import torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+assert torch.cuda.is_available(), "no GPU visible"
+print(torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))
+EOF
+if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then  # compile for this GPU only: faster
+  TORCH_CUDA_ARCH_LIST="$("$PYTHON" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability(0))')"
+  export TORCH_CUDA_ARCH_LIST
+fi
+
+step "1. build the CUDA kernels"
+"$PYTHON" - <<'EOF'
+import time, warnings
+import approxdist.kernels as k
+t = time.time()
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    name = k.build(verbose=True)
+for w in caught:
+    print("warning:", w.message)
+print(f"backend() = {name} (build {time.time() - t:.1f} s)")
+assert name == "cuda", name
+EOF
+
+step "2. kernel equality tests (CPU and CUDA tensors)"
+"$PYTHON" -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 | tail -n 15
+
+step "3. one-rank NCCL DDP: converted resnet18, sparse hook vs default hook"
+"$PYTHON" - <<'EOF'
+import socket
+import torch, torch.distributed as dist, torchvision
+import approxdist as ad
+import approxdist.kernels as kernels
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+torch.backends.cudnn.deterministic = True
+torch.backends.cudnn.benchmark = False
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+dev = torch.device("cuda", 0); torch.cuda.set_device(dev)
+def build():  # built twice from one seed: a deepcopy would not register the sampled layers
+    torch.manual_seed(0)
+    net = ad.convert_model(torchvision.models.resnet18(num_classes=10), 0.5, distributed=True)
+    return DDP(net.to(dev), device_ids=[0], bucket_cap_mb=5)
+models = {"default": build(), "sparse": build()}
+state = ad.distributed.register(models["sparse"])
+opts = {k: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for k, m in models.items()}
+gen = torch.Generator().manual_seed(1)
+batches = [(torch.randn(16, 3, 64, 64, generator=gen), torch.randint(10, (16,), generator=gen)) for _ in range(6)]
+for x, y in batches:
+    for k, m in models.items():
+        m.train(); opts[k].zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(m(x.to(dev)), y.to(dev)).backward()
+        opts[k].step()
+torch.cuda.synchronize()
+worst, bitwise = 0.0, True
+for (n, a), b in zip(models["default"].module.named_parameters(), models["sparse"].module.parameters()):
+    bitwise &= torch.equal(a, b)
+    worst = max(worst, ((a - b).abs().max() / a.abs().max().clamp_min(1e-12)).item())
+stats = state.stats
+print(f"kernels backend {kernels.backend()}; params bitwise equal: {bitwise}; max relative diff {worst:.3g}")
+print(f"payload/dense bytes: {stats['payload_bytes']}/{stats['dense_bytes']} "
+      f"= {stats['payload_bytes'] / max(1, stats['dense_bytes']):.3f} over {stats['steps']} steps")
+assert kernels.backend() == "cuda"
+assert stats["payload_bytes"] < stats["dense_bytes"], "the sparse hook sent everything"
+assert worst <= 1e-6, worst
+dist.destroy_process_group()
+EOF
+
+step "4. approxdist-bench kernels (GPU)"
+"$PYTHON" -m approxdist.bench kernels --device cuda --json "$OUT/bench_kernels_gpu.json"
+
+step "done: all GPU checks passed in $SECONDS s (outputs in $OUT)"
