@@ -214,3 +214,73 @@ def test_ddp_steps_on_two_shaped_nodes_send_the_analytic_payload():
     assert sparse["wire_tx_bytes"] >= expected
     assert sparse["wire_tx_bytes"] < dense["wire_tx_bytes"]
     assert all(t > 0 for t in sparse["step_s"])
+
+
+# -- the benchmark's bookkeeping, anywhere --------------------------------------------------
+def test_hook_names_parse_and_bad_ones_name_the_argument():
+    from approxdist.bench.comm import parse_hook
+
+    assert parse_hook("sparse0.33+fp16") == {"name": "sparse0.33+fp16", "kind": "sparse",
+                                             "ratio": 0.33, "fp16": True}
+    assert parse_hook("powersgd4")["rank"] == 4
+    for bad in ("sparse0", "sparse1.5", "powersgd0", "topk"):
+        with pytest.raises(ValueError, match="hook"):
+            parse_hook(bad)
+
+
+def test_markdown_block_is_replaced_without_touching_other_sections(tmp_path):
+    from approxdist.bench.comm import write_markdown_section
+
+    md = tmp_path / "benchmarks.md"
+    md.write_text("# Benchmarks\n\n## Compute\n\nkeep me\n\n## Kernels\n\nkeep me too\n")
+    write_markdown_section(md, "first testbed table", "testbed")
+    write_markdown_section(md, "loopback table", "loopback")
+    write_markdown_section(md, "second testbed table", "testbed")
+    text = md.read_text()
+    assert text.count("## Communication") == 1
+    assert "first testbed table" not in text and "second testbed table" in text
+    assert "loopback table" in text
+    assert text.startswith("# Benchmarks\n\n## Compute\n\nkeep me\n\n## Kernels\n\nkeep me too\n")
+
+
+def test_summary_speedup_and_physical_limit():
+    from approxdist.bench.comm import summarize
+
+    def row(hook, kind, step, payload):
+        return {"rank": 0, "world_size": 2, "nodes": 2, "rate": "1gbit", "model": "m",
+                "hook": hook, "kind": kind, "ratio": 1.0, "fp16": False, "step_s": [step] * 3,
+                "compute_s": [0.1], "payload_bytes": payload, "dense_bytes": 1e8,
+                "wire_tx_bytes": payload, "hook_body_s": 0.0, "link_bits_per_s": 1e9}
+
+    s = {x["hook"]: x for x in summarize([row("allreduce", "allreduce", 1.0, 1e8),
+                                          row("sparse0.5", "sparse", 0.5, 5e7)])}
+    assert s["allreduce"]["speedup"] == 1.0 and s["sparse0.5"]["speedup"] == 2.0
+    # 2 nodes: each sends the payload once; 5e7 bytes at 1 Gbit/s take 0.4 s.
+    assert s["sparse0.5"]["allreduce_s"] == pytest.approx(0.4)
+    assert s["sparse0.5"]["of_limit"] == pytest.approx(0.5 / 0.4)
+
+
+@needs_netns
+def test_torchrun_rendezvous_across_nodes_with_the_wrappers_arguments(tmp_path):
+    # All namespaces share one host name: the rendezvous only works with --local-addr and
+    # is_host on node 0 alone, which torchrun_args supplies.
+    script = tmp_path / "allreduce.py"
+    script.write_text(textwrap.dedent("""
+        import os, torch, torch.distributed as dist
+        dist.init_process_group("gloo")
+        t = torch.tensor([float(dist.get_rank() + 1)])
+        dist.all_reduce(t)
+        print(dist.get_rank(), dist.get_world_size(), int(t.item()), flush=True)
+        dist.destroy_process_group()
+    """))
+    os.chmod(tmp_path, 0o755)
+    tag = _tag("trun")
+    with Testbed(2, "1gbit", tag=tag) as tb:
+        res = tb.run_all(
+            lambda i: [sys.executable, "-m", "torch.distributed.run",
+                       *tb.torchrun_args(i, port=29400), str(script)],
+            env_of=lambda i: {**os.environ, "GLOO_SOCKET_IFNAME": "eth0"}, timeout=180)
+    assert _netns_with_prefix(f"adtb-{tag}-") == []
+    assert [r["returncode"] for r in res] == [0, 0], [r["stderr"][-1500:] for r in res]
+    lines = sorted(line for r in res for line in r["stdout"].split("\n") if line.strip())
+    assert lines == ["0 2 3", "1 2 3"]

@@ -24,6 +24,7 @@ import os
 import re
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -193,7 +194,7 @@ def _build(cfg: dict, spec: dict, seed: int):
     return ddp, state, box
 
 
-def _run_config(cfg: dict, spec: dict, plan: dict, seed: int) -> dict:
+def _run_config(cfg: dict, spec: dict, plan: dict, seed: int, measure_compute: bool) -> dict:
     import torch
     import torch.distributed as dist
 
@@ -234,7 +235,9 @@ def _run_config(cfg: dict, spec: dict, plan: dict, seed: int) -> dict:
     # Taken before the local-only steps below, which let the replicas drift apart.
     digest = float(torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double().sum())
     compute = []
-    for _ in range(max(2, plan["steps"] // 2)):
+    # Compute alone (same model and hook, DDP's sync switched off): the other half of the
+    # physical limit. It does not depend on the link, so later repeats skip it.
+    for _ in range(plan.get("compute_steps", 2) if measure_compute else 0):
         dist.barrier()
         t0 = time.perf_counter()
         with ddp.no_sync():
@@ -282,7 +285,8 @@ def run_plan(plan: dict) -> list[dict]:
     for rep in range(plan["repeats"]):
         for j, cfg in enumerate(plan["configs"]):
             spec = parse_hook(cfg["hook"])
-            row = _run_config(cfg, spec, plan, seed=plan.get("seed", 0) + j)
+            row = _run_config(cfg, spec, plan, seed=plan.get("seed", 0) + j,
+                              measure_compute=rep < plan.get("compute_repeats", 1))
             row["repeat"] = rep
             row.update({k: v for k, v in cfg.items() if k not in row})
             rows.append(row)
@@ -368,7 +372,7 @@ def summarize(rows: list[dict]) -> list[dict]:
     out = []
     for (nodes, rate, model, hook), rs in groups.items():
         steps = [t for r in rs for t in r["step_s"]]
-        compute = [t for r in rs for t in r["compute_s"]]
+        compute = [t for r in rs for t in r["compute_s"]] or [float("nan")]
         s = {"nodes": nodes, "rate": rate, "model": model, "hook": hook, "kind": rs[0]["kind"],
              "ratio": rs[0]["ratio"], "fp16": rs[0]["fp16"], "repeats": len(rs),
              "step_s": statistics.median(steps), "compute_s": statistics.median(compute),
@@ -446,6 +450,21 @@ def plot(summary: list[dict], outdir: Path, prefix: str = "comm") -> list[Path]:
                            color="C3" if s["kind"] == "sparse" else "C0")
                 ax.annotate(s["hook"], (s["payload_bytes"] / 1e6, s["step_s"]), fontsize=7,
                             xytext=(3, 3), textcoords="offset points")
+            link = next((s["link_bits_per_s"] for s in summary if s["model"] == model
+                         and (s["nodes"], s["rate"]) == (nodes, rate) and s.get("link_bits_per_s")),
+                        None)
+            if link:
+                # The physical limit of a step: the payload's all-reduce at the measured
+                # link rate, or compute alone, whichever is longer.
+                dense = max(s["dense_bytes"] for s in summary if s["model"] == model)
+                comp = min(s["compute_s"] for s in summary if s["model"] == model
+                           and (s["nodes"], s["rate"]) == (nodes, rate))
+                xs = [dense * i / 50 for i in range(51)]
+                ax.plot([x / 1e6 for x in xs],
+                        [max(comp, 8 * _ring_bytes(x, nodes) / link) for x in xs],
+                        ls="--", color="grey", lw=1,
+                        label="max(fastest compute, payload at link rate)")
+                ax.legend(fontsize=7, loc="lower right")
             ax.set_title(f"{model}, {nodes} nodes, {rate}", fontsize=9)
             ax.set_xlabel("payload MB / step")
             ax.set_ylabel("median step s")
@@ -483,19 +502,32 @@ def plot(summary: list[dict], outdir: Path, prefix: str = "comm") -> list[Path]:
     return paths
 
 
-def write_markdown_section(path: Path, body: str, title: str = "## Communication") -> None:
-    """Replace (or append) this benchmark's own section of docs/benchmarks.md only."""
+def write_markdown_section(path: Path, body: str, mode: str,
+                           title: str = "## Communication") -> None:
+    """Replace this mode's block of the Communication section of docs/benchmarks.md (and
+    nothing else: other sections belong to other benchmarks)."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     lines = text.splitlines()
+    begin, end_mark = f"<!-- approxdist-bench comm: {mode} -->", f"<!-- end {mode} -->"
+    block = [begin, *body.rstrip().splitlines(), end_mark]
     start = next((i for i, line in enumerate(lines) if line.strip() == title), None)
-    block = [title, "", *body.rstrip().splitlines(), ""]
     if start is None:
-        new = lines + ([""] if lines and lines[-1].strip() else []) + block
+        if lines and lines[-1].strip():
+            lines.append("")
+        lines += [title, ""]
+        start = len(lines) - 2
+    stop = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")),
+                len(lines))
+    section = lines[start:stop]
+    if begin in section and end_mark in section:
+        b, e = section.index(begin), section.index(end_mark)
+        section = section[:b] + block + section[e + 1:]
     else:
-        end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")),
-                   len(lines))
-        new = lines[:start] + block + lines[end:]
-    path.write_text("\n".join(new).rstrip() + "\n")
+        while section and not section[-1].strip():
+            section.pop()
+        section += ["", *block, ""]
+    lines = lines[:start] + section + lines[stop:]
+    path.write_text("\n".join(lines).rstrip() + "\n")
 
 
 # -- command line -------------------------------------------------------------------------
@@ -506,6 +538,21 @@ TESTBED_HOOKS = ["allreduce", "fp16", "powersgd1", "powersgd4", "sparse0.5", "sp
 
 def _csv(s: str) -> list[str]:
     return [x for x in s.split(",") if x]
+
+
+def _environment() -> dict:
+    import platform
+
+    import torch
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, cwd=Path(__file__).resolve().parent).stdout.strip()
+    except OSError:
+        commit = ""
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
+            "python": platform.python_version(), "cpus": os.cpu_count(), "commit": commit,
+            "loadavg": list(os.getloadavg())}
 
 
 def main(argv=None) -> int:
@@ -522,15 +569,20 @@ def main(argv=None) -> int:
     p.add_argument("--rates", default="1gbit,100mbit", help="testbed link rates")
     p.add_argument("--batch", type=int, default=16, help="per rank")
     p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--steps", type=int, default=4, help="timed steps per run")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds over all hooks")
-    p.add_argument("--json", default=None, help="write raw rows and the summary here")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per run")
+    p.add_argument("--warmup", type=int, default=1, help="(PowerSGD always gets 2)")
+    p.add_argument("--repeats", type=int, default=2, help="interleaved rounds over all hooks")
+    p.add_argument("--json", default=None, help="write raw rows and the summary here "
+                   "(rewritten after every testbed, so a cut-short run keeps what it measured)")
     p.add_argument("--plots", default=None, help="directory for the PNG plots")
     p.add_argument("--markdown", default=None,
-                   help="replace the '## Communication' section of this file")
+                   help="replace this mode's block in the '## Communication' section of this file")
+    p.add_argument("--render", default=None, metavar="JSON",
+                   help="measure nothing: redo the table, plots and markdown from a --json file")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
+    if a.render:
+        return _render(a)
     for name in ("batch", "image_size", "steps", "repeats"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -541,13 +593,28 @@ def main(argv=None) -> int:
         except ValueError as e:
             p.error(str(e))
     models = _csv(a.models)
+    for m in models:
+        try:
+            make_model(m)
+        except ValueError as e:
+            p.error(str(e))
     configs = [{"model": m, "hook": h} for m in models for h in hooks]
     plan = {"configs": configs, "batch": a.batch, "image_size": a.image_size,
             "steps": a.steps, "warmup": a.warmup, "repeats": a.repeats, "seed": 0,
-            "verbose": not a.quiet}
+            "compute_steps": 2, "compute_repeats": 1, "verbose": not a.quiet}
     command = "approxdist-bench comm " + " ".join(argv)
+    env = _environment()
     rows: list[dict] = []
-    links = {}
+    links: dict = {}
+
+    def save():
+        if a.json:
+            Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+            env["loadavg_end"] = list(os.getloadavg())
+            Path(a.json).write_text(json.dumps(
+                {"command": command, "environment": env, "plan": plan, "links": links,
+                 "summary": summarize(rows), "rows": rows}, indent=1))
+
     if not a.testbed:
         plan["threads"] = max(1, (os.cpu_count() or 2) // 2)
         rows = run_loopback(plan, world=2)
@@ -564,7 +631,7 @@ def main(argv=None) -> int:
                 with Testbed(nodes, rate) as tb:
                     link = tb.measure_allreduce(25_000_000 if rate != "none" else 100_000_000,
                                                 iters=3)
-                    links[f"{nodes}x{rate}"] = link
+                    links[f"{nodes} nodes, {rate}"] = link
                     if not a.quiet:
                         print(f"testbed {nodes} nodes {rate}: gloo all-reduce carries "
                               f"{link['link_bits_per_s'] / 1e9:.3f} Gbit/s per link",
@@ -572,42 +639,74 @@ def main(argv=None) -> int:
                     for r in run_on_testbed(tb, plan):
                         r.update(nodes=nodes, rate=rate, link_bits_per_s=link["link_bits_per_s"])
                         rows.append(r)
+                save()
     summary = summarize(rows)
     table = format_table(summary, a.testbed)
     print(table)
-    if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps({"command": command, "plan": plan, "links": links,
-                                            "summary": summary, "rows": rows}, indent=1))
-    pngs = plot(summary, Path(a.plots), "comm_testbed" if a.testbed else "comm_loopback") \
-        if a.plots else []
+    save()
+    mode = "testbed" if a.testbed else "loopback"
+    pngs = plot(summary, Path(a.plots), f"comm_{mode}") if a.plots else []
     if a.markdown:
-        write_markdown_section(Path(a.markdown), _markdown_body(command, plan, summary, table,
-                                                                 pngs, a.testbed, links))
+        body = _markdown_body(command, plan, table, pngs, a.testbed, links, env,
+                              Path(a.markdown).parent)
+        write_markdown_section(Path(a.markdown), body, mode)
     return 0
 
 
-def _markdown_body(command, plan, summary, table, pngs, testbed, links) -> str:
-    lines = [f"Command: `{command}`", ""]
+def _render(a) -> int:
+    saved = json.loads(Path(a.render).read_text())
+    testbed = bool(saved["links"]) or "--testbed" in saved["command"].split()
+    summary = summarize(saved["rows"])
+    table = format_table(summary, testbed)
+    print(table)
+    mode = "testbed" if testbed else "loopback"
+    pngs = plot(summary, Path(a.plots), f"comm_{mode}") if a.plots else []
+    if a.markdown:
+        env = saved["environment"]
+        body = _markdown_body(saved["command"], saved["plan"], table, pngs, testbed,
+                              saved["links"], env, Path(a.markdown).parent,
+                              load_end=env.get("loadavg_end", [float("nan")])[0])
+        write_markdown_section(Path(a.markdown), body, mode)
+    return 0
+
+
+def _markdown_body(command, plan, table, pngs, testbed, links, env, docdir,
+                   load_end=None) -> str:
+    where = ("the namespace testbed" if testbed else "loopback, 2 gloo ranks")
+    lines = [f"### {'Testbed' if testbed else 'Loopback'}", "",
+             f"Command: `{command}` ({where}; {env['date']}, commit {env['commit']}, "
+             f"torch {env['torch']}, {env['cpus']} CPUs, load average "
+             f"{env['loadavg'][0]:.1f} at the start, "
+             f"{os.getloadavg()[0] if load_end is None else load_end:.1f} at the end; the "
+             "machine is shared, so the load says how much to trust the times)", ""]
+    common = (f"Real DDP steps of torchvision models (10 classes), batch {plan['batch']} per "
+              f"rank at {plan['image_size']} px, random data; {plan['steps']} timed steps "
+              f"after {plan['warmup']} warm-up step(s), {plan['repeats']} interleaved rounds "
+              "over all hooks; medians. `payload` is what the hook hands to "
+              "`torch.distributed.all_reduce` per step (DDP's built-in all-reduce: every "
+              "gradient); `of dense` divides by the fp32 gradient bytes.")
     if testbed:
         lines += [
-            "Namespace testbed (`launch/testbed/`, tbf on both veth ends of every link, no "
-            "added latency: netem is unavailable). Real DDP steps of torchvision models, "
-            f"batch {plan['batch']} per node at {plan['image_size']} px, {plan['steps']} timed "
-            f"steps after {plan['warmup']} warm-up steps, {plan['repeats']} interleaved rounds; "
-            "medians. PowerSGD runs in a single DDP bucket (PyTorch's hook crashes on gloo "
-            "with several), start_powerSGD_iter=2, error feedback and warm start on. "
-            "`all-reduce s at link` = payload x 2(n-1)/n over the measured gloo rate of the "
-            "link; `step / limit` = step time over max(compute, that).", ""]
+            "Links: `launch/testbed/` (a network namespace per node behind a bridge, tbf on "
+            "both veth ends of every link; no added latency, netem is unavailable). " + common,
+            "PowerSGD runs in a single DDP bucket (PyTorch's PowerSGD hook issues its second "
+            "all-reduce from a callback, which crashes gloo with several buckets), "
+            "start_powerSGD_iter=2, error feedback and warm start on; the others use DDP's "
+            "25 MB buckets. `wire` is what the node's eth0 sent per step (headers included). "
+            "`all-reduce s at link` = payload x 2(n-1)/n over the measured gloo rate below; "
+            "`step / limit` = step time over max(compute alone, that).", ""]
         for k, v in links.items():
-            lines.append(f"- measured gloo rate, {k}: {v['link_bits_per_s'] / 1e9:.3f} Gbit/s")
+            lines.append(f"- gloo all-reduce rate measured on the testbed, {k}: "
+                         f"{v['link_bits_per_s'] / 1e9:.3f} Gbit/s per link")
         lines.append("")
     else:
-        lines += ["Loopback, 2 gloo ranks on one machine: the bytes are exact, the times are "
-                  "not those of a slow network.", ""]
+        lines += [common + " The link is loopback: the bytes are exact, the step times are "
+                  "not those of a slow network. `hook s` is the hook's own work per step "
+                  "(its body: cast/pack/launch, plus the sparse hook's scatter-back).", ""]
     lines += [table, ""]
     for p in pngs:
-        lines.append(f"![{p.stem}]({p.name})")
+        rel = os.path.relpath(p, docdir)
+        lines.append(f"![{p.stem}]({rel})")
     return "\n".join(lines)
 
 
