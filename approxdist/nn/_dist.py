@@ -71,6 +71,8 @@ class WeightSampled(SamplingConfig):
         Returns None when every channel may be non-zero (reduce densely), else a sorted
         LongTensor (possibly empty)."""
         touched, self._touched = self._touched, None
+        if self.mode != "forward":  # blackbox gradients are dense
+            return None
         if touched is None:
             return torch.empty(0, dtype=torch.long, device=self.weight.device)
         idx = touched.nonzero().squeeze(1)

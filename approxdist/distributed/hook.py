@@ -1,0 +1,123 @@
+"""The sparse all-reduce DDP communication hook.
+
+In forward-sampling mode the weight gradient of a weight-sampled layer is exactly zero
+outside its selected input channels, on every rank, and every rank selected the same
+channels. So all-reducing only the selected slices gives the dense all-reduce's result:
+the hook packs them (and every dense gradient of the bucket) into one flat buffer,
+launches a single all_reduce in the hook body, and scatters the result back. No index
+is ever sent.
+"""
+import time
+
+import torch
+import torch.distributed as dist
+
+from .. import kernels
+from ..nn import sampled_layer_of
+from .agreement import check_indices, install_broadcast
+from .state import SparseAllReduceState
+
+
+def _bucket_views(buffer, params):
+    """Views of the bucket's flat buffer shaped like its parameters. Taken from buffer()
+    rather than gradients() so wrappers that swap the buffer (fp16_compress_wrapper)
+    see their own dtype."""
+    views, offset = [], 0
+    for p in params:
+        n = p.numel()
+        views.append(buffer.narrow(0, offset, n).view(p.shape))
+        offset += n
+    if offset != buffer.numel():
+        raise RuntimeError(f"approxdist: bucket buffer holds {buffer.numel()} elements but its "
+                           f"parameters {offset}; this DDP layout is not supported")
+    return views
+
+
+def _selection(state, group, params):
+    """(indices per parameter, sampled layers, their indices, names) for the bucket."""
+    indices, layers, layer_idx = [], [], []
+    for p in params:
+        layer = sampled_layer_of(p)
+        if layer is None:
+            indices.append(None)
+            continue
+        idx = layer.pop_touched()
+        if state.agreement == "broadcast" and id(layer) not in state._synced_layers:
+            # Registered without register(): this step's forward ran unsynchronised, so
+            # reduce this layer densely once; later forwards follow rank 0.
+            install_broadcast(layer, group)
+            state._synced_layers.add(id(layer))
+            idx = None
+        indices.append(idx)
+        layers.append(layer)
+        layer_idx.append(idx)
+    return indices, layers, layer_idx
+
+
+def sparse_allreduce_hook(state: SparseAllReduceState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """Average the bucket's gradients across ranks, sending only the sampled slices.
+
+    Register with ``ddp.register_comm_hook(state, sparse_allreduce_hook)`` or
+    ``approxdist.distributed.register(ddp)``. Works on NCCL and gloo, with several
+    buckets: the one collective is issued here, never from a callback.
+    """
+    group = state.process_group if state.process_group is not None else dist.group.WORLD
+    world = dist.get_world_size(group)
+    buffer = bucket.buffer()
+    if buffer.is_sparse or buffer.layout != torch.strided:
+        raise TypeError("approxdist: sparse gradients are not supported by sparse_allreduce_hook "
+                        "(use dense gradients, e.g. nn.Embedding(sparse=False))")
+    params = bucket.parameters()
+    indices, layers, layer_idx = _selection(state, group, params)
+    if state.agreement == "check" and layers and state.steps % state.check_every == 0:
+        names = [state.param_names.get(id(layer.weight), f"{type(layer).__name__}{tuple(layer.weight.shape)}")
+                 for layer in layers]
+        check_indices(state, group, layers, layer_idx, names)
+
+    state.buckets += 1
+    state.dense_bytes += buffer.numel() * buffer.element_size()
+    if bucket.is_last():
+        state.steps += 1
+
+    if all(idx is None for idx in indices):
+        buffer.div_(world)
+        state.payload_bytes += buffer.numel() * buffer.element_size()
+        fut = dist.all_reduce(buffer, group=group, async_op=True).get_future()
+        return fut.then(lambda f: f.value()[0])
+
+    views = _bucket_views(buffer, params)
+    t0 = time.perf_counter()
+    flat = kernels.pack(views, indices)
+    flat.div_(world)
+    state.pack_seconds += time.perf_counter() - t0
+    state.payload_bytes += flat.numel() * flat.element_size()
+    fut = dist.all_reduce(flat, group=group, async_op=True).get_future()
+
+    def scatter(f):
+        t1 = time.perf_counter()
+        kernels.unpack(f.value()[0], views, indices)
+        state.unpack_seconds += time.perf_counter() - t1
+        return buffer
+
+    return fut.then(scatter)
+
+
+def register(ddp_model, state=None):
+    """Register the sparse hook on a DistributedDataParallel model; returns its state.
+
+    Also records the sampled layers' names (for error messages) and, for agreement='broadcast',
+    makes every weight-sampled layer follow rank 0's selection from the first step."""
+    from ..nn import WeightSampled
+
+    state = state if state is not None else SparseAllReduceState()
+    module = ddp_model.module
+    state.param_names = {id(m.weight): name for name, m in module.named_modules()
+                         if isinstance(m, WeightSampled)}
+    if state.agreement == "broadcast":
+        group = state.process_group if state.process_group is not None else dist.group.WORLD
+        for m in module.modules():
+            if isinstance(m, WeightSampled):
+                install_broadcast(m, group)
+                state._synced_layers.add(id(m))
+    ddp_model.register_comm_hook(state, sparse_allreduce_hook)
+    return state

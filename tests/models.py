@@ -1,0 +1,56 @@
+"""Small models for the tests, built identically on every rank from a seed."""
+import torch
+import torch.nn as nn
+
+
+class SmallCNN(nn.Module):
+    def __init__(self, classes=10, width=16):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, width, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1, bias=False)
+        self.conv3 = nn.Conv2d(2 * width, 2 * width, 1)
+        self.fc1 = nn.Linear(2 * width * 4, 32)
+        self.fc2 = nn.Linear(32, classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.conv2(x))
+        x = nn.functional.max_pool2d(torch.relu(self.conv3(x)), 4)
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+class MLP(nn.Module):
+    def __init__(self, d_in=32, hidden=48, classes=5):
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.fc3 = nn.Linear(hidden, classes)
+
+    def forward(self, x):
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+def make_model(name, seed=0, **kw):
+    torch.manual_seed(seed)
+    if name == "cnn":
+        return SmallCNN(**kw)
+    if name == "mlp":
+        return MLP(**kw)
+    import torchvision
+
+    torch.manual_seed(seed)
+    return getattr(torchvision.models, name)(num_classes=kw.get("classes", 10))
+
+
+def batch_for(name, rank, step, batch=4, dtype=torch.float32):
+    g = torch.Generator().manual_seed(1000 * rank + step)
+    if name == "cnn":
+        x = torch.randn(batch, 1, 8, 8, generator=g, dtype=dtype)
+    elif name == "mlp":
+        x = torch.randn(batch, 32, generator=g, dtype=dtype)
+    else:
+        x = torch.randn(batch, 3, 32, 32, generator=g, dtype=dtype)
+    classes = 5 if name == "mlp" else 10
+    y = torch.randint(0, classes, (batch,), generator=g)
+    return x, y

@@ -1,0 +1,195 @@
+"""The sparse all-reduce hook on real gloo process groups.
+
+The central invariant: training with the sparse hook gives the same parameters as the
+default all-reduce (bitwise on 2 ranks), while sending only the sampled slices."""
+import copy
+import functools
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import approxdist as ad
+from approxdist.functional import num_samples
+from approxdist.nn import WeightSampled
+from distharness import RankError, run_ranks
+from models import batch_for, make_model
+
+
+def analytic_bytes(model, ratio, minimal_k=1):
+    """Elements a sparse step sends: k/n of each weight-sampled weight, all the rest."""
+    total = 0
+    sampled = {id(m.weight): m for m in model.modules() if isinstance(m, WeightSampled)}
+    for p in model.parameters():
+        layer = sampled.get(id(p))
+        if layer is None:
+            total += p.numel() * p.element_size()
+        else:
+            k = num_samples(p.shape[1], ratio, minimal_k)
+            total += p.numel() // p.shape[1] * k * p.element_size()
+    return total
+
+
+class ByteCounter:
+    """Counts what goes through torch.distributed.all_reduce, independently of the hook."""
+
+    def __init__(self):
+        self.bytes, self.calls, self._orig = 0, 0, None
+
+    def __enter__(self):
+        self._orig = dist.all_reduce
+
+        def counting(tensor, *args, **kwargs):
+            self.bytes += tensor.numel() * tensor.element_size()
+            self.calls += 1
+            return self._orig(tensor, *args, **kwargs)
+
+        dist.all_reduce = counting
+        return self
+
+    def __exit__(self, *exc):
+        dist.all_reduce = self._orig
+
+
+def _train(ddp, opt, name, rank, steps, accum, dtype, start=0):
+    loss_fn = nn.CrossEntropyLoss()
+    for step in range(start, start + steps):
+        for micro in range(accum):
+            x, y = batch_for(name, rank, step * accum + micro, dtype=dtype)
+            if micro < accum - 1:
+                with ddp.no_sync():
+                    loss_fn(ddp(x).float(), y).backward()
+            else:
+                loss_fn(ddp(x).float(), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+
+
+def compare_worker(rank, world, name, ratio, policy, steps, ddp_kw, accum=1, dtype=torch.float32,
+                   wrapper=None, count=True):
+    base = make_model(name).to(dtype)
+    models = []
+    for _ in range(2):
+        m = copy.deepcopy(base)
+        ad.convert_model(m, ratio, distributed=True, policy=policy, seed=7)
+        models.append(m)
+    sparse = DDP(models[0], **ddp_kw)
+    dense = DDP(models[1], **ddp_kw)
+    state = ad.distributed.SparseAllReduceState()
+    if wrapper is None:
+        ad.distributed.register(sparse, state)
+    else:
+        wrap = getattr(default_hooks, f"{wrapper}_compress_wrapper")
+        sparse.register_comm_hook(state, wrap(ad.distributed.sparse_allreduce_hook))
+        dense.register_comm_hook(None, getattr(default_hooks, f"{wrapper}_compress_hook"))
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (sparse, dense)]
+    rng_before = torch.get_rng_state()
+    with ByteCounter() as counter:
+        _train(sparse, opts[0], name, rank, steps, accum, dtype)
+    rng_untouched = torch.equal(rng_before, torch.get_rng_state())
+    _train(dense, opts[1], name, rank, steps, accum, dtype)
+    return {
+        "sparse": [p.detach().clone() for p in models[0].parameters()],
+        "dense": [p.detach().clone() for p in models[1].parameters()],
+        "stats": state.stats,
+        "counted": counter.bytes,
+        "analytic": analytic_bytes(models[0], ratio) * steps,
+        "indices": [m.last_indices for m in models[0].modules() if isinstance(m, WeightSampled)],
+        "rng_untouched": rng_untouched,
+    }
+
+
+def _assert_equal_runs(results, exact, rtol=1e-6):
+    for r in results:
+        for ps, pd in zip(r["sparse"], r["dense"]):
+            if exact:
+                assert torch.equal(ps, pd), (ps - pd).abs().max()
+            else:
+                torch.testing.assert_close(ps, pd, rtol=rtol, atol=1e-7)
+    for ps0, ps1 in zip(results[0]["sparse"], results[-1]["sparse"]):
+        assert torch.equal(ps0, ps1), "ranks disagree"
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sparse_equals_dense_small_cnn(world):
+    results = run_ranks(compare_worker, world, "cnn", 0.5, "topk_weight", 4, {})
+    _assert_equal_runs(results, exact=(world == 2))
+    for r in results:
+        assert r["stats"]["payload_bytes"] == r["analytic"] == r["counted"]
+        assert r["stats"]["payload_bytes"] < r["stats"]["dense_bytes"]
+        assert r["stats"]["steps"] == 4
+
+
+def test_sparse_equals_dense_resnet18():
+    results = run_ranks(compare_worker, 2, "resnet18", 0.33, "topk_weight", 2, {})
+    _assert_equal_runs(results, exact=True)
+    r = results[0]
+    assert r["stats"]["payload_bytes"] == r["analytic"] == r["counted"]
+    assert r["stats"]["ratio"] < 0.4
+
+
+@pytest.mark.parametrize("ddp_kw", [
+    {"bucket_cap_mb": 0.01},
+    {"bucket_cap_mb": 0.01, "gradient_as_bucket_view": True},
+    {"static_graph": True, "bucket_cap_mb": 0.01},
+    {"find_unused_parameters": True},
+], ids=["buckets", "bucket_view", "static_graph", "find_unused"])
+def test_ddp_options(ddp_kw):
+    results = run_ranks(compare_worker, 2, "cnn", 0.5, "topk_weight", 3, ddp_kw)
+    _assert_equal_runs(results, exact=True)
+    r = results[0]
+    assert r["stats"]["payload_bytes"] == r["analytic"] == r["counted"]
+    if "bucket_cap_mb" in ddp_kw:
+        assert r["stats"]["buckets"] > r["stats"]["steps"], "expected several buckets per step"
+
+
+def test_no_sync_accumulation_reduces_the_union():
+    # bernoulli_weight draws a different selection for every micro-batch.
+    results = run_ranks(compare_worker, 2, "cnn", 0.3, "bernoulli_weight", 3, {}, 3)
+    _assert_equal_runs(results, exact=True)
+
+
+def test_bernoulli_weight_same_indices_and_global_rng_untouched():
+    results = run_ranks(compare_worker, 2, "cnn", 0.4, "bernoulli_weight", 6, {})
+    _assert_equal_runs(results, exact=True)
+    for a, b in zip(results[0]["indices"], results[1]["indices"]):
+        assert torch.equal(a, b)
+    assert all(r["rng_untouched"] for r in results)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_gradients(dtype):
+    results = run_ranks(compare_worker, 2, "mlp", 0.5, "topk_weight", 3, {}, 1, dtype)
+    _assert_equal_runs(results, exact=True)
+    r = results[0]
+    assert r["stats"]["payload_bytes"] == r["analytic"] == r["counted"]
+
+
+@pytest.mark.parametrize("wrapper", ["fp16", "bf16"])
+def test_compress_wrappers(wrapper):
+    results = run_ranks(compare_worker, 2, "cnn", 0.33, "topk_weight", 3, {}, 1, torch.float32, wrapper)
+    _assert_equal_runs(results, exact=True)
+    r = results[0]
+    # The wrapper hands the hook a 2-byte buffer: a sixth of fp32 dense for 0.33 sampling.
+    assert r["stats"]["payload_bytes"] * 2 == r["analytic"]
+
+
+def test_world_size_one():
+    results = run_ranks(compare_worker, 1, "cnn", 0.5, "topk_weight", 2, {})
+    _assert_equal_runs(results, exact=True)
+
+
+def sparse_grad_worker(rank, world):
+    model = nn.Sequential(nn.EmbeddingBag(10, 4, sparse=True), nn.Linear(4, 2))
+    ddp = DDP(model)
+    ad.distributed.register(ddp)
+    out = ddp(torch.tensor([[1, 2], [3, 4]]))
+    out.sum().backward()
+
+
+def test_sparse_gradients_rejected():
+    with pytest.raises(RankError, match="sparse gradients are not supported"):
+        run_ranks(sparse_grad_worker, 2)
