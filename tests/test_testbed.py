@@ -284,3 +284,23 @@ def test_torchrun_rendezvous_across_nodes_with_the_wrappers_arguments(tmp_path):
     assert [r["returncode"] for r in res] == [0, 0], [r["stderr"][-1500:] for r in res]
     lines = sorted(line for r in res for line in r["stdout"].split("\n") if line.strip())
     assert lines == ["0 2 3", "1 2 3"]
+
+
+def test_time_to_accuracy_bookkeeping():
+    from approxdist.bench.comm_tta import summarize_tta, time_to_target, train_argv
+
+    curve = [(10.0, 90.0), (20.0, 96.9), (30.0, 97.0), (40.0, 99.0)]
+    assert time_to_target(curve, 97.0) == 30.0 and time_to_target(curve, 99.5) is None
+    rows = [{"hook": "allreduce", "curve": curve, "wall_s": 45.0, "final_top1": 99.0,
+             "payload_bytes_total": 100, "dense_bytes_total": 100},
+            {"hook": "sparse0.5", "curve": [(12.0, 97.5)], "wall_s": 20.0, "final_top1": 97.5,
+             "payload_bytes_total": 50, "dense_bytes_total": 100},
+            {"hook": "powersgd1", "curve": [(5.0, 80.0)], "wall_s": 9.0, "final_top1": 80.0,
+             "payload_bytes_total": 1, "dense_bytes_total": 100}]
+    s = {x["hook"]: x for x in summarize_tta(rows, 97.0)}
+    assert s["sparse0.5"]["speedup"] == 2.5 and s["sparse0.5"]["payload_per_dense"] == 0.5
+    assert s["powersgd1"]["reached"] == 0 and s["powersgd1"]["speedup"] is None
+    argv = train_argv("sparse0.33", "/tmp/x", model="cnn", epochs=3, batch=8, seed=1)
+    assert argv[argv.index("--sample-ratio") + 1] == "0.33" and "--dataset" in argv
+    with pytest.raises(ValueError, match="hook"):
+        train_argv("topk", "/tmp/x", model="cnn", epochs=1, batch=1, seed=0)

@@ -577,12 +577,25 @@ def main(argv=None) -> int:
     p.add_argument("--plots", default=None, help="directory for the PNG plots")
     p.add_argument("--markdown", default=None,
                    help="replace this mode's block in the '## Communication' section of this file")
+    g = p.add_argument_group("time to accuracy (--testbed --time-to-accuracy)")
+    g.add_argument("--time-to-accuracy", action="store_true",
+                   help="instead of step times: approxdist-train on digits until --target")
+    g.add_argument("--target", type=float, default=97.0, help="test top-1 %% to reach")
+    g.add_argument("--tta-hooks", default="allreduce,fp16,powersgd1,sparse0.5,sparse0.33")
+    g.add_argument("--tta-model", default="cnn")
+    g.add_argument("--tta-epochs", type=int, default=6)
+    g.add_argument("--tta-batch", type=int, default=32, help="per rank")
+    g.add_argument("--tta-rate", default="100mbit")
     p.add_argument("--render", default=None, metavar="JSON",
                    help="measure nothing: redo the table, plots and markdown from a --json file")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
     if a.render:
         return _render(a)
+    if a.time_to_accuracy:
+        if not a.testbed:
+            p.error("--time-to-accuracy runs on the testbed: add --testbed")
+        return _main_tta(a, argv)
     for name in ("batch", "image_size", "steps", "repeats"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -650,6 +663,56 @@ def main(argv=None) -> int:
         body = _markdown_body(command, plan, table, pngs, a.testbed, links, env,
                               Path(a.markdown).parent)
         write_markdown_section(Path(a.markdown), body, mode)
+    return 0
+
+
+def _main_tta(a, argv) -> int:
+    from .comm_tta import (TTA_HOOKS, format_tta_table, plot_tta, run_tta, summarize_tta)
+    from .testbed import Testbed, available
+
+    hooks = _csv(a.tta_hooks)
+    for h in hooks:
+        if h not in TTA_HOOKS:
+            raise ValueError(f"--tta-hooks: each must be one of {', '.join(TTA_HOOKS)}, got {h!r}")
+    ok, why = available()
+    if not ok:
+        print(f"approxdist-bench comm --testbed: {why}", file=sys.stderr)
+        return 2
+    command = "approxdist-bench comm " + " ".join(argv)
+    env = _environment()
+    with Testbed(2, a.tta_rate) as tb:
+        link = tb.measure_allreduce(5_000_000, iters=3)
+        rows = run_tta(tb, hooks, repeats=a.repeats, model=a.tta_model, epochs=a.tta_epochs,
+                       batch=a.tta_batch, verbose=not a.quiet)
+    summary = summarize_tta(rows, a.target)
+    table = format_tta_table(summary, a.target)
+    print(table)
+    env["loadavg_end"] = list(os.getloadavg())
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps({"command": command, "environment": env,
+                                            "link": link, "summary": summary, "rows": rows},
+                                           indent=1))
+    png = plot_tta(rows, a.target, Path(a.plots) / "comm_tta_accuracy_vs_time.png") \
+        if a.plots else None
+    if a.markdown:
+        docdir = Path(a.markdown).parent
+        lines = [
+            "### Time to accuracy", "",
+            f"Command: `{command}` ({env['date']}, commit {env['commit']}, {env['cpus']} CPUs, "
+            f"load average {env['loadavg'][0]:.1f} at the start, "
+            f"{env['loadavg_end'][0]:.1f} at the end)", "",
+            f"`approxdist-train --model {a.tta_model} --dataset digits --epochs {a.tta_epochs} "
+            f"--batch-size {a.tta_batch}` under torchrun on 2 testbed nodes at {a.tta_rate} "
+            f"(gloo all-reduce measured at {link['link_bits_per_s'] / 1e6:.0f} Mbit/s), "
+            f"{a.repeats} interleaved rounds; wall time from launch (process start and "
+            "rendezvous included, alike for every hook) to the first epoch whose test top-1 "
+            f"reaches {a.target:g}% (accuracy is measured once per epoch), median over "
+            "rounds. PowerSGD: rank 1, 2 warm-up steps of plain all-reduce.", "",
+            table, ""]
+        if png:
+            lines.append(f"![{png.stem}]({os.path.relpath(png, docdir)})")
+        write_markdown_section(Path(a.markdown), "\n".join(lines), "time-to-accuracy")
     return 0
 
 
