@@ -23,7 +23,7 @@ import torch
 
 __all__ = ["load", "sources_dir", "cache_dir", "cuda_home", "cuda_include_fixes"]
 
-_SOURCES = ("pack_plan.h", "pack.cpp")
+_SOURCES = ("pack.cpp",)
 _CUDA_SOURCES = ("pack_cuda.cu",)
 _CFLAGS = ["-O3"]
 _CUDA_CFLAGS = ["-O3", "-DAPPROXDIST_WITH_CUDA"]
@@ -88,10 +88,12 @@ def cache_dir(tag: str) -> Path:
 
 
 def _digest(src: Path, files, flags) -> str:
+    # Every source and header counts: a changed header must rebuild too.
     h = hashlib.sha256()
-    for name in files:
-        h.update(name.encode())
-        h.update((src / name).read_bytes())
+    for path in sorted(src.glob("*.*")):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    h.update(repr(files).encode())
     h.update(repr((flags, sys.version_info[:2], torch.version.cuda)).encode())
     return h.hexdigest()[:16]
 
@@ -125,7 +127,7 @@ def _build(src: Path, with_cuda: bool, verbose: bool):
     tag = f"{torch.__version__}-{variant}-{_digest(src, files, (cflags, _CUDA_CFLAGS, includes))}"
     return cpp_extension.load(
         name=f"approxdist_kernels_{variant}",
-        sources=[str(src / f) for f in files if not f.endswith(".h")],
+        sources=[str(src / f) for f in files],
         extra_cflags=cflags,
         extra_cuda_cflags=_CUDA_CFLAGS if with_cuda else None,
         extra_include_paths=includes,
