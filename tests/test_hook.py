@@ -69,7 +69,10 @@ def _train(ddp, opt, name, rank, steps, accum, dtype, start=0):
 
 
 def compare_worker(rank, world, name, ratio, policy, steps, ddp_kw, accum=1, dtype=torch.float32,
-                   wrapper=None, count=True):
+                   wrapper=None, kernels="auto"):
+    import os
+
+    os.environ["APPROXDIST_KERNELS"] = kernels
     base = make_model(name).to(dtype)
     models = []
     for _ in range(2):
@@ -123,9 +126,10 @@ def test_sparse_equals_dense_small_cnn(world):
         assert r["stats"]["steps"] == 4
 
 
-def test_sparse_equals_dense_resnet18():
-    results = run_ranks(compare_worker, 2, "resnet18", 0.33, "topk_weight", 2, {})
-    _assert_equal_runs(results, exact=True)
+@pytest.mark.parametrize("world", [2, pytest.param(3, marks=pytest.mark.slow)])
+def test_sparse_equals_dense_resnet18(world):
+    results = run_ranks(compare_worker, world, "resnet18", 0.33, "topk_weight", 2, {})
+    _assert_equal_runs(results, exact=(world == 2))
     r = results[0]
     assert r["stats"]["payload_bytes"] == r["analytic"] == r["counted"]
     assert r["stats"]["ratio"] < 0.4
@@ -175,6 +179,48 @@ def test_compress_wrappers(wrapper):
     r = results[0]
     # The wrapper hands the hook a 2-byte buffer: a sixth of fp32 dense for 0.33 sampling.
     assert r["stats"]["payload_bytes"] * 2 == r["analytic"]
+
+
+@pytest.mark.parametrize("kernels", ["torch", "auto"])
+def test_each_kernel_backend(kernels):
+    results = run_ranks(compare_worker, 2, "cnn", 0.33, "bernoulli_weight", 2, {"bucket_cap_mb": 0.01},
+                        1, torch.float32, None, kernels)
+    _assert_equal_runs(results, exact=True)
+
+
+def hook_sees_indices_worker(rank, world):
+    model = ad.convert_model(make_model("cnn"), 0.5, distributed=True)
+    ddp = DDP(model)
+    seen = []
+    state = ad.distributed.SparseAllReduceState()
+
+    def spy(state, bucket):
+        from approxdist.nn import sampled_layer_of
+
+        for p in bucket.parameters():
+            layer = sampled_layer_of(p)
+            if layer is not None:
+                seen.append(layer.last_indices.clone())
+        return ad.distributed.sparse_allreduce_hook(state, bucket)
+
+    ddp.register_comm_hook(state, spy)
+    x, y = batch_for("cnn", rank, 0)
+    nn.CrossEntropyLoss()(ddp(x), y).backward()
+    layers = [m for m in model.modules() if isinstance(m, WeightSampled)]
+    zero_outside = []
+    for m in layers:
+        outside = torch.ones(m.weight.shape[1], dtype=torch.bool)
+        outside[m.last_indices] = False
+        zero_outside.append(bool((m.weight.grad[:, outside] == 0).all()))
+    return {"seen": len(seen), "layers": len(layers), "zero_outside": zero_outside,
+            "k": [m.last_indices.numel() for m in layers], "n": [m.weight.shape[1] for m in layers]}
+
+
+def test_hook_sees_recorded_indices():
+    for r in run_ranks(hook_sees_indices_worker, 2):
+        assert r["seen"] == r["layers"] > 0
+        assert all(r["zero_outside"])
+        assert r["k"] == [n // 2 for n in r["n"]]
 
 
 def test_world_size_one():
