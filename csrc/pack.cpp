@@ -5,13 +5,14 @@
 // tensor's index set is turned once into runs of consecutive columns; a run of a row is
 // one memcpy when it is long, a typed gather loop when the runs are short (top-k
 // indices of a 1x1 conv are mostly isolated). Work is split into items of about
-// kItemBytes (a block of rows of one tensor, or a chunk of a dense tensor) that
-// at::parallel_for hands to the intra-op threads.
+// kItemBytes (a block of rows of one tensor, or a chunk of a dense tensor) that the
+// intra-op threads claim one at a time.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 
 #include "pack_plan.h"
@@ -194,8 +195,13 @@ void run_cpu(const std::vector<at::Tensor>& grads,
       }
     }
   }
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t e) {
-    for (int64_t it = b; it < e; ++it) {
+  // Items are claimed from a shared counter instead of the static split parallel_for
+  // gives each thread: on a busy machine a descheduled thread would otherwise hold its
+  // whole share while the others wait at the barrier.
+  const int64_t n_items = static_cast<int64_t>(items.size());
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, n_items, 1, [&](int64_t, int64_t) {
+    for (int64_t it = next.fetch_add(1); it < n_items; it = next.fetch_add(1)) {
       do_item<PACK>(jobs[items[it].job], items[it], es);
     }
   });
