@@ -214,8 +214,35 @@ def init_distributed(backend: Optional[str] = None) -> Tuple[int, int, int]:
     )
     if backend == "nccl":
         torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
-    dist.init_process_group(backend=backend, init_method="env://", rank=launch.rank, world_size=launch.world_size)
+    store = _elastic_attempt_store(launch)
+    if store is not None:
+        dist.init_process_group(backend=backend, store=store, rank=launch.rank, world_size=launch.world_size)
+    else:
+        dist.init_process_group(backend=backend, init_method="env://", rank=launch.rank,
+                                world_size=launch.world_size)
     return launch.rank, launch.world_size, launch.local_rank
+
+
+def _elastic_attempt_store(launch: LaunchEnv):
+    """The torchrun agent's store, under a prefix of its own for each restart attempt.
+
+    After an elastic restart the agent serves the same TCPStore as before, still holding
+    the first attempt's keys; recent torch versions no longer prefix them per attempt, so
+    gloo's rendezvous would read the dead workers' addresses and time out connecting to
+    them. A per-attempt prefix gives every attempt a clean namespace (older torch versions
+    did exactly this themselves).
+    """
+    if launch.source != "torchrun" or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    timeout = timedelta(minutes=int(os.environ.get("APPROXDIST_INIT_TIMEOUT_MIN", "30")))
+    client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), launch.world_size,
+                           is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"approxdist/attempt_{attempt}", client)
 
 
 __all__ = ["init_distributed", "detect_launch", "expand_nodelist", "first_host", "resolve_backend", "LaunchEnv"]

@@ -183,9 +183,10 @@ class Trainer:
         path = os.path.join(self.args.output_dir, ckpt.LATEST)
         ckpt.save_atomic(self.checkpoint_payload(epoch, step, step_in_epoch), path)
 
-    def load(self, path):
+    def load(self, data, path):
         """Validate everything, then load everything: a bad file changes nothing."""
-        data = ckpt.read(path)
+        if isinstance(data, str):
+            data = ckpt.read(data)
         ckpt.validate_config(data["config"], self.config, STRICT_CONFIG, path)
         if data["step_in_epoch"]:
             ckpt.validate_config(data["config"], self.config, ("world_size", "batch_size"), path)
@@ -198,7 +199,8 @@ class Trainer:
         self.scheduler.load_state_dict(data["scheduler"])
         if self.scaler is not None and data.get("scaler"):
             self.scaler.load_state_dict(data["scaler"])
-        self.comm.load_state_dict(data.get("comm") or {})
+        if data["config"].get("comm_hook") == self.config["comm_hook"]:
+            self.comm.load_state_dict(data.get("comm") or {})  # else: another hook, fresh counters
         _load_sampler_state(self.model, data.get("sampler_state") or {})
         if "rng" in data:
             torch.set_rng_state(data["rng"]["torch"])
@@ -239,15 +241,22 @@ def main(args):
     # Everything that can fail on a bad flag happens before the process group exists.
     train_set, val_set, info = build_datasets(args.dataset, args.data_path, args.image_size)
     model = build_training_model(args, info)
+    resume = resolve_resume(args)
+    resume_data = None
+    if resume:  # a corrupt or foreign checkpoint is also a one-line error before the group exists
+        resume_data = ckpt.read(resume)
+        ckpt.validate_config(resume_data["config"], {"model": args.model, "dataset": args.dataset,
+                                                     "num_classes": info.num_classes}, STRICT_CONFIG, resume)
+        ckpt.validate_model_state(resume_data["model"], model, resume)
     rank, world_size, local_rank = init_distributed(args.backend)
     try:
-        return _run(args, model, train_set, val_set, info, rank, world_size, local_rank)
+        return _run(args, model, train_set, val_set, info, rank, world_size, local_rank, (resume, resume_data))
     finally:
         if _distributed():
             dist.destroy_process_group()
 
 
-def _run(args, model, train_set, val_set, info, rank, world_size, local_rank):
+def _run(args, model, train_set, val_set, info, rank, world_size, local_rank, resume):
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
@@ -280,10 +289,10 @@ def _run(args, model, train_set, val_set, info, rank, world_size, local_rank):
     trainer = Trainer(args, model, ddp, optimizer, scheduler, scaler, comm, config, rank)
 
     epoch, step, step_in_epoch = 0, 0, 0
-    resume = resolve_resume(args)
-    if resume:
-        epoch, step, step_in_epoch = trainer.load(resume)
-        log.info(f"resumed from {resume} at epoch {epoch + 1} step {step} (restart {_restart_count()})")
+    resume_path, resume_data = resume
+    if resume_data is not None:
+        epoch, step, step_in_epoch = trainer.load(resume_data, resume_path)
+        log.info(f"resumed from {resume_path} at epoch {epoch + 1} step {step} (restart {_restart_count()})")
     log.info(f"approxdist-train: {args.model} on {args.dataset}, {world_size} process(es) on {device.type}, "
              f"{steps_per_epoch} steps/epoch, sample_ratio {args.sample_ratio}, comm hook {args.comm_hook}")
 
