@@ -35,7 +35,7 @@ class ForwardSampled(torch.autograd.Function):
         if scale is not None:
             w_s = w_s * _scale_view(scale, w_s, 1)
         if idx.numel():
-            out = product(x_s, w_s, b)
+            out = product.sampled(x_s, w_s, b)
         else:  # nothing drawn (possible under Bernoulli sampling): the estimate is the bias
             out = x.new_zeros(product.out_shape(x, w))
             if b is not None:
@@ -61,7 +61,7 @@ class ForwardSampled(torch.autograd.Function):
             gx = g.new_zeros(ctx.x_shape) if mask[0] else None
             gw = g.new_zeros(ctx.w_shape) if mask[1] else None
             return gx, gw, gb, None, None, None, None
-        gx_s, gw_s, gb = ctx.product.backward(g, x_s, w_s, ctx.has_bias, mask)
+        gx_s, gw_s, gb = ctx.product.sampled_backward(g, x_s, w_s, ctx.has_bias, mask)
         gx = _scatter(ctx.x_shape, idx, gx_s) if mask[0] else None
         gw = None
         if mask[1]:
