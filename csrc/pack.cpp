@@ -7,9 +7,11 @@
 // indices of a 1x1 conv are mostly isolated). Work is split into items of about
 // kItemBytes (a block of rows of one tensor, or a chunk of a dense tensor) that the
 // intra-op threads claim one at a time.
-#include <torch/extension.h>
-
+// Not <torch/extension.h>: it pulls in the whole C++ frontend and triples the first-use
+// compile time; the pybind casters for at::Tensor are all this module needs.
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
 #include <atomic>
