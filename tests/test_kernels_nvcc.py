@@ -44,3 +44,21 @@ def test_pack_cuda_compiles(tmp_path):
         for size in (1, 2, 4, 8):
             for direction in ("true", "false"):
                 assert f"pack_kernel<{size}, {direction}>" in nm.stdout
+
+
+@pytest.mark.skipif(loader.cuda_home() is None, reason="nvcc not found (set CUDA_HOME to a CUDA toolkit)")
+@pytest.mark.skipif(not torch.version.cuda, reason="this torch build has no CUDA")
+def test_cuda_extension_builds_links_and_imports(tmp_path, monkeypatch):
+    # The whole JIT path a GPU machine takes on first use (toolkit discovery, the header
+    # fix-up, nvcc + host compile, linking against cudart), short of launching: the
+    # module must import here and its CPU half must still be right.
+    monkeypatch.setenv("APPROXDIST_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")  # one arch: no GPU here to pick it
+    ext = loader._build(loader.sources_dir(), True, False)
+    assert ext.with_cuda()
+    g = torch.randn(4, 6, 3, 3)
+    idx = torch.tensor([1, 3, 4])
+    out = torch.empty(4 * 3 * 9)
+    ext.pack([g, torch.randn(2)], [idx, None], torch.empty(4 * 3 * 9 + 2))
+    ext.pack([g], [idx], out)
+    assert torch.equal(out, g.index_select(1, idx).reshape(-1))
