@@ -248,3 +248,39 @@ def test_logs_line_and_jsonl(tmp_path):
     silent = MetricsLogger(str(tmp_path / "other"), enabled=False)
     silent.epoch(m)
     assert not (tmp_path / "other").exists()
+
+
+def test_imagefolder_layout(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            folder = tmp_path / split / cls
+            folder.mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (20, 24), (i * 90, 40, 200)).save(folder / f"{i}.png")
+    train, val, info = build_datasets("imagefolder", str(tmp_path), image_size=16)
+    assert (len(train), len(val), info.num_classes, info.in_channels) == (4, 4, 2, 3)
+    assert train[0][0].shape == (3, 16, 16) and val[3][1] == 1
+    (tmp_path / "val" / "cat" / "0.png").unlink()
+    os.rename(tmp_path / "val", tmp_path / "valid")
+    with pytest.raises(ValueError, match="val/"):
+        check_data_path("imagefolder", str(tmp_path))
+
+
+def test_powersgd_state_round_trips_weights_only(tmp_path):
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
+
+    from approxdist.train.comm import Comm, _Counting
+
+    def make():
+        return Comm("powersgd", _Counting(psgd.PowerSGDState(None, start_powerSGD_iter=2), None), "powersgd")
+
+    a = make()
+    a.state.inner.iter, a.state.steps, a.state.dense_bytes = 17, 16, 4096
+    a.state.inner.rng.standard_normal(5)  # move the generator off its seed
+    ckpt.save_atomic({"comm": a.state_dict()}, str(tmp_path / "c.pt"))
+    b = make()
+    b.load_state_dict(torch.load(tmp_path / "c.pt", weights_only=True)["comm"])
+    assert (b.state.inner.iter, b.stats()) == (17, {"steps": 16, "payload_bytes": None, "dense_bytes": 4096})
+    assert np.array_equal(a.state.inner.rng.standard_normal(3), b.state.inner.rng.standard_normal(3))

@@ -141,32 +141,26 @@ def _load_sparse_state(state, data):
             setattr(state, key, data["stats"][key])
 
 
-_PSGD_TENSOR_DICTS = ("error_dict", "p_memory_dict", "q_memory_dict")
-
-
 def _powersgd_plain_state(state):
-    """PowerSGD's own pickled state holds a numpy RandomState; store its raw state instead."""
+    """PowerSGD's step counter and random state, not its error-feedback and warm-start
+    memories: those are flat tensors in the layout of a DDP bucket, and a fresh DDP (every
+    resumed or restarted process) reduces its first step in construction order and then
+    rebuilds its buckets in gradient-ready order. Put back, they would add one layout's
+    residuals to another layout's gradients. A resumed PowerSGD run therefore restarts its
+    error feedback from zero, as PowerSGD itself does at its first compressed step: it
+    continues correctly but not bit for bit (the other hooks are stateless or fully saved)."""
     kind, keys, pos, has_gauss, cached = state.rng.get_state()
-    out = {"iter": int(state.iter), "total_numel_before_compression": int(state.total_numel_before_compression),
-           "total_numel_after_compression": int(state.total_numel_after_compression),
-           "rng": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]}
-    for name in _PSGD_TENSOR_DICTS:
-        out[name] = {int(k): v.detach().cpu() for k, v in getattr(state, name).items()}
-    return out
+    return {"iter": int(state.iter), "total_numel_before_compression": int(state.total_numel_before_compression),
+            "total_numel_after_compression": int(state.total_numel_after_compression),
+            "rng": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]}
 
 
 def _load_powersgd_state(state, data):
-    device = None
     state.iter = int(data["iter"])
     state.total_numel_before_compression = int(data["total_numel_before_compression"])
     state.total_numel_after_compression = int(data["total_numel_after_compression"])
     kind, keys, pos, has_gauss, cached = data["rng"]
     state.rng.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    if torch.cuda.is_available() and torch.distributed.get_backend() == "nccl":
-        device = torch.device("cuda", torch.cuda.current_device())
-    for name in _PSGD_TENSOR_DICTS:
-        getattr(state, name).clear()
-        getattr(state, name).update({int(k): v.to(device) if device else v for k, v in data[name].items()})
 
 
 __all__ = ["Comm", "build_comm"]
