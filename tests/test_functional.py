@@ -14,7 +14,8 @@ D = torch.float64
 RANDOM_POLICIES = ("random", "bernoulli", "bernoulli_weight", "uniform")
 
 # (stride, padding, dilation, kernel) of the convolutions under test
-CONV_GEOMETRIES = [(1, 0, 1, 1), (1, 1, 1, 3), (2, 1, 1, 3), (1, 2, 2, 3), ((2, 1), (0, 2), (1, 2), (3, 2))]
+CONV_GEOMETRIES = [(1, 0, 1, 1), (1, 1, 1, 3), (2, 1, 1, 3), (1, 2, 2, 3), ((2, 1), (0, 2), (1, 2), (3, 2)),
+                   (2, 0, 1, 1), ((3, 2), 0, 2, 1), (1, 1, 1, 1)]  # 1x1: matmul paths (strided or not)
 
 
 def _gen(seed):
@@ -137,7 +138,7 @@ def test_linear_policy_matches_reference(policy, bias):
 
 
 @pytest.mark.parametrize("policy", POLICIES)
-@pytest.mark.parametrize("geometry", CONV_GEOMETRIES[:4])
+@pytest.mark.parametrize("geometry", CONV_GEOMETRIES[:4] + CONV_GEOMETRIES[5:])
 def test_conv_policy_matches_reference(policy, geometry):
     stride, padding, dilation, kernel = geometry
     x, w, b = conv_case(kernel=kernel, seed=4)
@@ -339,9 +340,11 @@ def test_linear_forward_mode_gradients_live_on_the_selection(policy):
     torch.testing.assert_close(gw[:, idx], x.detach().reshape(-1, 20)[:, idx].sum(0).expand(5, -1) * s)
 
 
-@pytest.mark.parametrize("shape", [(3, 10, 4, 9, 8), (2, 32, 16, 2, 2)], ids=["wide", "deep"])
+@pytest.mark.parametrize("shape", [(3, 10, 4, 9, 8), (2, 32, 16, 2, 2), (3, 8, 40, 9, 8)],
+                         ids=["wide", "deep", "folded"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_pointwise_conv_fast_path_matches_conv2d(shape, bias):
+@pytest.mark.parametrize("stride", [1, 2, (3, 1)])
+def test_pointwise_conv_fast_path_matches_conv2d(shape, bias, stride):
     """1x1 convolutions run as matrix products on the sampled channels; both ways of
     forming their weight gradient (wide images, deep channels) agree with conv2d."""
     batch, n, out, h, w_ = shape
@@ -351,8 +354,8 @@ def test_pointwise_conv_fast_path_matches_conv2d(shape, bias):
     b = torch.randn(out, generator=g, dtype=D, requires_grad=True) if bias else None
     idx = torch.arange(0, n, 2)
     scale = torch.rand(idx.numel(), generator=g, dtype=D) + 0.5
-    out_ = sampled_conv2d(x, w, b, idx, scale)
-    ref = conv_ref(x, w, b, idx, scale)
+    out_ = sampled_conv2d(x, w, b, idx, scale, stride)
+    ref = conv_ref(x, w, b, idx, scale, stride)
     torch.testing.assert_close(out_, ref, rtol=1e-12, atol=1e-12)
     grad = torch.randn_like(ref)
     params = [t for t in (x, w, b) if t is not None]

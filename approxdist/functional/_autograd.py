@@ -8,6 +8,7 @@ ones, so it also saves memory.
 """
 import torch
 
+from ._products import _scatter
 from .sampling import select_columns
 
 
@@ -17,20 +18,13 @@ def _scale_view(scale, like, dim):
     return scale.to(like.dtype).view(shape)
 
 
-def _scatter(full_shape, idx, part, dim=1):
-    out = part.new_zeros(full_shape)
-    if idx.numel():
-        out.index_copy_(dim, idx, part)
-    return out
-
-
 class ForwardSampled(torch.autograd.Function):
     """Sampled forward; backward through the sampled pairs (dense_grad=False) or, for the
     'blackbox' mode, the exact gradients of the dense product (dense_grad=True)."""
 
     @staticmethod
     def forward(ctx, x, w, b, idx, scale, product, dense_grad):
-        x_s = x.index_select(1, idx)
+        x_s = product.take(x, idx, w)
         w_s = w.index_select(1, idx)
         if scale is not None:
             w_s = w_s * _scale_view(scale, w_s, 1)
@@ -62,7 +56,7 @@ class ForwardSampled(torch.autograd.Function):
             gw = g.new_zeros(ctx.w_shape) if mask[1] else None
             return gx, gw, gb, None, None, None, None
         gx_s, gw_s, gb = ctx.product.sampled_backward(g, x_s, w_s, ctx.has_bias, mask)
-        gx = _scatter(ctx.x_shape, idx, gx_s) if mask[0] else None
+        gx = ctx.product.put(ctx.x_shape, idx, gx_s, w_s) if mask[0] else None
         gw = None
         if mask[1]:
             if scale is not None:

@@ -4,12 +4,28 @@ Both are written with the sampled dimension at dim 1 of input and weight (a line
 input is flattened to 2-D first), so one set of autograd Functions serves both.
 
 `__call__`/`backward` are torch's own ops, used wherever the result must be bit-identical
-to torch.nn (k == n, the dense gradients of 'blackbox'). `sampled`/`sampled_backward`
-run on the gathered k-channel operands, where only speed matters: a pointwise (1x1,
-stride 1, no padding) convolution is a batched matrix product there, which MKL runs
-about twice as fast as oneDNN's NCHW convolution on CPU."""
+to torch.nn (k == n, the dense gradients of 'blackbox'). `take`, `sampled`,
+`sampled_backward` and `put` work on the k selected channels, where only speed matters:
+a 1x1 convolution without padding is a batched matrix product there (a strided one
+first drops the pixels it skips), which MKL runs up to twice as fast as oneDNN's NCHW
+convolution on CPU.
+"""
 import torch
 import torch.nn.functional as F
+
+_CONV_BACKWARD = torch.ops.aten.convolution_backward.default
+
+# Below this many pixels a 1x1 convolution folds the batch into one matrix product:
+# B small products lose to one large one plus two transposing copies.
+_FOLD_BELOW = 64
+
+
+def _scatter(full_shape, idx, part, dim=1):
+    """A zero tensor of full_shape with `part` at the (unique) indices along dim: plain
+    copies, no atomic adds as in the backward of index_select."""
+    out = part.new_zeros(full_shape)
+    out.index_copy_(dim, idx, part)
+    return out
 
 
 class LinearProduct:
@@ -27,6 +43,12 @@ class LinearProduct:
     def out_shape(self, x, w):
         return (x.shape[0], w.shape[0])
 
+    def take(self, x, idx, w=None):
+        return x.index_select(1, idx)
+
+    def put(self, full_shape, idx, gx_s, w=None):
+        return _scatter(full_shape, idx, gx_s)
+
     sampled = __call__
     sampled_backward = backward
 
@@ -35,49 +57,16 @@ class Conv2dProduct:
     """2-D cross-correlation with groups=1 (the sampled dim is the input channel)."""
 
     def __init__(self, stride, padding, dilation):
-        self.stride, self.padding, self.dilation = stride, padding, dilation
+        self.stride, self.padding, self.dilation = tuple(stride), tuple(padding), tuple(dilation)
 
     def __call__(self, x, w, b):
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, 1)
 
     def backward(self, g, x, w, has_bias, mask):
         bias_sizes = [w.shape[0]] if has_bias else None
-        gx, gw, gb = torch.ops.aten.convolution_backward(
+        gx, gw, gb = _CONV_BACKWARD(
             g, x, w, bias_sizes, list(self.stride), list(self.padding), list(self.dilation),
             False, [0, 0], 1, [bool(mask[0]), bool(mask[1]), bool(mask[2] and has_bias)])
-        return gx, gw, gb
-
-    def _pointwise(self, w):
-        return (w.shape[2] == 1 and w.shape[3] == 1 and tuple(self.stride) == (1, 1)
-                and tuple(self.padding) == (0, 0))
-
-    def sampled(self, x, w, b):
-        if not self._pointwise(w) or x.dim() != 4 or not x.is_contiguous():
-            return self(x, w, b)
-        n_b, k, h, wd = x.shape
-        out = torch.matmul(w.view(w.shape[0], k), x.view(n_b, k, h * wd))
-        if b is not None:
-            out += b.view(1, -1, 1)
-        return out.view(n_b, w.shape[0], h, wd)
-
-    def sampled_backward(self, g, x, w, has_bias, mask):
-        if not self._pointwise(w) or x.dim() != 4 or not x.is_contiguous():
-            return self.backward(g, x, w, has_bias, mask)
-        n_b, k, h, wd = x.shape
-        o, hw = w.shape[0], h * wd
-        g3 = g.reshape(n_b, o, hw)
-        x3 = x.view(n_b, k, hw)
-        gx = gw = gb = None
-        if mask[0]:
-            gx = torch.matmul(w.view(o, k).t(), g3).view(x.shape)
-        if mask[1]:
-            if o * k < (o + k) * hw:  # per-sample products are small: sum them
-                gw = torch.bmm(g3, x3.transpose(1, 2)).sum(0)
-            else:  # one large product over (batch, pixels) beats summing B big ones
-                gw = g3.transpose(0, 1).reshape(o, -1).mm(x3.transpose(0, 1).reshape(k, -1).t())
-            gw = gw.view(w.shape)
-        if mask[2] and has_bias:
-            gb = g3.sum((0, 2))
         return gx, gw, gb
 
     def out_shape(self, x, w):
@@ -87,3 +76,67 @@ class Conv2dProduct:
         h = size(x.shape[2], w.shape[2], self.stride[0], self.padding[0], self.dilation[0])
         wd = size(x.shape[3], w.shape[3], self.stride[1], self.padding[1], self.dilation[1])
         return (x.shape[0], w.shape[0], h, wd)
+
+    # -- the k selected channels ----------------------------------------------------------
+    def _pointwise(self, w):
+        return w.shape[2] == 1 and w.shape[3] == 1 and self.padding == (0, 0)
+
+    def _strided(self):
+        return self.stride != (1, 1)
+
+    def take(self, x, idx, w=None):
+        """The selected input channels; a strided 1x1 convolution keeps only the pixels
+        it reads, so its operand is a stride-1 one (gathered in the same copy)."""
+        if w is not None and self._pointwise(w) and self._strided():
+            x = x[:, :, ::self.stride[0], ::self.stride[1]]
+        return x.index_select(1, idx)
+
+    def put(self, full_shape, idx, gx_s, w=None):
+        if w is not None and self._pointwise(w) and self._strided():
+            out = gx_s.new_zeros(full_shape)
+            out[:, :, ::self.stride[0], ::self.stride[1]].index_copy_(1, idx, gx_s)
+            return out
+        return _scatter(full_shape, idx, gx_s)
+
+    def sampled(self, x, w, b):
+        """The product over taken operands (see take)."""
+        if not self._pointwise(w):
+            return self(x, w, b)
+        n_b, k, h, wd = x.shape
+        o, hw = w.shape[0], h * wd
+        w2 = w.view(o, k)
+        if hw < _FOLD_BELOW:
+            out = w2.mm(x.transpose(0, 1).reshape(k, n_b * hw))
+            out = out.view(o, n_b, hw).transpose(0, 1).contiguous()
+        else:
+            out = torch.matmul(w2, x.view(n_b, k, hw))
+        if b is not None:
+            out += b.view(1, -1, 1)
+        return out.view(n_b, o, h, wd)
+
+    def sampled_backward(self, g, x, w, has_bias, mask):
+        if not self._pointwise(w):
+            return self.backward(g, x, w, has_bias, mask)
+        n_b, k, h, wd = x.shape
+        o, hw = w.shape[0], h * wd
+        fold = hw < _FOLD_BELOW
+        g3 = g.reshape(n_b, o, hw)
+        x3 = x.view(n_b, k, hw)
+        g_folded = g3.transpose(0, 1).reshape(o, n_b * hw) if (fold or o * k >= (o + k) * hw) else None
+        gx = gw = gb = None
+        if mask[0]:
+            w2t = w.view(o, k).t()
+            if fold:
+                gx = w2t.mm(g_folded).view(k, n_b, hw).transpose(0, 1).contiguous()
+            else:
+                gx = torch.matmul(w2t, g3)
+            gx = gx.view(x.shape)
+        if mask[1]:
+            if g_folded is None:  # per-sample products are small next to the images: sum them
+                gw = torch.bmm(g3, x3.transpose(1, 2)).sum(0)
+            else:  # one product over (batch, pixels) beats summing B large ones
+                gw = g_folded.mm(x3.transpose(0, 1).reshape(k, n_b * hw).t())
+            gw = gw.view(w.shape)
+        if mask[2] and has_bias:
+            gb = g3.sum((0, 2))
+        return gx, gw, gb
