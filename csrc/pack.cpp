@@ -11,6 +11,7 @@
 // compile time; the pybind casters for at::Tensor are all this module needs.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
@@ -22,12 +23,8 @@
 namespace approxdist {
 
 #ifdef APPROXDIST_WITH_CUDA
-void pack_cuda(const std::vector<at::Tensor>& grads,
-               const std::vector<std::optional<at::Tensor>>& indices,
-               const std::vector<Geom>& plan, at::Tensor& out);
-void unpack_cuda(const at::Tensor& flat, const std::vector<at::Tensor>& grads,
-                 const std::vector<std::optional<at::Tensor>>& indices,
-                 const std::vector<Geom>& plan);
+void pack_cuda(const std::vector<at::Tensor>& grads, const Plan& plan, const at::Tensor& out);
+void unpack_cuda(const at::Tensor& flat, const std::vector<at::Tensor>& grads, const Plan& plan);
 #endif
 
 namespace {
@@ -196,25 +193,23 @@ void do_item(const TensorJob& job, const Item& item, int64_t es) {
 }
 
 template <bool PACK>
-void run_cpu(const std::vector<at::Tensor>& grads,
-             const std::vector<std::optional<at::Tensor>>& indices, const std::vector<Geom>& plan,
-             const at::Tensor& flat) {
+void run_cpu(const std::vector<at::Tensor>& grads, const Plan& plan, const at::Tensor& flat) {
   const int64_t es = flat.element_size();
   std::vector<TensorJob> jobs(grads.size());
   std::vector<Item> items;
   char* flat_base = static_cast<char*>(flat.data_ptr());
   for (size_t i = 0; i < grads.size(); ++i) {
     TensorJob& job = jobs[i];
-    job.geom = plan[i];
+    job.geom = plan.geoms[i];
     job.data = static_cast<char*>(grads[i].data_ptr());
-    job.flat = flat_base + plan[i].offset * es;
-    if (indices[i].has_value() && indices[i]->defined()) {
-      job.idx = indices[i]->data_ptr<int64_t>();
+    job.flat = flat_base + job.geom.offset * es;
+    if (plan.idx[i].defined()) {
+      job.idx = plan.idx[i].data_ptr<int64_t>();
       build_runs(job, i);
     }
-    if (plan[i].numel == 0) continue;
+    if (job.geom.numel == 0) continue;
     if (job.geom.dense) {
-      const int64_t n = plan[i].numel;
+      const int64_t n = job.geom.numel;
       const int64_t step = std::max<int64_t>(1, kItemBytes / es);
       for (int64_t b = 0; b < n; b += step) {
         items.push_back(Item{static_cast<int32_t>(i), b, std::min(n, b + step)});
@@ -241,48 +236,57 @@ void run_cpu(const std::vector<at::Tensor>& grads,
 
 void check_flat(const at::Tensor& flat, const std::vector<at::Tensor>& grads, int64_t numel,
                 const char* name) {
-  TORCH_CHECK_VALUE(flat.is_contiguous(), name, " must be contiguous");
-  TORCH_CHECK_VALUE(flat.numel() == numel, name, " has ", flat.numel(), " elements, expected ",
-                    numel);
-  for (size_t i = 0; i < grads.size(); ++i) {
-    TORCH_CHECK_VALUE(grads[i].scalar_type() == flat.scalar_type(), "grads[", i, "] has dtype ",
-                      grads[i].scalar_type(), ", ", name, " has ", flat.scalar_type());
-    TORCH_CHECK_VALUE(grads[i].device() == flat.device(), "grads[", i, "] is on ",
-                      grads[i].device(), ", ", name, " on ", flat.device());
+  TORCH_CHECK_VALUE(flat.dim() == 1 && flat.is_contiguous(), name,
+                    " must be a contiguous 1-D tensor, got shape ", flat.sizes());
+  TORCH_CHECK_VALUE(flat.numel() == numel, name, " has ", flat.numel(),
+                    " elements but the selection packs to ", numel);
+  if (!grads.empty()) {
+    TORCH_CHECK_VALUE(flat.scalar_type() == grads[0].scalar_type(), name, " has dtype ",
+                      flat.scalar_type(), " but grads have ", grads[0].scalar_type());
+    TORCH_CHECK_VALUE(flat.device() == grads[0].device(), name, " is on ", flat.device(),
+                      " but grads are on ", grads[0].device());
   }
 }
 
 }  // namespace
 
 at::Tensor pack(const std::vector<at::Tensor>& grads,
-                const std::vector<std::optional<at::Tensor>>& indices, at::Tensor out) {
-  const std::vector<Geom> plan = make_plan(grads, indices);
-  check_flat(out, grads, plan_numel(plan), "out");
+                const std::vector<std::optional<at::Tensor>>& indices,
+                const std::optional<at::Tensor>& out_opt) {
+  const Plan plan = make_plan(grads, indices);
+  at::Tensor out;
+  if (out_opt.has_value() && out_opt->defined()) {
+    out = *out_opt;
+    check_flat(out, grads, plan.numel, "out");
+  } else {
+    TORCH_CHECK_VALUE(!grads.empty(), "pack of an empty list needs out=");
+    out = at::empty({plan.numel}, grads[0].options());
+  }
   if (out.is_cuda()) {
 #ifdef APPROXDIST_WITH_CUDA
-    pack_cuda(grads, indices, plan, out);
+    pack_cuda(grads, plan, out);
     return out;
 #else
     TORCH_CHECK(false, "approxdist kernels were built without CUDA");
 #endif
   }
-  run_cpu<true>(grads, indices, plan, out);
+  run_cpu<true>(grads, plan, out);
   return out;
 }
 
 void unpack(const at::Tensor& flat, const std::vector<at::Tensor>& grads,
             const std::vector<std::optional<at::Tensor>>& indices) {
-  const std::vector<Geom> plan = make_plan(grads, indices);
-  check_flat(flat, grads, plan_numel(plan), "flat");
+  const Plan plan = make_plan(grads, indices);
+  check_flat(flat, grads, plan.numel, "flat");
   if (flat.is_cuda()) {
 #ifdef APPROXDIST_WITH_CUDA
-    unpack_cuda(flat, grads, indices, plan);
+    unpack_cuda(flat, grads, plan);
     return;
 #else
     TORCH_CHECK(false, "approxdist kernels were built without CUDA");
 #endif
   }
-  run_cpu<false>(grads, indices, plan, flat);
+  run_cpu<false>(grads, plan, flat);
 }
 
 bool with_cuda() {
@@ -298,7 +302,7 @@ bool with_cuda() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "approxdist: fused pack/unpack of sampled gradient slices";
   m.def("pack", &approxdist::pack, "pack selected slices of grads into out", py::arg("grads"),
-        py::arg("indices"), py::arg("out"));
+        py::arg("indices"), py::arg("out") = py::none());
   m.def("unpack", &approxdist::unpack, "write flat back into the selected slices of grads",
         py::arg("flat"), py::arg("grads"), py::arg("indices"));
   m.def("with_cuda", &approxdist::with_cuda, "whether the CUDA kernels were compiled in");

@@ -26,17 +26,15 @@ namespace {
 using namespace cuda_kernel;
 
 template <bool PACK>
-void launch(const std::vector<at::Tensor>& grads,
-            const std::vector<std::optional<at::Tensor>>& indices, const std::vector<Geom>& plan,
-            const at::Tensor& flat) {
+void launch(const std::vector<at::Tensor>& grads, const Plan& plan, const at::Tensor& flat) {
   const int64_t es = flat.element_size();
   TORCH_CHECK(es == 1 || es == 2 || es == 4 || es == 8,
               "approxdist CUDA kernels support element sizes 1, 2, 4 and 8, got ", es);
-  std::vector<TensorSpec> specs(plan.size());
-  for (size_t i = 0; i < plan.size(); ++i) {
-    const Geom& g = plan[i];
+  std::vector<TensorSpec> specs(plan.geoms.size());
+  for (size_t i = 0; i < specs.size(); ++i) {
+    const Geom& g = plan.geoms[i];
     specs[i] = TensorSpec{reinterpret_cast<uint64_t>(grads[i].data_ptr()),
-                          g.dense ? 0 : reinterpret_cast<uint64_t>(indices[i]->data_ptr()),
+                          g.dense ? 0 : reinterpret_cast<uint64_t>(plan.idx[i].data_ptr()),
                           g.offset, g.numel, g.cols, g.inner, g.k, g.dense};
   }
   int64_t blocks = 0;
@@ -70,16 +68,12 @@ void launch(const std::vector<at::Tensor>& grads,
 
 }  // namespace
 
-void pack_cuda(const std::vector<at::Tensor>& grads,
-               const std::vector<std::optional<at::Tensor>>& indices,
-               const std::vector<Geom>& plan, at::Tensor& out) {
-  launch<true>(grads, indices, plan, out);
+void pack_cuda(const std::vector<at::Tensor>& grads, const Plan& plan, const at::Tensor& out) {
+  launch<true>(grads, plan, out);
 }
 
-void unpack_cuda(const at::Tensor& flat, const std::vector<at::Tensor>& grads,
-                 const std::vector<std::optional<at::Tensor>>& indices,
-                 const std::vector<Geom>& plan) {
-  launch<false>(grads, indices, plan, flat);
+void unpack_cuda(const at::Tensor& flat, const std::vector<at::Tensor>& grads, const Plan& plan) {
+  launch<false>(grads, plan, flat);
 }
 
 }  // namespace approxdist

@@ -26,37 +26,56 @@ struct Geom {
   int64_t offset = 0;     // element offset of the packed slice in the flat buffer
 };
 
-// The Python face has already checked the structure (lengths, dtypes, devices,
-// contiguity); these checks only keep the C++ entry points memory-safe when called
-// directly.
-inline std::vector<Geom> make_plan(const std::vector<at::Tensor>& grads,
-                                   const std::vector<std::optional<at::Tensor>>& indices) {
+struct Plan {
+  std::vector<Geom> geoms;
+  std::vector<at::Tensor> idx;  // contiguous indices; undefined for dense tensors
+  int64_t numel = 0;            // of the flat buffer
+};
+
+// All the structural checks of pack/unpack (metadata only, no data read), with the
+// messages of the Python face (checks.py): the compiled path skips the Python checks,
+// whose per-tensor cost is larger than a GPU kernel's run time for a whole bucket.
+inline Plan make_plan(const std::vector<at::Tensor>& grads,
+                      const std::vector<std::optional<at::Tensor>>& indices) {
   TORCH_CHECK_VALUE(grads.size() == indices.size(),
                     "grads and indices must have the same length, got ", grads.size(), " and ",
                     indices.size());
-  std::vector<Geom> plan(grads.size());
+  Plan plan;
+  plan.geoms.resize(grads.size());
+  plan.idx.resize(grads.size());
   int64_t offset = 0;
   for (size_t i = 0; i < grads.size(); ++i) {
     const at::Tensor& g = grads[i];
-    TORCH_CHECK_VALUE(g.is_contiguous(), "grads[", i, "] must be contiguous");
-    Geom& p = plan[i];
+    TORCH_CHECK_VALUE(g.defined(), "grads[", i, "] must be a tensor");
+    if (i > 0) {
+      TORCH_CHECK_VALUE(g.scalar_type() == grads[0].scalar_type(), "grads[", i, "] has dtype ",
+                        g.scalar_type(), " but grads[0] has ", grads[0].scalar_type(),
+                        ": pack one dtype group per call");
+      TORCH_CHECK_VALUE(g.device() == grads[0].device(), "grads[", i, "] is on ", g.device(),
+                        " but grads[0] is on ", grads[0].device());
+    }
+    TORCH_CHECK_VALUE(g.is_contiguous(), "grads[", i, "] must be contiguous (shape ", g.sizes(),
+                      ", stride ", g.strides(), "): the packed layout follows its memory order");
+    Geom& p = plan.geoms[i];
     const bool has_idx = indices[i].has_value() && indices[i]->defined();
     if (has_idx) {
       const at::Tensor& idx = *indices[i];
-      TORCH_CHECK_VALUE(g.dim() >= 2, "indices[", i, "] must be None for a ", g.dim(),
-                        "-D tensor (grads[", i, "])");
-      TORCH_CHECK_VALUE(idx.scalar_type() == at::kLong && idx.dim() == 1 && idx.is_contiguous(),
-                        "indices[", i, "] must be a contiguous 1-D int64 tensor");
-      TORCH_CHECK_VALUE(idx.device() == g.device(), "indices[", i, "] must be on ", g.device());
+      TORCH_CHECK_VALUE(g.dim() >= 2, "indices[", i, "] must be None for the ", g.dim(),
+                        "-D tensor grads[", i, "]: only dim 1 of a matrix or conv weight is sampled");
+      TORCH_CHECK_VALUE(idx.scalar_type() == at::kLong && idx.dim() == 1, "indices[", i,
+                        "] must be a 1-D int64 tensor, got ", idx.dim(), "-D ", idx.scalar_type());
+      TORCH_CHECK_VALUE(idx.device() == g.device(), "indices[", i, "] is on ", idx.device(),
+                        " but grads[", i, "] is on ", g.device());
       p.rows = g.size(0);
       p.cols = g.size(1);
       p.inner = p.rows * p.cols == 0 ? 0 : g.numel() / (p.rows * p.cols);
       p.k = idx.numel();
-      TORCH_CHECK_VALUE(p.k <= p.cols, "indices[", i, "] has ", p.k, " entries for ", p.cols,
-                        " columns");
+      TORCH_CHECK_VALUE(p.k <= p.cols, "indices[", i, "] has ", p.k, " entries but grads[", i,
+                        "] has only ", p.cols, " positions along dim 1");
       // A sorted, duplicate-free, in-range set of cols entries is every column.
       p.dense = p.k == p.cols;
       p.numel = p.rows * p.k * p.inner;
+      plan.idx[i] = idx.contiguous();
     } else {
       p.rows = 1;
       p.cols = g.numel();
@@ -68,11 +87,8 @@ inline std::vector<Geom> make_plan(const std::vector<at::Tensor>& grads,
     p.offset = offset;
     offset += p.numel;
   }
+  plan.numel = offset;
   return plan;
-}
-
-inline int64_t plan_numel(const std::vector<Geom>& plan) {
-  return plan.empty() ? 0 : plan.back().offset + plan.back().numel;
 }
 
 }  // namespace approxdist

@@ -217,6 +217,10 @@ def test_bad_inputs_raise(backend, device):
         K.pack(w, [ok])
     with pytest.raises(ValueError, match="flat"):
         K.unpack(torch.zeros(5, device=device), [w], [ok])
+    with pytest.raises(ValueError, match="grads\\[1\\] must be a tensor"):
+        K.pack([w, "x"], [ok, None])
+    with pytest.raises(ValueError, match="indices\\[0\\] must be a LongTensor"):
+        K.pack([w], [[0, 2]])
     if device == "cuda":
         raises("indices\\[0\\] is on", [w], [ok.cpu()])
 
