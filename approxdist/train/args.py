@@ -4,6 +4,7 @@ Everything here runs before a process group exists: a bad flag must cost one lin
 stderr and a non-zero exit, not a rendezvous timeout on the other ranks.
 """
 import argparse
+import os
 import sys
 
 from .data import DATASETS, check_data_path
@@ -87,8 +88,6 @@ def validate(args):
     check_model_name(args.model)
     check_data_path(args.dataset, args.data_path)
     if args.resume not in (None, "auto"):
-        import os
-
         if not os.path.isfile(args.resume):
             raise ValueError(f"--resume {args.resume!r}: no such file")
     return args

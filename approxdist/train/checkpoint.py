@@ -28,7 +28,8 @@ _PLAIN = (int, float, str, bool, type(None), torch.Tensor)
 
 
 def to_plain(obj, where="checkpoint"):
-    """Check (recursively) that ``obj`` is weights_only-safe; tuples become lists' peers as is."""
+    """Check (recursively) that ``obj`` is weights_only-safe, naming the first field that is not,
+    so a bad field fails at save time rather than when someone needs the checkpoint."""
     if isinstance(obj, _PLAIN):
         return obj
     if isinstance(obj, dict):
