@@ -5,7 +5,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 TORCH   ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo demo-single test test-slow bench clean
+.PHONY: install demo demo-single test test-slow bench horovod clean
 
 install: $(STAMP)
 
@@ -31,6 +31,12 @@ test: install
 
 test-slow: install
 	$(VPY) -m pytest -q -m slow tests
+
+# Horovod 0.28.1 built against the venv's torch (about 5 minutes; the wheel is cached in
+# ~/.cache/approxdist/horovod, so later runs and clean clones take seconds). Needs Open MPI
+# for mpirun support: apt-get install -y openmpi-bin libopenmpi-dev. See docs/horovod.md.
+horovod: install
+	PYTHON=$(VPY) tools/build_horovod.sh
 
 bench: install
 	$(VENV)/bin/approxdist-bench compute

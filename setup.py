@@ -18,6 +18,9 @@ setup(
         "data": ["scikit-learn"],
         "train": ["tqdm", "tensorboard"],
         "plots": ["matplotlib"],
+        # Horovod's last release predates the torch we support: `make horovod` builds it with
+        # the needed workarounds (tools/build_horovod.sh); this extra pins the version only.
+        "horovod": ["horovod==0.28.1"],
     },
     entry_points={
         "console_scripts": [

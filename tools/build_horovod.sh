@@ -61,6 +61,21 @@ else
     echo "build_horovod: mpicxx not found (apt-get install -y openmpi-bin libopenmpi-dev); building Gloo only"
 fi
 
+# Wheel cache, outside the checkout so a clean clone (CI) reuses it: one wheel per
+# Horovod version, torch version and Python, since Horovod binds to the torch it saw.
+py_tag="$("$PYTHON" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')"
+CACHE="${HOROVOD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/approxdist/horovod}"
+wheel_dir="$CACHE/$VERSION-torch$torch_version-$py_tag"
+if [[ -z "${HOROVOD_FORCE_REBUILD:-}" ]] && compgen -G "$wheel_dir/horovod-*.whl" >/dev/null; then
+    echo "build_horovod: installing the cached wheel from $wheel_dir"
+    "$PYTHON" -m pip install --quiet --no-deps --force-reinstall "$wheel_dir"/horovod-*.whl
+    "$PYTHON" -m pip install --quiet cloudpickle psutil pyyaml packaging cffi
+    if "$PYTHON" -c 'import horovod.torch' 2>/dev/null; then exit 0; fi
+    echo "build_horovod: the cached wheel does not load; rebuilding" >&2
+fi
+rm -rf "$wheel_dir"
+mkdir -p "$wheel_dir"
+
 mkdir -p "$BUILD_DIR"
 cxx_real="${CXX:-$(command -v g++ || command -v c++)}"
 wrapper="$BUILD_DIR/cxx-$std"
@@ -89,14 +104,16 @@ shopt -u nullglob
 "$PYTHON" -m pip install --quiet "setuptools" "wheel" "packaging"
 if ! command -v cmake >/dev/null 2>&1; then "$PYTHON" -m pip install --quiet "cmake"; fi
 
+if [[ -z "${HOROVOD_GPU_OPERATIONS:-}" ]]; then export HOROVOD_CPU_ONLY="${HOROVOD_CPU_ONLY:-1}"; fi
 echo "build_horovod: horovod $VERSION for torch $torch_version, $std, MPI=${HOROVOD_WITH_MPI:-0}, CPU only=${HOROVOD_CPU_ONLY:-0}"
 export CXX="$wrapper"
 export CMAKE_POLICY_VERSION_MINIMUM=3.5
 export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_GLOO=1
 export HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1
-if [[ -z "${HOROVOD_GPU_OPERATIONS:-}" ]]; then export HOROVOD_CPU_ONLY="${HOROVOD_CPU_ONLY:-1}"; fi
 export MAKEFLAGS="${MAKEFLAGS:--j$(nproc)}"
 start=$(date +%s)
-"$PYTHON" -m pip install --no-build-isolation --no-cache-dir -v "$src"
-echo "build_horovod: built in $(( $(date +%s) - start )) s"
+"$PYTHON" -m pip wheel --no-build-isolation --no-deps --no-cache-dir -v -w "$wheel_dir" "$src"
+echo "build_horovod: built in $(( $(date +%s) - start )) s; wheel cached in $wheel_dir"
+"$PYTHON" -m pip install --no-deps --force-reinstall "$wheel_dir"/horovod-*.whl
+"$PYTHON" -m pip install --quiet cloudpickle psutil pyyaml packaging cffi
 "$PYTHON" -c 'import horovod.torch as hvd, horovod; print("horovod", horovod.__version__, "gloo", hvd.gloo_built(), "mpi", hvd.mpi_built())'

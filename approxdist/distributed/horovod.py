@@ -95,13 +95,8 @@ class _SparseDistributedOptimizer(torch.optim.Optimizer):
         self._ad_process_set = process_set
         self._ad_state = SparseAllReduceState(agreement=agreement, check_every=check_every)
 
-        params_in_order = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.requires_grad and all(p is not q for q in params_in_order):
-                    params_in_order.append(p)
-        self._ad_names = {p: name for name, p in named_parameters}
-        self._ad_state.param_names = {id(p): name for p, name in self._ad_names.items()}
+        params_in_order = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+        self._ad_state.param_names = {id(p): name for name, p in named_parameters}
         prefix = f"approxdist.opt{next(_instances)}"
         self._ad_buckets = _plan_buckets(params_in_order, bucket_cap_mb * 2 ** 20, prefix)
         self._ad_bucket_of = {p: b for b in self._ad_buckets for p in b.params}

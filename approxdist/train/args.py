@@ -46,6 +46,9 @@ def build_parser(prog="approxdist-train"):
     p.add_argument("--powersgd-rank", type=int, default=1, help="matrix approximation rank for --comm-hook powersgd")
     p.add_argument("--powersgd-start-iter", type=int, default=2, help="steps of plain all-reduce before PowerSGD")
     p.add_argument("--amp", action="store_true", help="mixed precision (fp16 + GradScaler on CUDA, bf16 on CPU)")
+    p.add_argument("--dist", default="torch", choices=("torch", "horovod"),
+                   help="who reduces the gradients: torch.distributed DDP (torchrun, srun, mpirun) or Horovod "
+                        "(horovodrun; --comm-hook allreduce, fp16 or sparse)")
     p.add_argument("--backend", default=None, choices=BACKENDS, help="default: nccl with CUDA, gloo otherwise")
     p.add_argument("--output-dir", default=None, help="checkpoints, metrics.jsonl and TensorBoard events")
     p.add_argument("--resume", default=None, help="checkpoint path, or 'auto' for OUTPUT_DIR/checkpoint.pt if present")
@@ -85,6 +88,10 @@ def validate(args):
 
         if not torch.cuda.is_available():
             raise ValueError("--backend nccl needs CUDA, which is not available here (use --backend gloo)")
+    if args.dist == "horovod":
+        from .hvd import check_args
+
+        check_args(args)
     check_model_name(args.model)
     check_data_path(args.dataset, args.data_path)
     if args.resume not in (None, "auto"):

@@ -37,9 +37,16 @@ def _distributed():
     return dist.is_available() and dist.is_initialized()
 
 
+_HOROVOD = False  # set by main() under --dist horovod
+
+
 def _sum_across_ranks(values, device):
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    if _distributed():
+    if _HOROVOD:
+        from .hvd import sum_across_ranks
+
+        t = sum_across_ranks(t)
+    elif _distributed():
         dist.all_reduce(t)
     return t.tolist()
 
@@ -95,7 +102,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, *, device, amp=
         images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
         with _autocast(device, amp):
             loss = F.cross_entropy(model(images), target)
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad()  # set_to_none (torch >= 2.0 default); Horovod takes no argument
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -248,7 +255,14 @@ def main(args):
         ckpt.validate_config(resume_data["config"], {"model": args.model, "dataset": args.dataset,
                                                      "num_classes": info.num_classes}, STRICT_CONFIG, resume)
         ckpt.validate_model_state(resume_data["model"], model, resume)
-    rank, world_size, local_rank = init_distributed(args.backend)
+    global _HOROVOD
+    if args.dist == "horovod":
+        from .hvd import init
+
+        _HOROVOD = True
+        rank, world_size, local_rank = init()
+    else:
+        rank, world_size, local_rank = init_distributed(args.backend)
     try:
         return _run(args, model, train_set, val_set, info, rank, world_size, local_rank, (resume, resume_data))
     finally:
@@ -271,21 +285,26 @@ def _run(args, model, train_set, val_set, info, rank, world_size, local_rank, re
 
     model.to(device)
     ddp = None
-    if world_size > 1:
+    if world_size > 1 and not _HOROVOD:
         # PyTorch's PowerSGD hook issues collectives from .then() callbacks, which gloo
         # cannot order across several buckets; one bucket sidesteps that.
         cap = 1024 if (args.comm_hook == "powersgd" and dist.get_backend() == "gloo") else 25
         ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=cap)
-    comm = build_comm(ddp, args.comm_hook, agreement=args.agreement, powersgd_rank=args.powersgd_rank,
-                      powersgd_start_iter=args.powersgd_start_iter)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
+    if _HOROVOD:
+        from .hvd import wrap
+
+        optimizer, comm = wrap(model, optimizer, args)
+    else:
+        comm = build_comm(ddp, args.comm_hook, agreement=args.agreement, powersgd_rank=args.powersgd_rank,
+                          powersgd_start_iter=args.powersgd_start_iter)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
     scaler = _make_scaler(device, args.amp)
     config = {"model": args.model, "dataset": args.dataset, "num_classes": info.num_classes,
               "sample_ratio": args.sample_ratio, "minimal_k": args.minimal_k, "policy": args.policy,
               "comm_hook": args.comm_hook, "world_size": world_size, "batch_size": args.batch_size,
-              "seed": args.seed, "epochs": args.epochs}
+              "seed": args.seed, "epochs": args.epochs, "dist": args.dist}
     trainer = Trainer(args, model, ddp, optimizer, scheduler, scaler, comm, config, rank)
 
     epoch, step, step_in_epoch = 0, 0, 0
