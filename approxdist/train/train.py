@@ -206,7 +206,7 @@ class Trainer:
         self.scheduler.load_state_dict(data["scheduler"])
         if self.scaler is not None and data.get("scaler"):
             self.scaler.load_state_dict(data["scaler"])
-        if data["config"].get("comm_hook") == self.config["comm_hook"]:
+        if data["config"].get("comm_hook") == self.config.get("comm_hook"):
             self.comm.load_state_dict(data.get("comm") or {})  # else: another hook, fresh counters
         _load_sampler_state(self.model, data.get("sampler_state") or {})
         if "rng" in data:
