@@ -725,7 +725,8 @@ def _render(a) -> int:
     mode = "testbed" if testbed else "loopback"
     pngs = plot(summary, Path(a.plots), f"comm_{mode}") if a.plots else []
     if a.markdown:
-        env = saved["environment"]
+        env = saved.get("environment") or {"date": "?", "commit": "?", "torch": "?",
+                                            "cpus": "?", "loadavg": [float("nan")]}
         body = _markdown_body(saved["command"], saved["plan"], table, pngs, testbed,
                               saved["links"], env, Path(a.markdown).parent,
                               load_end=env.get("loadavg_end", [float("nan")])[0])
