@@ -684,12 +684,15 @@ def _main_tta(a, argv) -> int:
         link = tb.measure_allreduce(5_000_000, iters=3)
         rows = run_tta(tb, hooks, repeats=a.repeats, model=a.tta_model, epochs=a.tta_epochs,
                        batch=a.tta_batch, verbose=not a.quiet)
+    env["loadavg_end"] = list(os.getloadavg())
+    if a.json:  # the raw rows first: a failure below must not lose the measurements
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps({"command": command, "environment": env,
+                                            "link": link, "rows": rows}, indent=1))
     summary = summarize_tta(rows, a.target)
     table = format_tta_table(summary, a.target)
     print(table)
-    env["loadavg_end"] = list(os.getloadavg())
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps({"command": command, "environment": env,
                                             "link": link, "summary": summary, "rows": rows},
                                            indent=1))

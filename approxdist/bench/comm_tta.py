@@ -104,8 +104,10 @@ def summarize_tta(rows: list[dict], target: float) -> list[dict]:
                     "time_to_target_s": statistics.median(ok) if ok else None,
                     "wall_s": statistics.median(r["wall_s"] for r in rs),
                     "final_top1": statistics.median(r["final_top1"] for r in rs),
+                    # PowerSGD's payload is not counted (None): its matrices' sizes are internal
                     "payload_per_dense": (rs[0]["payload_bytes_total"] / rs[0]["dense_bytes_total"]
-                                          if rs[0].get("dense_bytes_total") else None)})
+                                          if rs[0].get("dense_bytes_total")
+                                          and rs[0].get("payload_bytes_total") is not None else None)})
     base = next((s["time_to_target_s"] for s in out if s["hook"] == "allreduce"), None)
     for s in out:
         s["speedup"] = (base / s["time_to_target_s"]
