@@ -11,6 +11,7 @@ learning-rate schedule a function of the step, the sampled layers draw from thei
 generators, and all of it is in the checkpoint, so a resumed or elastically restarted run
 ends with the same parameters as one that never stopped.
 """
+import gc
 import os
 import signal
 import time
@@ -263,10 +264,20 @@ def main(args):
         rank, world_size, local_rank = init()
     else:
         rank, world_size, local_rank = init_distributed(args.backend)
+    finished = False
     try:
-        return _run(args, model, train_set, val_set, info, rank, world_size, local_rank, (resume, resume_data))
+        metrics = _run(args, model, train_set, val_set, info, rank, world_size, local_rank, (resume, resume_data))
+        finished = True
+        return metrics
     finally:
         if _distributed():
+            # DDP, its reducer and the hook state sit in reference cycles; freed only at
+            # interpreter exit, after the group is gone, gloo's threads sometimes abort
+            # ("terminate called without an active exception", ~1 run in 6). Free them
+            # first, and let every rank finish before any tears the group down.
+            gc.collect()
+            if finished:
+                dist.barrier()
             dist.destroy_process_group()
 
 
