@@ -443,6 +443,10 @@ def plot(summary: list[dict], outdir: Path, prefix: str = "comm") -> list[Path]:
     for mi, model in enumerate(models):
         for si, (nodes, rate) in enumerate(setups):
             ax = axes[mi][si]
+            if not any(s["model"] == model and (s["nodes"], s["rate"]) == (nodes, rate)
+                       for s in summary):
+                ax.set_visible(False)  # this model was not run on this setup
+                continue
             for s in summary:
                 if s["model"] != model or (s["nodes"], s["rate"]) != (nodes, rate):
                     continue
