@@ -103,6 +103,19 @@ class _SelectionRecorder:
                     select_pairs(x, w, k, m.policy)
 
 
+def _selection_times(models, x, args):
+    """Median seconds of each model's channel selection, replayed on the inputs its
+    sampled layers saw in one forward pass of x."""
+    out = []
+    for m in models:
+        rec = _SelectionRecorder(m)
+        with torch.no_grad():
+            m(x)
+        rec.remove()
+        out.append(_median_times([rec.select_all], args.repeats, 1, args.clock)[0])
+    return out
+
+
 def _conv_step(layer, x, g):
     def step():
         layer.zero_grad(set_to_none=True)
@@ -125,12 +138,7 @@ def bench_convs(args):
                 variants.append((f"{r:g}", approx))
             fns = [_conv_step(m, x, g) for _, m in variants]
             times = _median_times(fns, args.repeats, args.warmup, args.clock)
-            sel = []
-            for _, m in variants[1:]:
-                rec = _SelectionRecorder(m)
-                m(x)
-                rec.remove()
-                sel.append(_median_times([rec.select_all], args.repeats, 1, args.clock)[0])
+            sel = _selection_times([m for _, m in variants[1:]], x, args)
             rows.append(_row(f"conv {ksize}x{ksize} {name}", times, sel, args.ratios))
             _print_row(rows[-1])
     return rows
@@ -159,13 +167,7 @@ def bench_models(args):
         fns = [_model_step(m, torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9), x, y)
                for m in variants]
         times = _median_times(fns, args.repeats, args.warmup, args.clock)
-        sel = []
-        for m in variants[1:]:
-            rec = _SelectionRecorder(m)
-            with torch.no_grad():
-                m(x)
-            rec.remove()
-            sel.append(_median_times([rec.select_all], args.repeats, 1, args.clock)[0])
+        sel = _selection_times(variants[1:], x, args)
         rows.append(_row(f"{mname} step b{args.batch} {args.image_size}px", times, sel, args.ratios))
         _print_row(rows[-1])
     return rows
