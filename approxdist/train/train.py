@@ -257,10 +257,10 @@ def main(args):
                                                      "num_classes": info.num_classes}, STRICT_CONFIG, resume)
         ckpt.validate_model_state(resume_data["model"], model, resume)
     global _HOROVOD
-    if args.dist == "horovod":
+    _HOROVOD = args.dist == "horovod"  # set on every call: main() may run twice in one process
+    if _HOROVOD:
         from .hvd import init
 
-        _HOROVOD = True
         rank, world_size, local_rank = init()
     else:
         rank, world_size, local_rank = init_distributed(args.backend)
