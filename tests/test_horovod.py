@@ -251,14 +251,14 @@ TRAIN_FLAGS = ["--dataset", "digits", "--model", "cnn", "--epochs", "1", "--max-
                "--batch-size", "32", "--lr", "0.1", "--seed", "0", "--no-progress"]
 
 
-def _horovodrun_train(out, hook, ratio):
+def _horovodrun_train(out, hook, ratio, extra=()):
     gloo, _ = _horovod_or_skip()
     if not gloo:
         pytest.skip("this Horovod was built without Gloo (HOROVOD_WITH_GLOO=1 make horovod)")
     bindir = os.path.dirname(sys.executable)
     env = dict(_env(), HOROVODRUN=os.path.join(bindir, "horovodrun"), PYTHON=sys.executable, NIC="lo", NP="2")
     cmd = ["bash", os.path.join(ROOT, "launch", "horovodrun.sh"), *TRAIN_FLAGS, "--sample-ratio", str(ratio),
-           "--comm-hook", hook, "--output-dir", str(out)]
+           "--comm-hook", hook, "--output-dir", str(out), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return _train_result(out)
@@ -268,7 +268,7 @@ def _train_result(out):
     import torch
 
     with open(os.path.join(out, "metrics.jsonl")) as f:
-        (epoch,) = [r for r in map(json.loads, f) if r.get("kind") == "epoch"]
+        epoch = [r for r in map(json.loads, f) if r.get("kind") == "epoch"][-1]
     ck = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
     return epoch, ck["model"]
 
@@ -298,6 +298,22 @@ def test_train_app_under_horovodrun_equals_torchrun(tmp_path):
     assert hvd_sparse["dense_bytes"] == hvd_dense["payload_bytes"] == hvd_dense["dense_bytes"]
     assert 0.4 * hvd_sparse["dense_bytes"] < hvd_sparse["payload_bytes"] < 0.6 * hvd_sparse["dense_bytes"]
     assert hvd_sparse["top1"] == hvd_dense["top1"] == ddp["top1"]
+
+
+def test_train_app_under_horovodrun_resumes_exactly(tmp_path):
+    """Stop after 3 steps (mid-epoch), resume to 5 from the checkpoint: the same weights and
+    byte counters as 5 steps without a stop."""
+    import torch
+
+    whole, w_whole = _horovodrun_train(tmp_path / "whole", "sparse", 0.5)
+    out = tmp_path / "resumed"
+    _horovodrun_train(out, "sparse", 0.5, ["--max-steps", "3"])
+    resumed, w_resumed = _horovodrun_train(out, "sparse", 0.5, ["--max-steps", "5", "--resume", "auto"])
+    assert resumed["step"] == whole["step"] == 5
+    for key in w_whole:
+        assert torch.equal(w_whole[key], w_resumed[key]), key
+    assert resumed["payload_bytes_total"] == whole["payload_bytes_total"]
+    assert resumed["dense_bytes_total"] == whole["dense_bytes_total"]
 
 
 @pytest.mark.parametrize("flags, message", [
