@@ -66,10 +66,14 @@ fi
 py_tag="$("$PYTHON" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')"
 CACHE="${HOROVOD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/approxdist/horovod}"
 wheel_dir="$CACHE/$VERSION-torch$torch_version-$py_tag"
-if [[ -z "${HOROVOD_FORCE_REBUILD:-}" ]] && compgen -G "$wheel_dir/horovod-*.whl" >/dev/null; then
-    echo "build_horovod: installing the cached wheel from $wheel_dir"
+# The wheel is built with --no-deps; Horovod's runtime requirements come separately.
+install_wheel() {
     "$PYTHON" -m pip install --quiet --no-deps --force-reinstall "$wheel_dir"/horovod-*.whl
     "$PYTHON" -m pip install --quiet cloudpickle psutil pyyaml packaging cffi
+}
+if [[ -z "${HOROVOD_FORCE_REBUILD:-}" ]] && compgen -G "$wheel_dir/horovod-*.whl" >/dev/null; then
+    echo "build_horovod: installing the cached wheel from $wheel_dir"
+    install_wheel
     if "$PYTHON" -c 'import horovod.torch' 2>/dev/null; then exit 0; fi
     echo "build_horovod: the cached wheel does not load; rebuilding" >&2
 fi
@@ -114,6 +118,5 @@ export MAKEFLAGS="${MAKEFLAGS:--j$(nproc)}"
 start=$(date +%s)
 "$PYTHON" -m pip wheel --no-build-isolation --no-deps --no-cache-dir -v -w "$wheel_dir" "$src"
 echo "build_horovod: built in $(( $(date +%s) - start )) s; wheel cached in $wheel_dir"
-"$PYTHON" -m pip install --no-deps --force-reinstall "$wheel_dir"/horovod-*.whl
-"$PYTHON" -m pip install --quiet cloudpickle psutil pyyaml packaging cffi
+install_wheel
 "$PYTHON" -c 'import horovod.torch as hvd, horovod; print("horovod", horovod.__version__, "gloo", hvd.gloo_built(), "mpi", hvd.mpi_built())'

@@ -4,12 +4,10 @@
 The optimizer is wrapped instead: `approxdist.horovod.DistributedOptimizer` for
 ``--comm-hook sparse`` (only the sampled channels travel), Horovod's own
 `hvd.DistributedOptimizer` for ``allreduce`` and ``fp16`` (its fp16 compression). The
-returned `HorovodComm` reports the same counters as `comm.Comm`, so the epoch lines and
-checkpoints look the same as under torchrun.
+counters come as a `comm.Comm` (sparse) or a `HorovodComm` of the same form, so the epoch
+lines and checkpoints look the same as under torchrun.
 """
-import torch
-
-from .checkpoint import to_plain
+from .comm import Comm
 
 HOOKS = ("allreduce", "fp16", "sparse")
 
@@ -17,13 +15,12 @@ HOOKS = ("allreduce", "fp16", "sparse")
 def horovod_module():
     """horovod.torch, or a ValueError (a bad flag, reported before anything starts) that
     says how to install it."""
-    from approxdist.distributed.horovod import INSTALL_HINT
+    from approxdist.distributed.horovod import _horovod
 
     try:
-        import horovod.torch as hvd
-    except Exception as exc:  # ImportError, or an extension built against another torch
-        raise ValueError(f"--dist horovod: {INSTALL_HINT} (importing horovod.torch failed: {exc})") from exc
-    return hvd
+        return _horovod()
+    except ImportError as exc:
+        raise ValueError(f"--dist horovod: {exc}") from exc
 
 
 def check_args(args):
@@ -52,19 +49,19 @@ def sum_across_ranks(t):
 
 
 class HorovodComm:
-    """Counters of the wrapped optimizer: the sparse optimizer keeps its own; for Horovod's
-    optimizer every step sends every gradient (half the bytes with fp16)."""
+    """Counters of Horovod's own optimizer, in the form of `comm.Comm`: every step sends
+    every gradient (half the bytes with fp16). The sparse optimizer keeps its counters in
+    a `SparseAllReduceState`, which `comm.Comm` already reports and checkpoints."""
 
     def __init__(self, name, optimizer, dense_bytes_per_step):
-        self.name, self.optimizer = name, optimizer
+        self.name = name
         self.dense_per_step = dense_bytes_per_step
         self.steps = 0
         self._depth = 0
-        if name != "sparse":
-            # Horovod's optimizer subclasses the wrapped one and both step()s run the hooks:
-            # count the outermost call only.
-            optimizer.register_step_pre_hook(self._enter)
-            optimizer.register_step_post_hook(self._leave)
+        # Horovod's optimizer subclasses the wrapped one and both step()s run the hooks:
+        # count the outermost call only.
+        optimizer.register_step_pre_hook(self._enter)
+        optimizer.register_step_post_hook(self._leave)
 
     def _enter(self, *_):
         self._depth += 1
@@ -75,30 +72,20 @@ class HorovodComm:
         self._depth -= 1
 
     def stats(self):
-        if self.name == "sparse":
-            s = self.optimizer.stats
-            return {"steps": int(s["steps"]), "payload_bytes": int(s["payload_bytes"]),
-                    "dense_bytes": int(s["dense_bytes"])}
         dense = self.steps * self.dense_per_step
         return {"steps": self.steps, "payload_bytes": dense // 2 if self.name == "fp16" else dense,
                 "dense_bytes": dense}
 
     def state_dict(self):
-        if self.name == "sparse":
-            return {"sparse": {"state_dict": to_plain(self.optimizer.sparse_state.state_dict())}}
         return {"counters": {"steps": self.steps}}
 
     def load_state_dict(self, data):
-        if not data:
-            return
-        if self.name == "sparse":
-            self.optimizer.sparse_state.load_state_dict(dict(data["sparse"]["state_dict"]))
-        else:
+        if data:
             self.steps = int(data["counters"]["steps"])
 
 
 def wrap(model, optimizer, args):
-    """Broadcast rank 0's parameters, wrap the optimizer; (optimizer, HorovodComm)."""
+    """Broadcast rank 0's parameters, wrap the optimizer; (optimizer, its counters)."""
     import approxdist
 
     hvd = horovod_module()
@@ -107,9 +94,9 @@ def wrap(model, optimizer, args):
     if args.comm_hook == "sparse":
         optimizer = approxdist.horovod.DistributedOptimizer(optimizer, named_parameters=named,
                                                             agreement=args.agreement)
-    else:
-        compression = hvd.Compression.fp16 if args.comm_hook == "fp16" else hvd.Compression.none
-        optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=named, compression=compression)
+        return optimizer, Comm("sparse", optimizer.sparse_state, "sparse")
+    compression = hvd.Compression.fp16 if args.comm_hook == "fp16" else hvd.Compression.none
+    optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=named, compression=compression)
     dense = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     return optimizer, HorovodComm(args.comm_hook, optimizer, dense)
 
