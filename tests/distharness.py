@@ -4,6 +4,7 @@
 fn(rank, world_size, *args) inside an initialised gloo group, and returns the list of
 their return values (torch.save'd through temporary files). An exception on any rank
 is re-raised in the test with that rank's traceback."""
+import gc
 import os
 import socket
 import tempfile
@@ -35,6 +36,12 @@ def _entry(rank, world_size, port, outdir, fn, args):
         # ("terminate called without an active exception"), which would hide it.
         os._exit(0)
     try:
+        # As approxdist-train does: drop the DDP reducers and hook states first, and let
+        # both ranks finish their last collectives, so no peer tears its gloo pairs down
+        # while the other still uses them (seen once in ~10 full runs as both ranks
+        # aborting with "terminate called without an active exception").
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
     except Exception:  # noqa: BLE001
         pass
