@@ -11,7 +11,10 @@
 // compile time; the pybind casters for at::Tensor are all this module needs.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/div.h>
 #include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
@@ -45,11 +48,12 @@ struct TensorJob {
   Geom geom;
   std::vector<Run> runs;
   bool gather = false;  // inner == 1 with short runs: element-wise gather over idx
+  bool by_runs = false;  // a single row (dim-1-major tensor): items are ranges of runs
 };
 
 struct Item {
   int32_t job;
-  int64_t begin;  // rows (sampled) or elements (dense)
+  int64_t begin;  // rows (sampled), runs (sampled, one row) or elements (dense)
   int64_t end;
 };
 
@@ -168,8 +172,29 @@ void run_rows(const TensorJob& job, int64_t r0, int64_t r1, int64_t es) {
   }
 }
 
+// A dim-1-major tensor is one row whose selected columns are blocks of inner elements:
+// each run of consecutive columns is a single copy.
+template <bool PACK>
+void run_blocks(const TensorJob& job, int64_t b0, int64_t b1, int64_t es) {
+  const int64_t inner_bytes = job.geom.inner * es;
+  for (int64_t b = b0; b < b1; ++b) {
+    const Run& run = job.runs[b];
+    char* t = job.data + run.src * inner_bytes;
+    char* f = job.flat + run.dst * inner_bytes;
+    if (PACK) {
+      copy_bytes(f, t, run.len * inner_bytes, es);
+    } else {
+      copy_bytes(t, f, run.len * inner_bytes, es);
+    }
+  }
+}
+
 template <bool PACK>
 void do_item(const TensorJob& job, const Item& item, int64_t es) {
+  if (job.by_runs) {
+    run_blocks<PACK>(job, item.begin, item.end, es);
+    return;
+  }
   if (job.geom.dense) {
     char* t = job.data + item.begin * es;
     char* f = job.flat + item.begin * es;
@@ -192,9 +217,47 @@ void do_item(const TensorJob& job, const Item& item, int64_t es) {
   run_rows<PACK>(job, item.begin, item.end, es);
 }
 
+// The elements [begin, end) of the job's packed slice that an item wrote.
+inline void item_range(const TensorJob& job, const Item& item, int64_t* begin, int64_t* end) {
+  if (job.by_runs) {
+    const Run& last = job.runs[item.end - 1];
+    *begin = job.runs[item.begin].dst * job.geom.inner;
+    *end = (last.dst + last.len) * job.geom.inner;
+  } else if (job.geom.dense) {
+    *begin = item.begin;
+    *end = item.end;
+  } else {
+    *begin = item.begin * job.geom.k * job.geom.inner;
+    *end = item.end * job.geom.k * job.geom.inner;
+  }
+}
+
+// x / d per element, as torch's div_ by a Python number computes it: in the tensor's
+// type for float and double, through float for the 16-bit types (IEEE division is
+// exact, so the bits are div_'s). Run right after the item is copied, while it is in
+// cache, it saves the hook a separate pass over the whole packed buffer.
+template <typename T, typename Acc>
+void divide(char* base, int64_t n, double divisor) {
+  T* p = reinterpret_cast<T*>(base);
+  const Acc d = static_cast<Acc>(divisor);
+  for (int64_t i = 0; i < n; ++i) p[i] = static_cast<T>(static_cast<Acc>(p[i]) / d);
+}
+
+void divide_range(char* base, int64_t n, at::ScalarType type, double divisor) {
+  switch (type) {
+    case at::kFloat: divide<float, float>(base, n, divisor); break;
+    case at::kDouble: divide<double, double>(base, n, divisor); break;
+    case at::kHalf: divide<at::Half, float>(base, n, divisor); break;
+    case at::kBFloat16: divide<at::BFloat16, float>(base, n, divisor); break;
+    default: TORCH_CHECK(false, "approxdist pack: cannot divide ", type, " in the kernel");
+  }
+}
+
 template <bool PACK>
-void run_cpu(const std::vector<at::Tensor>& grads, const Plan& plan, const at::Tensor& flat) {
+void run_cpu(const std::vector<at::Tensor>& grads, const Plan& plan, const at::Tensor& flat,
+             double divisor = 1.0) {
   const int64_t es = flat.element_size();
+  const at::ScalarType type = flat.scalar_type();
   std::vector<TensorJob> jobs(grads.size());
   std::vector<Item> items;
   char* flat_base = static_cast<char*>(flat.data_ptr());
@@ -214,6 +277,18 @@ void run_cpu(const std::vector<at::Tensor>& grads, const Plan& plan, const at::T
       for (int64_t b = 0; b < n; b += step) {
         items.push_back(Item{static_cast<int32_t>(i), b, std::min(n, b + step)});
       }
+    } else if (job.geom.rows == 1) {
+      job.by_runs = true;
+      const int64_t n_runs = static_cast<int64_t>(job.runs.size());
+      int64_t begin = 0, bytes = 0;
+      for (int64_t b = 0; b < n_runs; ++b) {
+        bytes += job.runs[b].len * job.geom.inner * es;
+        if (bytes >= kItemBytes || b + 1 == n_runs) {
+          items.push_back(Item{static_cast<int32_t>(i), begin, b + 1});
+          begin = b + 1;
+          bytes = 0;
+        }
+      }
     } else {
       const int64_t row_bytes = job.geom.k * job.geom.inner * es;
       const int64_t step = std::max<int64_t>(1, kItemBytes / row_bytes);
@@ -229,7 +304,13 @@ void run_cpu(const std::vector<at::Tensor>& grads, const Plan& plan, const at::T
   std::atomic<int64_t> next{0};
   at::parallel_for(0, n_items, 1, [&](int64_t, int64_t) {
     for (int64_t it = next.fetch_add(1); it < n_items; it = next.fetch_add(1)) {
-      do_item<PACK>(jobs[items[it].job], items[it], es);
+      const TensorJob& job = jobs[items[it].job];
+      do_item<PACK>(job, items[it], es);
+      if (PACK && divisor != 1.0) {
+        int64_t begin = 0, end = 0;
+        item_range(job, items[it], &begin, &end);
+        divide_range(job.flat + begin * es, end - begin, type, divisor);
+      }
     }
   });
 }
@@ -252,7 +333,8 @@ void check_flat(const at::Tensor& flat, const std::vector<at::Tensor>& grads, in
 
 at::Tensor pack(const std::vector<at::Tensor>& grads,
                 const std::vector<std::optional<at::Tensor>>& indices,
-                const std::optional<at::Tensor>& out_opt) {
+                const std::optional<at::Tensor>& out_opt, double divisor) {
+  TORCH_CHECK_VALUE(divisor > 0, "divisor must be > 0, got ", divisor);
   const Plan plan = make_plan(grads, indices);
   at::Tensor out;
   if (out_opt.has_value() && out_opt->defined()) {
@@ -265,12 +347,16 @@ at::Tensor pack(const std::vector<at::Tensor>& grads,
   if (out.is_cuda()) {
 #ifdef APPROXDIST_WITH_CUDA
     pack_cuda(grads, plan, out);
+    if (divisor != 1.0) out.div_(divisor);
     return out;
 #else
     TORCH_CHECK(false, "approxdist kernels were built without CUDA");
 #endif
   }
-  run_cpu<true>(grads, plan, out);
+  const at::ScalarType t = out.scalar_type();
+  const bool fused = t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+  run_cpu<true>(grads, plan, out, fused ? divisor : 1.0);
+  if (!fused && divisor != 1.0) out.div_(divisor);
   return out;
 }
 
@@ -302,7 +388,7 @@ bool with_cuda() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "approxdist: fused pack/unpack of sampled gradient slices";
   m.def("pack", &approxdist::pack, "pack selected slices of grads into out", py::arg("grads"),
-        py::arg("indices"), py::arg("out") = py::none());
+        py::arg("indices"), py::arg("out") = py::none(), py::arg("divisor") = 1.0);
   m.def("unpack", &approxdist::unpack, "write flat back into the selected slices of grads",
         py::arg("flat"), py::arg("grads"), py::arg("indices"));
   m.def("with_cuda", &approxdist::with_cuda, "whether the CUDA kernels were compiled in");

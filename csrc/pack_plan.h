@@ -1,10 +1,14 @@
 // Geometry of a multi-tensor pack, shared by the CPU and CUDA implementations.
 //
-// Every gradient is viewed as (rows, cols, inner): dim 0, the sampled dim 1, and the
-// product of the remaining dims (kh*kw for a conv weight, 1 for a linear weight). Its
-// packed form is, row by row, the selected columns' inner slices in index order, which
-// is exactly `g.index_select(1, idx).reshape(-1)`; a dense tensor (no indices, or k ==
-// cols) is packed whole. Packed tensors follow one another in list order.
+// Every gradient is viewed in its memory order as (rows, cols, inner) with the sampled
+// dim 1 as cols. A contiguous (O, I, ...) tensor is (O, I, prod(rest)): its packed form
+// is, row by row, the selected columns' inner slices in index order, which is exactly
+// `g.index_select(1, idx).reshape(-1)`. A dim-1-major tensor (`g.transpose(0, 1)` is
+// contiguous: the layout approxdist gives distributed sampled weights, so that a
+// selected input channel is one block of memory) is (1, I, O*prod(rest)), and its packed
+// form is `g.transpose(0, 1).index_select(0, idx).reshape(-1)`. A dense tensor (no
+// indices, or k == cols) is packed whole in memory order. Packed tensors follow one
+// another in list order.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -35,6 +39,22 @@ struct Plan {
 // All the structural checks of pack/unpack (metadata only, no data read), with the
 // messages of the Python face (checks.py): the compiled path skips the Python checks,
 // whose per-tensor cost is larger than a GPU kernel's run time for a whole bucket.
+// True when g.transpose(0, 1) is contiguous (size-1 dims' strides do not matter, as in
+// is_contiguous). Checked on the strides: a transpose() per tensor costs a dispatch.
+inline bool dim1_major(const at::Tensor& g) {
+  const int64_t nd = g.dim();
+  if (nd < 2) return false;
+  int64_t expected = 1;
+  for (int64_t d = nd - 1; d >= 0; --d) {
+    const int64_t dim = d == 0 ? 1 : (d == 1 ? 0 : d);
+    const int64_t size = g.size(dim);
+    if (size == 0) return true;
+    if (size != 1 && g.stride(dim) != expected) return false;
+    expected *= size;
+  }
+  return true;
+}
+
 inline Plan make_plan(const std::vector<at::Tensor>& grads,
                       const std::vector<std::optional<at::Tensor>>& indices) {
   TORCH_CHECK_VALUE(grads.size() == indices.size(),
@@ -54,8 +74,10 @@ inline Plan make_plan(const std::vector<at::Tensor>& grads,
       TORCH_CHECK_VALUE(g.device() == grads[0].device(), "grads[", i, "] is on ", g.device(),
                         " but grads[0] is on ", grads[0].device());
     }
-    TORCH_CHECK_VALUE(g.is_contiguous(), "grads[", i, "] must be contiguous (shape ", g.sizes(),
-                      ", stride ", g.strides(), "): the packed layout follows its memory order");
+    const bool rows_major = g.is_contiguous();
+    TORCH_CHECK_VALUE(rows_major || dim1_major(g), "grads[", i,
+                      "] must be contiguous or dim-1-major (shape ", g.sizes(), ", stride ",
+                      g.strides(), "): the packed layout follows its memory order");
     Geom& p = plan.geoms[i];
     const bool has_idx = indices[i].has_value() && indices[i]->defined();
     if (has_idx) {
@@ -66,7 +88,7 @@ inline Plan make_plan(const std::vector<at::Tensor>& grads,
                         "] must be a 1-D int64 tensor, got ", idx.dim(), "-D ", idx.scalar_type());
       TORCH_CHECK_VALUE(idx.device() == g.device(), "indices[", i, "] is on ", idx.device(),
                         " but grads[", i, "] is on ", g.device());
-      p.rows = g.size(0);
+      p.rows = rows_major ? g.size(0) : 1;
       p.cols = g.size(1);
       p.inner = p.rows * p.cols == 0 ? 0 : g.numel() / (p.rows * p.cols);
       p.k = idx.numel();

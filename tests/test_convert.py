@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from approxdist.nn import (ApproxConv2d, ApproxConv2dDist, ApproxLinear, ApproxLinearDist,
+from approxdist.nn import (ApproxConv2d, ApproxConv2dDist, ApproxLinear, ApproxLinearDist, WeightSampled,
                            convert_model)
 
 APPROX = (ApproxConv2d, ApproxConv2dDist, ApproxLinear, ApproxLinearDist)
@@ -159,3 +159,41 @@ def test_distributed_layers_get_distinct_seeds():
     model = convert_model(_model("resnet18"), 0.5, distributed=True, policy="bernoulli_weight", seed=10)
     seeds = [m.seed for m in model.modules() if isinstance(m, ApproxConv2dDist)]
     assert len(seeds) == len(set(seeds)) and min(seeds) == 10
+
+
+def test_distributed_layers_store_weights_dim1_major():
+    """convert_model(distributed=True) keeps values and Parameter objects but lays the
+    sampled weights out with input channels outermost; gradients come in that layout (no
+    copy by AccumulateGrad or DDP), and dtype/device moves keep it."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = {name: p for name, p in model.named_parameters()}
+    convert_model(model, 0.5, distributed=True)
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p is params[name] for name, p in model.named_parameters())
+    sampled = [m for m in model.modules() if isinstance(m, WeightSampled)]
+    assert sampled
+    for m in sampled:
+        assert m.weight.transpose(0, 1).is_contiguous() and not m.weight.is_contiguous(), m
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    for m in sampled:
+        assert m.weight.grad.stride() == m.weight.stride(), m
+    model.double()
+    assert all(m.weight.dtype == torch.float64 and m.weight.transpose(0, 1).is_contiguous() for m in sampled)
+
+
+def test_weight_layout_option():
+    model = convert_model(torchvision.models.resnet18(num_classes=10), 0.5, distributed=True,
+                          weight_layout="contiguous")
+    assert all(p.is_contiguous() for p in model.parameters())
+    layer = ApproxConv2dDist(8, 4, 3, sample_ratio=0.5)
+    assert layer.weight_layout == "input_major" and layer.weight.transpose(0, 1).is_contiguous()
+    with pytest.raises(ValueError, match="weight_layout must be one of"):
+        convert_model(nn.Sequential(nn.Linear(4, 4)), 0.5, distributed=True, weight_layout="rows")
+    with pytest.raises(ValueError, match="weight_layout must be one of"):
+        ApproxLinearDist(4, 4, weight_layout="channels_last")
+    with pytest.raises(ValueError, match="needs distributed=True"):
+        convert_model(nn.Sequential(nn.Linear(4, 4)), 0.5, weight_layout="input_major")

@@ -19,13 +19,14 @@ from distharness import RankError, run_ranks
 from models import batch_for, make_model
 
 
-def analytic_bytes(model, ratio, minimal_k=1):
-    """Elements a sparse step sends: k/n of each weight-sampled weight, all the rest."""
+def analytic_bytes(model, ratio, minimal_k=1, dense=lambda p: False):
+    """Elements a sparse step sends: k/n of each weight-sampled weight, all the rest
+    (and all of any parameter for which `dense` says so)."""
     total = 0
     sampled = {id(m.weight): m for m in model.modules() if isinstance(m, WeightSampled)}
     for p in model.parameters():
         layer = sampled.get(id(p))
-        if layer is None:
+        if layer is None or dense(p):
             total += p.numel() * p.element_size()
         else:
             k = num_samples(p.shape[1], ratio, minimal_k)
@@ -68,8 +69,13 @@ def _train(ddp, opt, name, rank, steps, accum, dtype, start=0):
         opt.zero_grad(set_to_none=False)
 
 
+def _unsampleable(p):
+    # neither contiguous nor dim-1-major: a channels_last 3x3 conv weight
+    return p.dim() >= 2 and not p.is_contiguous() and not p.transpose(0, 1).is_contiguous()
+
+
 def compare_worker(rank, world, name, ratio, policy, steps, ddp_kw, accum=1, dtype=torch.float32,
-                   wrapper=None, kernels="auto"):
+                   wrapper=None, kernels="auto", memory_format=None):
     import os
 
     os.environ["APPROXDIST_KERNELS"] = kernels
@@ -78,6 +84,8 @@ def compare_worker(rank, world, name, ratio, policy, steps, ddp_kw, accum=1, dty
     for _ in range(2):
         m = copy.deepcopy(base)
         ad.convert_model(m, ratio, distributed=True, policy=policy, seed=7)
+        if memory_format is not None:
+            m.to(memory_format=memory_format)
         models.append(m)
     sparse = DDP(models[0], **ddp_kw)
     dense = DDP(models[1], **ddp_kw)
@@ -100,6 +108,7 @@ def compare_worker(rank, world, name, ratio, policy, steps, ddp_kw, accum=1, dty
         "stats": state.stats,
         "counted": counter.bytes,
         "analytic": analytic_bytes(models[0], ratio) * steps,
+        "dense_conv_analytic": analytic_bytes(models[0], ratio, dense=_unsampleable) * steps,
         "indices": [m.last_indices for m in models[0].modules() if isinstance(m, WeightSampled)],
         "rng_untouched": rng_untouched,
     }
@@ -148,6 +157,18 @@ def test_ddp_options(ddp_kw):
     assert r["stats"]["payload_bytes"] == r["analytic"] == r["counted"]
     if "bucket_cap_mb" in ddp_kw:
         assert r["stats"]["buckets"] > r["stats"]["steps"], "expected several buckets per step"
+
+
+def test_channels_last_weights_are_sent_whole():
+    """A model moved to channels_last after conversion: its conv weights are in a layout
+    the kernels do not sample, so the hook sends those gradients whole (never a wrong
+    slice); the linear layer stays sampled and the result is still the dense one."""
+    results = run_ranks(compare_worker, 2, "cnn", 0.5, "topk_weight", 3, {}, 1, torch.float32,
+                        None, "auto", torch.channels_last)
+    _assert_equal_runs(results, exact=True)
+    r = results[0]
+    assert r["stats"]["payload_bytes"] == r["dense_conv_analytic"] == r["counted"]
+    assert r["analytic"] < r["dense_conv_analytic"] < r["stats"]["dense_bytes"]
 
 
 def test_no_sync_accumulation_reduces_the_union():

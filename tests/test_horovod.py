@@ -58,9 +58,10 @@ def _train(hvd, use_approx, opt_name, passes, fp16, cap_mb):
     import approxdist
     from models import batch_for, make_model
 
-    model = approxdist.convert_model(make_model("cnn", seed=0), 0.5, distributed=True)
-    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-    start = [p.detach().clone() for p in model.parameters()]
+    # Ours takes the default (input-major) weight layout and makes it contiguous itself;
+    # Horovod's own optimizer needs contiguous weights from the start.
+    layout = None if use_approx else "contiguous"
+    model = approxdist.convert_model(make_model("cnn", seed=0), 0.5, distributed=True, weight_layout=layout)
     if opt_name == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
     else:
@@ -71,6 +72,10 @@ def _train(hvd, use_approx, opt_name, passes, fp16, cap_mb):
         opt = approxdist.horovod.DistributedOptimizer(opt, bucket_cap_mb=cap_mb, **kw)
     else:
         opt = hvd.DistributedOptimizer(opt, **kw)
+    # Horovod's documented order: wrap the optimizer, then broadcast (needs contiguous tensors)
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    assert all(p.is_contiguous() for p in model.parameters())
+    start = [p.detach().clone() for p in model.parameters()]
     payload = []
     for step in range(STEPS):
         # Buckets are handed to Horovod during backward, as soon as they are ready.

@@ -201,7 +201,9 @@ def test_bad_inputs_raise(backend, device):
         with pytest.raises(ValueError, match=match):
             K.unpack(torch.zeros(n, device=device, dtype=grads[0].dtype), grads, indices)
 
-    raises("contiguous", [w.transpose(0, 1)], [ok])
+    raises("contiguous or dim-1-major", [w.transpose(2, 3)], [ok])
+    raises("contiguous or dim-1-major", [w.to(memory_format=torch.channels_last)], [ok])
+    raises("contiguous or dim-1-major", [torch.randn(4, 12, 3, 3, device=device)[:, ::2]], [ok])
     raises("sorted", [w], [torch.tensor([2, 0, 5], device=device)])
     raises("sorted", [w], [torch.tensor([0, 2, 2], device=device)])
     raises("outside|out of range", [w], [torch.tensor([0, 6], device=device)])
@@ -307,3 +309,69 @@ def test_import_does_not_build():
             "print(k.loader._state['tried'], 'torch.utils.cpp_extension' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def _dim1_major(g):
+    """The same values laid out with dim 1 outermost, as distributed sampled weights are."""
+    return g.transpose(0, 1).contiguous().transpose(0, 1) if g.dim() >= 2 else g
+
+
+def spec_pack_dim1(grads, indices):
+    """The documented layout of dim-1-major tensors: selected blocks in memory order."""
+    parts = []
+    for g, idx in zip(grads, indices):
+        mem = g.transpose(0, 1) if g.dim() >= 2 and not g.is_contiguous() else g
+        if idx is None:
+            parts.append(mem.reshape(-1))
+        else:
+            parts.append(mem.index_select(0 if mem is not g else 1, idx).reshape(-1))
+    return torch.cat(parts)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("seed", range(6))
+def test_dim1_major_layout(backend, device, dtype, seed):
+    """Dim-1-major gradients (every other one, mixed with contiguous ones) pack to their
+    selected blocks in memory order and unpack into exactly those positions."""
+    _skip_unless(backend, device)
+    grads, indices = make_case(seed, dtype, device)
+    grads = [_dim1_major(g) if j % 2 == 0 else g for j, g in enumerate(grads)]
+    assert any(not g.is_contiguous() for g in grads)
+    packed = K.pack(grads, indices)
+    assert packed.numel() == K.packed_numel(grads, indices)
+    assert_bits_equal(packed.cpu(), spec_pack_dim1([g.cpu() for g in grads],
+                                                   [None if i is None else i.cpu() for i in indices]))
+    flat = torch.randn(packed.numel(), dtype=torch.float64).to(dtype).to(device)
+    targets = [g.clone(memory_format=torch.preserve_format) for g in grads]
+    K.unpack(flat, targets, indices)
+    for g, t, idx in zip(grads, targets, indices):
+        assert t.stride() == g.stride()
+        if idx is None:
+            continue
+        outside = torch.ones(g.shape[1], dtype=torch.bool, device=device)
+        outside[idx] = False
+        assert_bits_equal(t[:, outside], g[:, outside])
+    assert_bits_equal(K.pack(targets, indices).cpu(), flat.cpu())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("divisor", [2, 3, 7.5])
+def test_pack_divides_like_div_(backend, device, dtype, divisor):
+    """pack(divisor=d) has the bits of pack().div_(d), the division the hook needs (the
+    C++ path divides each piece as it copies it), for both layouts."""
+    _skip_unless(backend, device)
+    grads, indices = make_case(3, dtype, device)
+    grads = [_dim1_major(g) if j % 3 == 0 else g for j, g in enumerate(grads)]
+    expected = K.pack(grads, indices).div_(divisor)
+    assert_bits_equal(K.pack(grads, indices, divisor=divisor), expected)
+    out = torch.empty_like(expected)
+    assert_bits_equal(K.pack(grads, indices, out=out, validate=False, divisor=divisor), expected)
+
+
+@pytest.mark.parametrize("bad", [0, -2, float("nan"), float("inf"), "2", True])
+def test_pack_rejects_bad_divisor(bad):
+    grads, indices = make_case(0, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="divisor"):
+        K.pack(grads, indices, divisor=bad)

@@ -25,9 +25,16 @@ import approxdist.kernels as kernels
 
 __all__ = ["main", "resnet50_set"]
 
+LAYOUTS = ("dim1", "contiguous")
 
-def resnet50_set(ratio, device, dtype=torch.float32, seed=0):
-    """(grads, indices) shaped like resnet50's parameters, indices from weight norms."""
+
+def resnet50_set(ratio, device, dtype=torch.float32, seed=0, layout="dim1"):
+    """(grads, indices) shaped like resnet50's parameters, indices from weight norms.
+
+    layout "dim1": the sampled gradients are dim-1-major, as the distributed layers lay
+    out their weights (and DDP their gradients); "contiguous": plain row-major."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     import torchvision
 
     torch.manual_seed(seed)
@@ -44,6 +51,8 @@ def resnet50_set(ratio, device, dtype=torch.float32, seed=0):
         k = min(max(int(n * ratio), 1), n)
         norms = w.transpose(0, 1).reshape(n, -1).norm(dim=1)
         indices.append(norms.topk(k).indices.sort().values.to(device))
+        if layout == "dim1":
+            grads[-1] = grads[-1].transpose(0, 1).contiguous().transpose(0, 1)
     return grads, indices
 
 
@@ -79,8 +88,8 @@ def _with_env(mode, fn):
             os.environ["APPROXDIST_KERNELS"] = old
 
 
-def bench_ratio(ratio, device, dtype, repeats, warmup):
-    grads, indices = resnet50_set(ratio, device, dtype)
+def bench_ratio(ratio, device, dtype, repeats, warmup, layout="dim1"):
+    grads, indices = resnet50_set(ratio, device, dtype, layout=layout)
     numel = kernels.packed_numel(grads, indices)
     nbytes = numel * grads[0].element_size()
     out = torch.empty(numel, dtype=dtype, device=device)
@@ -113,7 +122,7 @@ def bench_ratio(ratio, device, dtype, repeats, warmup):
         if m == "torch":
             ref_total = total
         rows.append({
-            "ratio": ratio, "backend": m, "packed_elements": numel, "packed_bytes": nbytes,
+            "ratio": ratio, "layout": layout, "backend": m, "packed_elements": numel, "packed_bytes": nbytes,
             "pack_ms": pack_s * 1e3, "unpack_ms": unpack_s * 1e3,
             "pack_GBps": 2 * nbytes / pack_s / 1e9, "unpack_GBps": 2 * nbytes / unpack_s / 1e9,
             "speedup_vs_torch": ref_total / total,
@@ -122,11 +131,11 @@ def bench_ratio(ratio, device, dtype, repeats, warmup):
 
 
 def _table(rows):
-    head = f"{'ratio':>5} {'backend':>7} {'packed':>10} {'pack ms':>9} {'unpack ms':>9} " \
+    head = f"{'ratio':>5} {'layout':>10} {'backend':>7} {'packed':>10} {'pack ms':>9} {'unpack ms':>9} " \
            f"{'pack GB/s':>9} {'unpack GB/s':>11} {'speedup':>7}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['ratio']:>5} {r['backend']:>7} {r['packed_elements']:>10} {r['pack_ms']:>9.3f} "
+        lines.append(f"{r['ratio']:>5} {r['layout']:>10} {r['backend']:>7} {r['packed_elements']:>10} {r['pack_ms']:>9.3f} "
                      f"{r['unpack_ms']:>9.3f} {r['pack_GBps']:>9.1f} {r['unpack_GBps']:>11.1f} "
                      f"{r['speedup_vs_torch']:>6.2f}x")
     return "\n".join(lines)
@@ -140,6 +149,9 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per figure (median)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the CPU")
+    parser.add_argument("--layouts", nargs="+", default=["dim1"], choices=LAYOUTS,
+                        help="gradient layouts: dim1 (the distributed layers' weights, default) "
+                             "and/or contiguous (row-major)")
     parser.add_argument("--json", default=None, help="write the rows here")
     args = parser.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
@@ -153,8 +165,9 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype)
     rows, total = [], 0
     for ratio in args.ratios:
-        r, total = bench_ratio(ratio, device, dtype, repeats, args.warmup)
-        rows.extend(r)
+        for layout in args.layouts:
+            r, total = bench_ratio(ratio, device, dtype, repeats, args.warmup, layout)
+            rows.extend(r)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU, {torch.get_num_threads()} threads"
     print(f"pack+unpack, resnet50 parameter set ({total / 1e6:.1f}M elements, {args.dtype}), {where}; "

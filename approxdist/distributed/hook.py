@@ -13,19 +13,29 @@ import torch
 import torch.distributed as dist
 
 from .. import kernels
+from ..kernels.checks import dim1_major
 from ..nn import sampled_layer_of
 from .agreement import check_indices, install_broadcast
 from .state import SparseAllReduceState
 
 
 def _bucket_views(buffer, params):
-    """Views of the bucket's flat buffer shaped like its parameters. Taken from buffer()
-    rather than gradients() so wrappers that swap the buffer (fp16_compress_wrapper)
-    see their own dtype."""
+    """Views of the bucket's flat buffer shaped like its parameters, with their strides
+    as DDP lays the gradients out (a parameter's memory layout is kept in the bucket).
+    A parameter in a layout the kernels cannot sample (neither contiguous nor
+    dim-1-major, e.g. channels_last) gets its flat 1-D piece: it is then sent whole.
+    Taken from buffer() rather than gradients() so wrappers that swap the buffer
+    (fp16_compress_wrapper) see their own dtype."""
     views, offset = [], 0
     for p in params:
         n = p.numel()
-        views.append(buffer.narrow(0, offset, n).view(p.shape))
+        piece = buffer.narrow(0, offset, n)
+        if p.is_contiguous():
+            views.append(piece.view(p.shape))
+        elif dim1_major(p):
+            views.append(piece.as_strided(p.shape, p.stride()))
+        else:
+            views.append(piece)
         offset += n
     if offset != buffer.numel():
         raise RuntimeError(f"approxdist: bucket buffer holds {buffer.numel()} elements but its "
@@ -33,10 +43,10 @@ def _bucket_views(buffer, params):
     return views
 
 
-def _selection(state, group, params):
-    """(indices per parameter, sampled layers, their indices, names) for the bucket."""
+def _selection(state, group, params, views):
+    """(indices per parameter, sampled layers, their indices) for the bucket."""
     indices, layers, layer_idx = [], [], []
-    for p in params:
+    for p, view in zip(params, views):
         layer = sampled_layer_of(p)
         if layer is None:
             indices.append(None)
@@ -48,7 +58,7 @@ def _selection(state, group, params):
             install_broadcast(layer, group)
             state._synced_layers.add(id(layer))
             idx = None
-        indices.append(idx)
+        indices.append(idx if view.dim() == p.dim() else None)  # a flat piece goes whole
         layers.append(layer)
         layer_idx.append(idx)
     return indices, layers, layer_idx
@@ -68,7 +78,8 @@ def sparse_allreduce_hook(state: SparseAllReduceState, bucket: dist.GradBucket) 
         raise TypeError("approxdist: sparse gradients are not supported by sparse_allreduce_hook "
                         "(use dense gradients, e.g. nn.Embedding(sparse=False))")
     params = bucket.parameters()
-    indices, layers, layer_idx = _selection(state, group, params)
+    views = _bucket_views(buffer, params)
+    indices, layers, layer_idx = _selection(state, group, params, views)
     if state.agreement == "check" and layers and state.steps % state.check_every == 0:
         names = [state.param_names.get(id(layer.weight), f"{type(layer).__name__}{tuple(layer.weight.shape)}")
                  for layer in layers]
@@ -85,10 +96,8 @@ def sparse_allreduce_hook(state: SparseAllReduceState, bucket: dist.GradBucket) 
         fut = dist.all_reduce(buffer, group=group, async_op=True).get_future()
         return fut.then(lambda f: f.value()[0])
 
-    views = _bucket_views(buffer, params)
     t0 = time.perf_counter()
-    flat = kernels.pack(views, indices, validate=False)
-    flat.div_(world)
+    flat = kernels.pack(views, indices, validate=False, divisor=world)
     state.pack_seconds += time.perf_counter() - t0
     state.payload_bytes += flat.numel() * flat.element_size()
     fut = dist.all_reduce(flat, group=group, async_op=True).get_future()

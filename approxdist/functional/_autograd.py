@@ -8,6 +8,7 @@ ones, so it also saves memory.
 """
 import torch
 
+from ._layout import dim1_major, zeros_like_layout
 from ._products import _scatter
 from .sampling import select_columns
 
@@ -36,6 +37,9 @@ class ForwardSampled(torch.autograd.Function):
                 out += b.view([1, -1] + [1] * (out.dim() - 2))
         ctx.product, ctx.dense_grad, ctx.has_bias = product, dense_grad, b is not None
         ctx.x_shape, ctx.w_shape = x.shape, w.shape
+        # The weight gradient is built in the weight's own layout (a dim-1-major weight
+        # of the distributed layers), so AccumulateGrad and DDP take it without a copy.
+        ctx.w_stride = w.stride() if dim1_major(w) else None
         if dense_grad:
             ctx.save_for_backward(x, w)
         else:
@@ -53,7 +57,7 @@ class ForwardSampled(torch.autograd.Function):
         if idx.numel() == 0:
             gb = g.sum([d for d in range(g.dim()) if d != 1]) if (mask[2] and ctx.has_bias) else None
             gx = g.new_zeros(ctx.x_shape) if mask[0] else None
-            gw = g.new_zeros(ctx.w_shape) if mask[1] else None
+            gw = zeros_like_layout(ctx.w_shape, ctx.w_stride, g) if mask[1] else None
             return gx, gw, gb, None, None, None, None
         gx_s, gw_s, gb = ctx.product.sampled_backward(g, x_s, w_s, ctx.has_bias, mask)
         gx = ctx.product.put(ctx.x_shape, idx, gx_s, w_s) if mask[0] else None
@@ -61,7 +65,7 @@ class ForwardSampled(torch.autograd.Function):
         if mask[1]:
             if scale is not None:
                 gw_s = gw_s * _scale_view(scale, gw_s, 1)
-            gw = _scatter(ctx.w_shape, idx, gw_s)
+            gw = _scatter(ctx.w_shape, idx, gw_s, stride=ctx.w_stride)
         return gx, gw, gb, None, None, None, None
 
 

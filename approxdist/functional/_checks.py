@@ -6,6 +6,7 @@ import math
 
 POLICIES = ("topk", "topk_weight", "random", "bernoulli", "bernoulli_weight", "uniform")
 WEIGHT_POLICIES = ("topk_weight", "bernoulli_weight")
+WEIGHT_LAYOUTS = ("input_major", "contiguous")
 MODES = ("forward", "backward", "blackbox")
 
 
@@ -46,3 +47,9 @@ def check_groups(groups):
         raise NotImplementedError(
             f"column-row sampling across convolution groups is not defined here (groups={groups}); "
             "keep grouped/depthwise convolutions exact (convert_model does)")
+
+
+def check_weight_layout(weight_layout):
+    if weight_layout not in WEIGHT_LAYOUTS:
+        raise ValueError(f"weight_layout must be one of {WEIGHT_LAYOUTS}, got {weight_layout!r}")
+    return weight_layout

@@ -13,6 +13,8 @@ convolution on CPU.
 import torch
 import torch.nn.functional as F
 
+from ._layout import zeros_like_layout
+
 _CONV_BACKWARD = torch.ops.aten.convolution_backward.default
 
 # Below this many pixels a 1x1 convolution folds the batch into one matrix product:
@@ -20,10 +22,10 @@ _CONV_BACKWARD = torch.ops.aten.convolution_backward.default
 _FOLD_BELOW = 64
 
 
-def _scatter(full_shape, idx, part, dim=1):
-    """A zero tensor of full_shape with `part` at the (unique) indices along dim: plain
-    copies, no atomic adds as in the backward of index_select."""
-    out = part.new_zeros(full_shape)
+def _scatter(full_shape, idx, part, dim=1, stride=None):
+    """A zero tensor of full_shape (with `stride` when given) with `part` at the (unique)
+    indices along dim: plain copies, no atomic adds as in the backward of index_select."""
+    out = zeros_like_layout(full_shape, stride, part)
     out.index_copy_(dim, idx, part)
     return out
 

@@ -8,6 +8,7 @@ from sampling with replacement are merged into a count-weighted scale).
 import torch
 
 from ._checks import POLICIES, check_minimal_k, check_policy, check_sample_ratio
+from ._layout import dim1_major
 
 # Mixing a little of the uniform distribution into the norm-proportional one keeps every
 # probability positive: a zero-norm weight column can still be drawn, and so learn, and
@@ -116,6 +117,8 @@ def channel_norms(t, dim):
         flat = t.view(n, c * inner)
         flat = flat.to(dtype) if dtype is not None else flat
         return flat.square().sum(0).view(c, inner).sum(1).sqrt_()
+    if dim == 1 and dim1_major(t) and t.numel():  # each channel is one block of memory
+        return torch.linalg.vector_norm(t.transpose(0, 1).reshape(t.shape[1], -1), dim=1, dtype=dtype)
     other = tuple(d for d in range(t.dim()) if d != dim)
     return torch.linalg.vector_norm(t, dim=other, dtype=dtype)
 

@@ -83,16 +83,30 @@ def _explain(exc: TypeError, grads, indices):
     raise exc
 
 
-def pack(grads, indices, out: Optional[torch.Tensor] = None, *, validate: bool = True) -> torch.Tensor:
+def _check_divisor(divisor) -> float:
+    if divisor is None:
+        return 1.0
+    if isinstance(divisor, bool) or not isinstance(divisor, (int, float)) or not divisor > 0 \
+            or divisor == float("inf"):
+        raise ValueError(f"divisor must be a finite number > 0 (the world size), got {divisor!r}")
+    return float(divisor)
+
+
+def pack(grads, indices, out: Optional[torch.Tensor] = None, *, validate: bool = True,
+         divisor=None) -> torch.Tensor:
     """Gathers the selected slices of `grads` into one flat tensor (`out` when given).
 
     validate=False skips reading the index values (sorted, unique, in range), which on
     CUDA costs a host synchronisation; the caller then vouches for them.
+    divisor (e.g. the world size): the result is divided by it, with the bits of
+    `out.div_(divisor)`; the C++ path divides each piece as it copies it, which saves a
+    pass over the buffer.
     """
+    div = _check_divisor(divisor)
     ext = _fast_ext(grads, indices, validate)
     if ext is not None:
         try:
-            return ext.pack(grads, indices, out)
+            return ext.pack(grads, indices, out, div)
         except TypeError as exc:
             _explain(exc, grads, indices)
     grads, indices = check_structure(grads, indices)
@@ -109,8 +123,11 @@ def pack(grads, indices, out: Optional[torch.Tensor] = None, *, validate: bool =
         check_index_values(grads, indices)
     ext = _compiled(device, dtype)
     if ext is not None:
-        return ext.pack(grads, indices, out)
-    return reference.pack_into(grads, indices, out)
+        return ext.pack(grads, indices, out, div)
+    reference.pack_into(grads, indices, out)
+    if div != 1.0:
+        out.div_(divisor)
+    return out
 
 
 def unpack(flat: torch.Tensor, grads, indices, *, validate: bool = True) -> None:

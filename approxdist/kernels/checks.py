@@ -10,7 +10,13 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["check_structure", "check_flat", "check_index_values"]
+__all__ = ["check_structure", "check_flat", "check_index_values", "dim1_major"]
+
+
+def dim1_major(g: torch.Tensor) -> bool:
+    """True for a tensor laid out with dim 1 outermost (`g.transpose(0, 1)` contiguous)
+    that is not plain contiguous: a selected column is then one block of memory."""
+    return g.dim() >= 2 and not g.is_contiguous() and g.transpose(0, 1).is_contiguous()
 
 
 def check_structure(grads, indices) -> Tuple[List[torch.Tensor], List[Optional[torch.Tensor]]]:
@@ -34,8 +40,8 @@ def check_structure(grads, indices) -> Tuple[List[torch.Tensor], List[Optional[t
                              "pack one dtype group per call")
         elif g.device != device:
             raise ValueError(f"grads[{i}] is on {g.device} but grads[0] is on {device}")
-        if not g.is_contiguous():
-            raise ValueError(f"grads[{i}] must be contiguous (shape {tuple(g.shape)}, "
+        if not (g.is_contiguous() or dim1_major(g)):
+            raise ValueError(f"grads[{i}] must be contiguous or dim-1-major (shape {tuple(g.shape)}, "
                              f"stride {g.stride()}): the packed layout follows its memory order")
         if idx is None:
             continue

@@ -58,12 +58,13 @@ class ApproxConv2dDist(WeightSampled, _ApproxConvBase):
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
                  groups=1, bias=True, padding_mode="zeros", *, sample_ratio=1.0, minimal_k=1,
-                 policy="topk_weight", mode="forward", seed=0, device=None, dtype=None):
+                 policy="topk_weight", mode="forward", seed=0, weight_layout="input_major",
+                 device=None, dtype=None):
         check_groups(groups)
         self._init_sampling(sample_ratio, minimal_k, policy, mode)
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                          bias, padding_mode, device=device, dtype=dtype)
-        self._init_dist(seed)
+        self._init_dist(seed, weight_layout)
 
     def forward(self, input):
         if not self.training:

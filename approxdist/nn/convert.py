@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from ..functional._checks import (POLICIES, WEIGHT_POLICIES, check_minimal_k, check_mode,
-                                  check_policy, check_sample_ratio)
+                                  check_policy, check_sample_ratio, check_weight_layout)
 from .conv import ApproxConv2d, ApproxConv2dDist
 from .linear import ApproxLinear, ApproxLinearDist
 
@@ -43,12 +43,12 @@ def _swap(old, cls, kwargs):
     new._forward_hooks.update(old._forward_hooks)
     new.train(old.training)
     if hasattr(new, "_init_dist"):
-        new._init_dist(kwargs["seed"])  # re-register: the weight changed
+        new._init_dist(kwargs["seed"], kwargs["weight_layout"])  # re-register: the weight changed
     return new
 
 
 def convert_model(module, sample_ratio, minimal_k=1, *, distributed=False, policy=None,
-                  mode="forward", skip_first_conv=True, exclude=(), seed=0):
+                  mode="forward", skip_first_conv=True, exclude=(), seed=0, weight_layout=None):
     """Replace every nn.Linear / nn.Conv2d under `module` by ApproxLinear / ApproxConv2d
     (their *Dist forms with distributed=True) in place and return the module.
 
@@ -59,6 +59,12 @@ def convert_model(module, sample_ratio, minimal_k=1, *, distributed=False, polic
     is not defined). With distributed=True the layers choose channels from the weights
     (policy 'topk_weight' by default, or 'bernoulli_weight' seeded with seed + layer
     number, the same on every rank).
+
+    weight_layout (distributed=True only): 'input_major' (the default there) stores each
+    sampled weight with its input channels outermost in memory, so the sparse hook moves
+    whole blocks; values, shapes and Parameter objects are unchanged, only the strides.
+    'contiguous' keeps torch's layout: use it with Horovod, whose collectives need
+    contiguous tensors, or with code that calls `.view()` on weights.
     """
     check_sample_ratio(sample_ratio)
     check_minimal_k(minimal_k)
@@ -66,6 +72,12 @@ def convert_model(module, sample_ratio, minimal_k=1, *, distributed=False, polic
     policy = policy or ("topk_weight" if distributed else "topk")
     check_policy(policy, allowed)
     check_mode(mode, policy)
+    if weight_layout is None:
+        weight_layout = "input_major" if distributed else "contiguous"
+    check_weight_layout(weight_layout)
+    if weight_layout == "input_major" and not distributed:
+        raise ValueError("weight_layout='input_major' needs distributed=True (it serves the sparse "
+                         "all-reduce hook); use weight_layout=None or 'contiguous'")
     if isinstance(exclude, (str, type)):
         exclude = (exclude,)
     linear_cls, conv_cls = (ApproxLinearDist, ApproxConv2dDist) if distributed else (ApproxLinear, ApproxConv2d)
@@ -94,6 +106,7 @@ def convert_model(module, sample_ratio, minimal_k=1, *, distributed=False, polic
         kwargs = dict(sample_ratio=sample_ratio, minimal_k=minimal_k, policy=policy, mode=mode)
         if distributed:
             kwargs["seed"] = seed + ordinal
+            kwargs["weight_layout"] = weight_layout
             ordinal += 1
         cls = linear_cls if isinstance(m, nn.Linear) else conv_cls
         replaced[name] = _swap(m, cls, kwargs)

@@ -34,19 +34,26 @@ class ApproxLinearDist(WeightSampled, nn.Linear):
     same ones; `last_indices` holds the features of the last training forward."""
 
     def __init__(self, in_features, out_features, bias=True, *, sample_ratio=1.0, minimal_k=1,
-                 policy="topk_weight", mode="forward", seed=0, device=None, dtype=None):
+                 policy="topk_weight", mode="forward", seed=0, weight_layout="input_major",
+                 device=None, dtype=None):
         self._init_sampling(sample_ratio, minimal_k, policy, mode)
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
-        self._init_dist(seed)
+        self._init_dist(seed, weight_layout)
+
+    def _exact(self, input):
+        # The weight is stored dim-1-major (see WeightSampled); BLAS given the transposed
+        # operand sums in another order, so the exact product takes a contiguous copy to
+        # stay bit-identical to nn.Linear. Its gradient is copied back into the layout.
+        return F.linear(input, self.weight.contiguous(), self.bias)
 
     def forward(self, input):
         if not self.training:
             self._note_dense_use()
-            return F.linear(input, self.weight, self.bias)
+            return self._exact(input)
         idx, scale = self._select()
         self._record(idx)
         if idx is None:
-            return F.linear(input, self.weight, self.bias)
+            return self._exact(input)
         return sampled_linear(input, self.weight, self.bias, idx, scale, self.mode)
 
     def extra_repr(self):

@@ -71,8 +71,10 @@ def build_training_model(args, info):
     if args.sample_ratio < 1.0 or args.comm_hook == "sparse":
         import approxdist
 
+        # Horovod's broadcast and all-reduce need contiguous weights.
+        layout = "contiguous" if getattr(args, "dist", "torch") == "horovod" else None
         model = approxdist.convert_model(model, args.sample_ratio, args.minimal_k, distributed=True,
-                                         policy=args.policy, seed=args.seed)
+                                         policy=args.policy, seed=args.seed, weight_layout=layout)
     return model
 
 

@@ -96,6 +96,6 @@ dist.destroy_process_group()
 EOF
 
 step "4. approxdist-bench kernels (GPU)"
-"$PYTHON" -m approxdist.bench kernels --device cuda --json "$OUT/bench_kernels_gpu.json"
+"$PYTHON" -m approxdist.bench kernels --device cuda --layouts dim1 contiguous --json "$OUT/bench_kernels_gpu.json"
 
 step "done: all GPU checks passed in $SECONDS s (outputs in $OUT)"
