@@ -19,6 +19,7 @@ byte counter (what really went over the wire, headers included).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import re
@@ -315,6 +316,10 @@ def _worker_main(argv: list[str]) -> int:
         dist.all_gather_object(gathered, rows)
         if dist.get_rank() == 0:
             Path(a.out).write_text(json.dumps([r for rs in gathered for r in rs]))
+        # As approxdist-train does: free the DDP reducers and meet before the gloo group
+        # goes, or a rank may tear its pairs down under the other (an abort at exit).
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
     return 0
@@ -392,6 +397,11 @@ def summarize(rows: list[dict]) -> list[dict]:
         # hook, the scatter-back that runs in its callback.
         s["hook_s"] = statistics.median(r["hook_body_s"] + r.get("unpack_s", 0.0) for r in rs)
         s["hook_share"] = s["hook_s"] / s["step_s"]
+        if all("pack_s" in r for r in rs):  # the sparse hook's pack (with the division) + unpack
+            s["pack_s"] = statistics.median(r["pack_s"] for r in rs)
+            s["unpack_s"] = statistics.median(r["unpack_s"] for r in rs)
+            s["pack_unpack_s"] = statistics.median(r["pack_s"] + r["unpack_s"] for r in rs)
+            s["pack_unpack_share"] = s["pack_unpack_s"] / s["step_s"]
         out.append(s)
     base = {(s["nodes"], s["rate"], s["model"]): s["step_s"] for s in out if s["hook"] == "allreduce"}
     for s in out:
@@ -409,7 +419,7 @@ def format_table(summary: list[dict], testbed: bool) -> str:
     if testbed:
         head += ["wire MB/step", "compute s", "all-reduce s at link", "step / limit"]
     else:
-        head += ["compute s", "hook s", "hook share"]
+        head += ["compute s", "hook s", "hook share", "pack+unpack share"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summary:
         cells = [str(s["nodes"]), s["rate"], s["model"], s["hook"], f"{s['step_s']:.3f}",
@@ -421,7 +431,8 @@ def format_table(summary: list[dict], testbed: bool) -> str:
         else:
             hook = s["kind"] != "allreduce"
             cells += [f"{s['compute_s']:.3f}", f"{s['hook_s']:.4f}" if hook else "(C++)",
-                      f"{s['hook_share']:.1%}" if hook else "-"]
+                      f"{s['hook_share']:.1%}" if hook else "-",
+                      f"{s['pack_unpack_share']:.1%}" if "pack_unpack_share" in s else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

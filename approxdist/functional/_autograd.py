@@ -8,7 +8,7 @@ ones, so it also saves memory.
 """
 import torch
 
-from ._layout import dim1_major, zeros_like_layout
+from ._layout import dim1_major, select_dim1, zeros_like_layout
 from ._products import _scatter
 from .sampling import select_columns
 
@@ -26,7 +26,7 @@ class ForwardSampled(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, b, idx, scale, product, dense_grad):
         x_s = product.take(x, idx, w)
-        w_s = w.index_select(1, idx)
+        w_s = select_dim1(w, idx)
         if scale is not None:
             w_s = w_s * _scale_view(scale, w_s, 1)
         if idx.numel():

@@ -13,7 +13,7 @@ convolution on CPU.
 import torch
 import torch.nn.functional as F
 
-from ._layout import zeros_like_layout
+from ._layout import dim1_major, zeros_like_layout
 
 _CONV_BACKWARD = torch.ops.aten.convolution_backward.default
 
@@ -24,10 +24,24 @@ _FOLD_BELOW = 64
 
 def _scatter(full_shape, idx, part, dim=1, stride=None):
     """A zero tensor of full_shape (with `stride` when given) with `part` at the (unique)
-    indices along dim: plain copies, no atomic adds as in the backward of index_select."""
+    indices along dim: plain copies, no atomic adds as in the backward of index_select.
+    A dim-1-major result (a distributed layer's weight gradient) is filled block by
+    block through its transpose; index_copy_ along its outer dim 1 would be elementwise."""
     out = zeros_like_layout(full_shape, stride, part)
-    out.index_copy_(dim, idx, part)
+    if dim == 1 and dim1_major(out):
+        out.transpose(0, 1).index_copy_(0, idx, part.transpose(0, 1))
+    else:
+        out.index_copy_(dim, idx, part)
     return out
+
+
+def _mm_like(w, a, b):
+    """a @ b, laid out like the weight w: for a dim-1-major w computed as (b.T @ a.T).T,
+    which is the same matrix product (bitwise equal only up to summation order), so the
+    gradient is already dim-1-major and is scattered as whole blocks."""
+    if dim1_major(w):
+        return b.t().mm(a.t()).t()
+    return a.mm(b)
 
 
 class LinearProduct:
@@ -42,6 +56,12 @@ class LinearProduct:
         gb = g.sum(0) if (mask[2] and has_bias) else None
         return gx, gw, gb
 
+    def sampled_backward(self, g, x, w, has_bias, mask):
+        gx = g.mm(w) if mask[0] else None
+        gw = _mm_like(w, g.t(), x) if mask[1] else None
+        gb = g.sum(0) if (mask[2] and has_bias) else None
+        return gx, gw, gb
+
     def out_shape(self, x, w):
         return (x.shape[0], w.shape[0])
 
@@ -52,7 +72,6 @@ class LinearProduct:
         return _scatter(full_shape, idx, gx_s)
 
     sampled = __call__
-    sampled_backward = backward
 
 
 class Conv2dProduct:
@@ -106,7 +125,7 @@ class Conv2dProduct:
             return self(x, w, b)
         n_b, k, h, wd = x.shape
         o, hw = w.shape[0], h * wd
-        w2 = w.view(o, k)
+        w2 = w.reshape(o, k)  # a view (transposed for a dim-1-major w: BLAS takes it as is)
         if hw < _FOLD_BELOW:
             out = w2.mm(x.transpose(0, 1).reshape(k, n_b * hw))
             out = out.view(o, n_b, hw).transpose(0, 1).contiguous()
@@ -127,7 +146,7 @@ class Conv2dProduct:
         g_folded = g3.transpose(0, 1).reshape(o, n_b * hw) if (fold or o * k >= (o + k) * hw) else None
         gx = gw = gb = None
         if mask[0]:
-            w2t = w.view(o, k).t()
+            w2t = w.reshape(o, k).t()
             if fold:
                 gx = w2t.mm(g_folded).view(k, n_b, hw).transpose(0, 1).contiguous()
             else:
@@ -135,9 +154,12 @@ class Conv2dProduct:
             gx = gx.view(x.shape)
         if mask[1]:
             if g_folded is None:  # per-sample products are small next to the images: sum them
-                gw = torch.bmm(g3, x3.transpose(1, 2)).sum(0)
+                if dim1_major(w):  # computed transposed, so it comes out dim-1-major
+                    gw = torch.bmm(x3, g3.transpose(1, 2)).sum(0).t()
+                else:
+                    gw = torch.bmm(g3, x3.transpose(1, 2)).sum(0)
             else:  # one product over (batch, pixels) beats summing B large ones
-                gw = g_folded.mm(x3.transpose(0, 1).reshape(k, n_b * hw).t())
+                gw = _mm_like(w, g_folded, x3.transpose(0, 1).reshape(k, n_b * hw).t())
             gw = gw.view(w.shape)
         if mask[2] and has_bias:
             gb = g3.sum((0, 2))

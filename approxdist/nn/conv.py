@@ -4,6 +4,7 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
 from ..functional import approx_conv2d, sampled_conv2d
+from ..functional._layout import contiguous_weight
 from ..functional._checks import check_groups
 from ._config import SamplingConfig
 from ._dist import WeightSampled
@@ -67,13 +68,15 @@ class ApproxConv2dDist(WeightSampled, _ApproxConvBase):
         self._init_dist(seed, weight_layout)
 
     def forward(self, input):
+        # The exact convolution takes a row-major copy of a dim-1-major weight (made
+        # with a blocked transpose; torch would copy it elementwise inside the conv).
         if not self.training:
             self._note_dense_use()
-            return self._conv_forward(input, self.weight, self.bias)
+            return self._conv_forward(input, contiguous_weight(self.weight), self.bias)
         idx, scale = self._select()
         self._record(idx)
         if idx is None:
-            return self._conv_forward(input, self.weight, self.bias)
+            return self._conv_forward(input, contiguous_weight(self.weight), self.bias)
         x, padding = self._padded(input)
         return sampled_conv2d(x, self.weight, self.bias, idx, scale, self.stride, padding,
                               self.dilation, self.mode)

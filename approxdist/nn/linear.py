@@ -3,6 +3,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..functional import approx_linear, sampled_linear
+from ..functional._layout import contiguous_weight
 from ._config import SamplingConfig
 from ._dist import WeightSampled
 
@@ -41,10 +42,10 @@ class ApproxLinearDist(WeightSampled, nn.Linear):
         self._init_dist(seed, weight_layout)
 
     def _exact(self, input):
-        # The weight is stored dim-1-major (see WeightSampled); BLAS given the transposed
-        # operand sums in another order, so the exact product takes a contiguous copy to
-        # stay bit-identical to nn.Linear. Its gradient is copied back into the layout.
-        return F.linear(input, self.weight.contiguous(), self.bias)
+        # The weight may be stored dim-1-major (see WeightSampled); BLAS given the
+        # transposed operand sums in another order, so the exact product takes a
+        # row-major copy to stay bit-identical to nn.Linear.
+        return F.linear(input, contiguous_weight(self.weight), self.bias)
 
     def forward(self, input):
         if not self.training:
