@@ -188,7 +188,7 @@ def _build(cfg: dict, spec: dict, seed: int):
         import approxdist as ad
 
         model = ad.convert_model(model, spec["ratio"], distributed=True)
-    bucket = SINGLE_BUCKET_MB if spec["kind"] == "powersgd" else DEFAULT_BUCKET_MB
+    bucket = SINGLE_BUCKET_MB if spec["kind"] == "powersgd" else cfg.get("bucket_mb", DEFAULT_BUCKET_MB)
     ddp = DDP(model, bucket_cap_mb=bucket)
     box = [0.0]
     state = _install_hook(ddp, spec, box)
@@ -210,11 +210,17 @@ def _run_config(cfg: dict, spec: dict, plan: dict, seed: int, measure_compute: b
     y = torch.randint(0, 10, (plan["batch"],), generator=g)
     ifname = os.environ.get("GLOO_SOCKET_IFNAME", "")
 
+    phases = [0.0, 0.0]  # forward, optimizer: of the last step
+
     def step():
+        t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss = crit(ddp(x), y)
+        phases[0] = time.perf_counter() - t0
         loss.backward()
+        t1 = time.perf_counter()
         opt.step()
+        phases[1] = time.perf_counter() - t1
         return loss
 
     warmup = max(plan["warmup"], POWERSGD_START_ITER if spec["kind"] == "powersgd" else 0)
@@ -235,7 +241,7 @@ def _run_config(cfg: dict, spec: dict, plan: dict, seed: int, measure_compute: b
     tx1 = _tx_bytes(ifname) if tx0 is not None else None
     # Taken before the local-only steps below, which let the replicas drift apart.
     digest = float(torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double().sum())
-    compute = []
+    compute, forward, optim = [], [], []
     # Compute alone (same model and hook, DDP's sync switched off): the other half of the
     # physical limit. It does not depend on the link, so later repeats skip it.
     for _ in range(plan.get("compute_steps", 2) if measure_compute else 0):
@@ -244,6 +250,8 @@ def _run_config(cfg: dict, spec: dict, plan: dict, seed: int, measure_compute: b
         with ddp.no_sync():
             step()
         compute.append(time.perf_counter() - t0)
+        forward.append(phases[0])
+        optim.append(phases[1])
     steps = plan["steps"]
     dense = dense_payload_bytes(model)
     if spec["kind"] == "allreduce":
@@ -253,7 +261,8 @@ def _run_config(cfg: dict, spec: dict, plan: dict, seed: int, measure_compute: b
     out = {
         "model": cfg["model"], "hook": spec["name"], "kind": spec["kind"],
         "ratio": spec["ratio"], "fp16": spec["fp16"], "rank": rank, "world_size": world,
-        "step_s": times, "compute_s": compute, "loss": float(loss.detach()),
+        "step_s": times, "compute_s": compute, "forward_s": forward, "optimizer_s": optim,
+        "loss": float(loss.detach()),
         "payload_bytes": payload, "dense_bytes": dense,
         "allreduce_calls_per_step": counter.calls / steps,
         "hook_body_s": box[0] / steps,
@@ -392,6 +401,15 @@ def summarize(rows: list[dict]) -> list[dict]:
             s["allreduce_s"] = (8 * _ring_bytes(s["payload_bytes"], nodes) / s["link_bits_per_s"])
             s["limit_s"] = max(s["compute_s"], s["allreduce_s"])
             s["of_limit"] = s["step_s"] / s["limit_s"]
+            fwd = [t for r in rs for t in r.get("forward_s", [])]
+            opt = [t for r in rs for t in r.get("optimizer_s", [])]
+            if fwd and opt:
+                # DDP reduces gradients during backward only: the forward before it and
+                # the optimizer step after it cannot overlap the transfer.
+                s["forward_s"] = statistics.median(fwd)
+                s["optimizer_s"] = statistics.median(opt)
+                s["ddp_bound_s"] = max(s["compute_s"], s["forward_s"] + s["allreduce_s"] + s["optimizer_s"])
+                s["of_ddp_bound"] = s["step_s"] / s["ddp_bound_s"]
         s["comm_share"] = max(0.0, 1.0 - s["compute_s"] / s["step_s"])
         # The hook's own work per step: its body (cast/pack/launch) plus, for the sparse
         # hook, the scatter-back that runs in its callback.
@@ -417,7 +435,7 @@ def _ring_bytes(nbytes: float, world: int) -> float:
 def format_table(summary: list[dict], testbed: bool) -> str:
     head = ["nodes", "link", "model", "hook", "step s", "speedup", "payload MB/step", "of dense"]
     if testbed:
-        head += ["wire MB/step", "compute s", "all-reduce s at link", "step / limit"]
+        head += ["wire MB/step", "compute s", "all-reduce s at link", "step / limit", "step / DDP bound"]
     else:
         head += ["compute s", "hook s", "hook share", "pack+unpack share"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -427,7 +445,8 @@ def format_table(summary: list[dict], testbed: bool) -> str:
                  f"{s['payload_bytes'] / 1e6:.2f}", f"{s['payload_bytes'] / s['dense_bytes']:.3f}"]
         if testbed:
             cells += [f"{s['wire_tx_bytes'] / 1e6:.2f}" if s.get("wire_tx_bytes") else "-",
-                      f"{s['compute_s']:.3f}", f"{s['allreduce_s']:.3f}", f"{s['of_limit']:.2f}"]
+                      f"{s['compute_s']:.3f}", f"{s['allreduce_s']:.3f}", f"{s['of_limit']:.2f}",
+                      f"{s['of_ddp_bound']:.2f}" if "of_ddp_bound" in s else "-"]
         else:
             hook = s["kind"] != "allreduce"
             cells += [f"{s['compute_s']:.3f}", f"{s['hook_s']:.4f}" if hook else "(C++)",
@@ -587,6 +606,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3, help="timed steps per run")
     p.add_argument("--warmup", type=int, default=1, help="(PowerSGD always gets 2)")
     p.add_argument("--repeats", type=int, default=2, help="interleaved rounds over all hooks")
+    p.add_argument("--bucket-mb", type=float, default=DEFAULT_BUCKET_MB,
+                   help="DDP bucket_cap_mb of every hook but PowerSGD (one bucket) (default: %(default)s)")
     p.add_argument("--json", default=None, help="write raw rows and the summary here "
                    "(rewritten after every testbed, so a cut-short run keeps what it measured)")
     p.add_argument("--plots", default=None, help="directory for the PNG plots")
@@ -626,7 +647,9 @@ def main(argv=None) -> int:
             make_model(m)
         except ValueError as e:
             p.error(str(e))
-    configs = [{"model": m, "hook": h} for m in models for h in hooks]
+    if not a.bucket_mb > 0:
+        p.error(f"--bucket-mb must be > 0, got {a.bucket_mb}")
+    configs = [{"model": m, "hook": h, "bucket_mb": a.bucket_mb} for m in models for h in hooks]
     plan = {"configs": configs, "batch": a.batch, "image_size": a.image_size,
             "steps": a.steps, "warmup": a.warmup, "repeats": a.repeats, "seed": 0,
             "compute_steps": 2, "compute_repeats": 1, "verbose": not a.quiet}
@@ -755,6 +778,7 @@ def _render(a) -> int:
 def _markdown_body(command, plan, table, pngs, testbed, links, env, docdir,
                    load_end=None) -> str:
     where = ("the namespace testbed" if testbed else "loopback, 2 gloo ranks")
+    bucket_mb = plan["configs"][0].get("bucket_mb", DEFAULT_BUCKET_MB) if plan.get("configs") else DEFAULT_BUCKET_MB
     lines = [f"### {'Testbed' if testbed else 'Loopback'}", "",
              f"Command: `{command}` ({where}; {env['date']}, commit {env['commit']}, "
              f"torch {env['torch']}, {env['cpus']} CPUs, load average "
@@ -773,10 +797,13 @@ def _markdown_body(command, plan, table, pngs, testbed, links, env, docdir,
             "both veth ends of every link; no added latency, netem is unavailable). " + common,
             "PowerSGD runs in a single DDP bucket (PyTorch's PowerSGD hook issues its second "
             "all-reduce from a callback, which crashes gloo with several buckets), "
-            "start_powerSGD_iter=2, error feedback and warm start on; the others use DDP's "
-            "25 MB buckets. `wire` is what the node's eth0 sent per step (headers included). "
+            "start_powerSGD_iter=2, error feedback and warm start on; the others use DDP "
+            f"buckets of {bucket_mb:g} MB. `wire` is what the node's eth0 sent per step (headers included). "
             "`all-reduce s at link` = payload x 2(n-1)/n over the measured gloo rate below; "
-            "`step / limit` = step time over max(compute alone, that).", ""]
+            "`step / limit` = step time over max(compute alone, that). `step / DDP bound` = "
+            "step time over max(compute alone, forward + all-reduce at link + optimizer step): "
+            "DDP reduces during backward only, so the forward and the optimizer step (timed "
+            "within the compute-alone steps) cannot overlap the transfer.", ""]
         for k, v in links.items():
             lines.append(f"- gloo all-reduce rate measured on the testbed, {k}: "
                          f"{v['link_bits_per_s'] / 1e9:.3f} Gbit/s per link")
