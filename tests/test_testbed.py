@@ -250,7 +250,8 @@ def test_summary_speedup_and_physical_limit():
         return {"rank": 0, "world_size": 2, "nodes": 2, "rate": "1gbit", "model": "m",
                 "hook": hook, "kind": kind, "ratio": 1.0, "fp16": False, "step_s": [step] * 3,
                 "compute_s": [0.1], "payload_bytes": payload, "dense_bytes": 1e8,
-                "wire_tx_bytes": payload, "hook_body_s": 0.0, "link_bits_per_s": 1e9}
+                "wire_tx_bytes": payload, "hook_body_s": 0.0, "link_bits_per_s": 1e9,
+                "forward_s": [0.03], "optimizer_s": [0.02], "pack_s": 0.01, "unpack_s": 0.015}
 
     s = {x["hook"]: x for x in summarize([row("allreduce", "allreduce", 1.0, 1e8),
                                           row("sparse0.5", "sparse", 0.5, 5e7)])}
@@ -258,6 +259,10 @@ def test_summary_speedup_and_physical_limit():
     # 2 nodes: each sends the payload once; 5e7 bytes at 1 Gbit/s take 0.4 s.
     assert s["sparse0.5"]["allreduce_s"] == pytest.approx(0.4)
     assert s["sparse0.5"]["of_limit"] == pytest.approx(0.5 / 0.4)
+    # under DDP the forward (0.03 s) and the optimizer step (0.02 s) cannot overlap it
+    assert s["sparse0.5"]["ddp_bound_s"] == pytest.approx(0.45)
+    assert s["sparse0.5"]["of_ddp_bound"] == pytest.approx(0.5 / 0.45)
+    assert s["sparse0.5"]["pack_unpack_share"] == pytest.approx(0.025 / 0.5)
 
 
 @needs_netns
@@ -305,3 +310,12 @@ def test_time_to_accuracy_bookkeeping():
     assert argv[argv.index("--sample-ratio") + 1] == "0.33" and "--dataset" in argv
     with pytest.raises(ValueError, match="hook"):
         train_argv("topk", "/tmp/x", model="cnn", epochs=1, batch=1, seed=0)
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "nan"])
+def test_bucket_mb_must_be_positive(value, capsys):
+    from approxdist.bench.comm import main
+
+    with pytest.raises(SystemExit):
+        main(["--bucket-mb", value, "--models", "tiny"])
+    assert "--bucket-mb must be > 0" in capsys.readouterr().err
