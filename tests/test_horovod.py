@@ -289,7 +289,8 @@ def test_train_app_under_horovodrun_equals_torchrun(tmp_path):
     env = {k: v for k, v in _env().items() if not k.startswith(("OMPI_", "PMI_", "HOROVOD_"))}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            "-m", "approxdist.train", *TRAIN_FLAGS, "--sample-ratio", "0.5", "--comm-hook", "sparse",
-                           "--output-dir", str(tmp_path / "ddp")],
+                           # Horovod's weight layout: sampled products then sum in the same order
+                           "--weight-layout", "contiguous", "--output-dir", str(tmp_path / "ddp")],
                           capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     ddp, w_ddp = _train_result(tmp_path / "ddp")
@@ -323,6 +324,7 @@ def test_train_app_under_horovodrun_resumes_exactly(tmp_path):
 
 @pytest.mark.parametrize("flags, message", [
     (["--comm-hook", "powersgd"], "--comm-hook powersgd is not available with --dist horovod"),
+    (["--weight-layout", "input_major"], "--weight-layout input_major is not available with --dist horovod"),
     (["--comm-hook", "sparse", "--agreement", "broadcast"], "--agreement broadcast"),
     (["--backend", "gloo"], "--backend"),
 ])

@@ -46,6 +46,9 @@ def build_parser(prog="approxdist-train"):
     p.add_argument("--powersgd-rank", type=int, default=1, help="matrix approximation rank for --comm-hook powersgd")
     p.add_argument("--powersgd-start-iter", type=int, default=2, help="steps of plain all-reduce before PowerSGD")
     p.add_argument("--amp", action="store_true", help="mixed precision (fp16 + GradScaler on CUDA, bf16 on CPU)")
+    p.add_argument("--weight-layout", default=None, choices=("input_major", "contiguous"),
+                   help="memory layout of the sampled weights (default: input_major under torch DDP, "
+                        "whose sparse hook then moves whole blocks; contiguous under Horovod, which needs it)")
     p.add_argument("--dist", default="torch", choices=("torch", "horovod"),
                    help="who reduces the gradients: torch.distributed DDP (torchrun, srun, mpirun) or Horovod "
                         "(horovodrun; --comm-hook allreduce, fp16 or sparse)")

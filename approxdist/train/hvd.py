@@ -30,6 +30,9 @@ def check_args(args):
                          f"choose one of {', '.join(HOOKS)}")
     if args.agreement == "broadcast":
         raise ValueError("--agreement broadcast is not available with --dist horovod; use local or check")
+    if getattr(args, "weight_layout", None) == "input_major":
+        raise ValueError("--weight-layout input_major is not available with --dist horovod: Horovod's "
+                         "broadcast and all-reduce need contiguous weights (the default there)")
     if args.backend is not None:
         raise ValueError("--backend selects the torch.distributed backend; Horovod picks its own "
                          "(horovodrun --gloo or --mpi)")

@@ -72,7 +72,9 @@ def build_training_model(args, info):
         import approxdist
 
         # Horovod's broadcast and all-reduce need contiguous weights.
-        layout = "contiguous" if getattr(args, "dist", "torch") == "horovod" else None
+        layout = getattr(args, "weight_layout", None)
+        if layout is None and getattr(args, "dist", "torch") == "horovod":
+            layout = "contiguous"
         model = approxdist.convert_model(model, args.sample_ratio, args.minimal_k, distributed=True,
                                          policy=args.policy, seed=args.seed, weight_layout=layout)
     return model
