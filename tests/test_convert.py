@@ -161,21 +161,22 @@ def test_distributed_layers_get_distinct_seeds():
     assert len(seeds) == len(set(seeds)) and min(seeds) == 10
 
 
-def test_distributed_layers_store_weights_dim1_major():
-    """convert_model(distributed=True) keeps values and Parameter objects but lays the
-    sampled weights out with input channels outermost; gradients come in that layout (no
-    copy by AccumulateGrad or DDP), and dtype/device moves keep it."""
+@pytest.mark.parametrize("distributed", [True, False])
+def test_sampled_layers_store_weights_dim1_major(distributed):
+    """convert_model keeps values and Parameter objects but lays the sampled weights out
+    with input channels outermost; gradients come in that layout (no copy by
+    AccumulateGrad or DDP), and dtype/device moves keep it."""
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     params = {name: p for name, p in model.named_parameters()}
-    convert_model(model, 0.5, distributed=True)
+    convert_model(model, 0.5, distributed=distributed)
     after = model.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(p is params[name] for name, p in model.named_parameters())
-    sampled = [m for m in model.modules() if isinstance(m, WeightSampled)]
-    assert sampled
+    sampled = [m for m in model.modules() if isinstance(m, APPROX)]
+    assert len(sampled) == 20  # every conv but the first, and fc
     for m in sampled:
         assert m.weight.transpose(0, 1).is_contiguous() and not m.weight.is_contiguous(), m
     model(torch.randn(2, 3, 32, 32)).sum().backward()
@@ -195,5 +196,10 @@ def test_weight_layout_option():
         convert_model(nn.Sequential(nn.Linear(4, 4)), 0.5, distributed=True, weight_layout="rows")
     with pytest.raises(ValueError, match="weight_layout must be one of"):
         ApproxLinearDist(4, 4, weight_layout="channels_last")
-    with pytest.raises(ValueError, match="needs distributed=True"):
-        convert_model(nn.Sequential(nn.Linear(4, 4)), 0.5, weight_layout="input_major")
+    with pytest.raises(ValueError, match="weight_layout must be one of"):
+        ApproxConv2d(4, 4, 3, weight_layout=None)
+    plain = convert_model(nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 4)), 0.5, weight_layout="contiguous")
+    assert all(p.is_contiguous() for p in plain.parameters())
+    relaid = convert_model(nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 4)), 0.5)
+    assert all(m.weight.transpose(0, 1).is_contiguous() and not m.weight.is_contiguous()
+               for m in relaid if isinstance(m, ApproxLinear))

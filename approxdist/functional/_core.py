@@ -4,6 +4,7 @@ dimension at dim 1 of both input and weight."""
 import torch
 
 from ._autograd import BackwardSampled, ForwardSampled
+from ._layout import contiguous_weight
 from ._checks import WEIGHT_POLICIES, check_minimal_k, check_mode, check_policy, check_sample_ratio
 from .sampling import channel_norms, num_samples, select_columns
 
@@ -30,13 +31,19 @@ def select_pairs(x, w, k, policy, generator=None):
 
 
 def sampled_product(x, w, b, idx, scale, product, mode="forward"):
-    """The product over the given pairs; mode 'forward' or 'blackbox'."""
+    """The product over the given pairs; mode 'forward' or 'blackbox'.
+
+    Forward sampling works on a dim-1-major weight as it is (functional/_layout.py);
+    'blackbox' runs torch's dense backward, which takes a row-major copy."""
+    if mode == "blackbox":
+        w = contiguous_weight(w)
     return ForwardSampled.apply(x, w, b, idx, scale, product, mode == "blackbox")
 
 
 def approx_product(x, w, b, product, sample_ratio, minimal_k, policy, mode, generator):
     check_config(sample_ratio, minimal_k, policy, mode)
     if mode == "backward":
+        w = contiguous_weight(w)  # torch's own products throughout
         k_out = num_samples(w.shape[0], sample_ratio, minimal_k)
         k_batch = num_samples(x.shape[0], sample_ratio, minimal_k)
         if k_out == w.shape[0] and k_batch == x.shape[0]:
@@ -44,7 +51,7 @@ def approx_product(x, w, b, product, sample_ratio, minimal_k, policy, mode, gene
         return BackwardSampled.apply(x, w, b, k_out, k_batch, policy, generator, product)
     n = w.shape[1]
     k = num_samples(n, sample_ratio, minimal_k)
-    if k == n:
-        return product(x, w, b)
+    if k == n:  # exactly torch's product, bit for bit
+        return product(x, contiguous_weight(w), b)
     idx, scale = select_pairs(x, w, k, policy, generator)
     return sampled_product(x, w, b, idx, scale, product, mode)

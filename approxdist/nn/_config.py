@@ -2,8 +2,11 @@
 
 The attributes are validated on every assignment, so a schedule that changes
 sample_ratio between steps gets the same clear errors as the constructor."""
+import torch
+
 from ..functional._checks import (POLICIES, check_minimal_k, check_mode, check_policy,
-                                  check_sample_ratio)
+                                  check_sample_ratio, check_weight_layout)
+from ..functional._layout import to_dim1_major
 
 
 class SamplingConfig:
@@ -50,6 +53,28 @@ class SamplingConfig:
     @mode.setter
     def mode(self, value):
         self._mode = check_mode(value, self._policy)
+
+    def _init_layout(self, weight_layout):
+        self.weight_layout = check_weight_layout(weight_layout)
+        self._apply_weight_layout()
+
+    def _apply_weight_layout(self):
+        """weight_layout 'input_major' (the default) stores the weight dim-1-major
+        (functional/_layout.py): same values, shape and Parameter object, only the strides
+        differ. Each input channel is then one block of memory: the sampled forward
+        gathers whole blocks, the weight gradient of a 1x1 conv or linear layer is
+        computed transposed and written as blocks, and under DDP the gradient bucket has
+        the same layout, so the sparse hook packs and scatters blocks. 'contiguous' keeps
+        torch's row-major layout (Horovod's collectives and `.view()` on weights need it).
+        The exact paths (eval, k == n) take a row-major copy, so they stay bit-identical
+        to torch.nn."""
+        w = self.weight
+        if w is None or w.dim() < 2 or w.is_meta:
+            return
+        relaid = to_dim1_major(w.data) if self.weight_layout == "input_major" else w.data.contiguous()
+        if relaid is not w.data:
+            with torch.no_grad():
+                w.data = relaid
 
     def _sampling_repr(self):
         return (f"sample_ratio={self.sample_ratio}, minimal_k={self.minimal_k}, "

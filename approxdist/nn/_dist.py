@@ -7,8 +7,7 @@ reduced it (a union, so gradient accumulation with no_sync stays lossless)."""
 import torch
 
 from ..functional import channel_norms, num_samples, select_columns
-from ..functional._layout import to_dim1_major
-from ..functional._checks import WEIGHT_POLICIES, check_weight_layout
+from ..functional._checks import WEIGHT_POLICIES
 from ._config import SamplingConfig
 from ._registry import register_sampled
 
@@ -17,8 +16,7 @@ class WeightSampled(SamplingConfig):
     _allowed_policies = WEIGHT_POLICIES
 
     def _init_dist(self, seed, weight_layout="input_major"):
-        self.weight_layout = check_weight_layout(weight_layout)
-        self._apply_weight_layout()
+        self._init_layout(weight_layout)
         self.seed = int(seed)
         self._generator = None
         self._generator_state = None  # restored state waiting for the first draw
@@ -26,22 +24,6 @@ class WeightSampled(SamplingConfig):
         self._touched = None
         self._index_sync = None  # set by the distributed agreement mode 'broadcast'
         register_sampled(self)
-
-    def _apply_weight_layout(self):
-        """weight_layout 'input_major' (the default) stores the weight dim-1-major
-        (functional/_layout.py): same values, shape and Parameter object, but each input
-        channel is one block of memory, and so is its gradient slice in DDP's bucket,
-        which the sparse hook then packs and scatters with block copies (2-2.5x faster
-        than a few floats per row). 'contiguous' keeps torch's row-major layout, which
-        Horovod's collectives require. `model.to(memory_format=...)` may change it; the
-        hook then sends that weight's gradient whole."""
-        w = self.weight
-        if w is None or w.dim() < 2 or w.is_meta:
-            return
-        relaid = to_dim1_major(w.data) if self.weight_layout == "input_major" else w.data.contiguous()
-        if relaid is not w.data:
-            with torch.no_grad():
-                w.data = relaid
 
     # -- selection -------------------------------------------------------------------
     @property

@@ -37,15 +37,16 @@ class ApproxConv2d(SamplingConfig, _ApproxConvBase):
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
                  groups=1, bias=True, padding_mode="zeros", *, sample_ratio=1.0, minimal_k=1,
-                 policy="topk", mode="forward", device=None, dtype=None):
+                 policy="topk", mode="forward", weight_layout="input_major", device=None, dtype=None):
         check_groups(groups)
         self._init_sampling(sample_ratio, minimal_k, policy, mode)
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                          bias, padding_mode, device=device, dtype=dtype)
+        self._init_layout(weight_layout)
 
     def forward(self, input):
         if not self.training:
-            return self._conv_forward(input, self.weight, self.bias)
+            return self._conv_forward(input, contiguous_weight(self.weight), self.bias)
         x, padding = self._padded(input)
         return approx_conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, 1,
                              sample_ratio=self.sample_ratio, minimal_k=self.minimal_k,

@@ -15,13 +15,14 @@ class ApproxLinear(SamplingConfig, nn.Linear):
     those of nn.Linear."""
 
     def __init__(self, in_features, out_features, bias=True, *, sample_ratio=1.0, minimal_k=1,
-                 policy="topk", mode="forward", device=None, dtype=None):
+                 policy="topk", mode="forward", weight_layout="input_major", device=None, dtype=None):
         self._init_sampling(sample_ratio, minimal_k, policy, mode)
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self._init_layout(weight_layout)
 
     def forward(self, input):
         if not self.training:
-            return F.linear(input, self.weight, self.bias)
+            return F.linear(input, contiguous_weight(self.weight), self.bias)
         return approx_linear(input, self.weight, self.bias, sample_ratio=self.sample_ratio,
                              minimal_k=self.minimal_k, policy=self.policy, mode=self.mode)
 

@@ -73,8 +73,8 @@ def build_training_model(args, info):
 
         # Horovod's broadcast and all-reduce need contiguous weights.
         layout = getattr(args, "weight_layout", None)
-        if layout is None and getattr(args, "dist", "torch") == "horovod":
-            layout = "contiguous"
+        if layout is None:
+            layout = "contiguous" if getattr(args, "dist", "torch") == "horovod" else "input_major"
         model = approxdist.convert_model(model, args.sample_ratio, args.minimal_k, distributed=True,
                                          policy=args.policy, seed=args.seed, weight_layout=layout)
     return model
