@@ -60,7 +60,7 @@ def _train(hvd, use_approx, opt_name, passes, fp16, cap_mb):
 
     # Ours takes the default (input-major) weight layout and makes it contiguous itself;
     # Horovod's own optimizer needs contiguous weights from the start.
-    layout = None if use_approx else "contiguous"
+    layout = "input_major" if use_approx else "contiguous"
     model = approxdist.convert_model(make_model("cnn", seed=0), 0.5, distributed=True, weight_layout=layout)
     if opt_name == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
