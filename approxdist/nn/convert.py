@@ -65,7 +65,8 @@ def convert_model(module, sample_ratio, minimal_k=1, *, distributed=False, polic
     weight_layout: 'input_major' (default) stores each sampled weight with its input
     channels outermost in memory (values, shapes and Parameter objects unchanged, only
     the strides), so sampling gathers and scatters whole blocks and the sparse hook packs
-    whole blocks; a resnet50 step at ratio 0.5 is ~7% faster for it (docs/benchmarks.md).
+    whole blocks; a resnet50 step at ratio 0.5 was ~4% faster for it in an A/B
+    (docs/benchmarks.md, Compute).
     'contiguous' keeps torch's layout: use it with Horovod, whose collectives need
     contiguous tensors, or with code that calls `.view()` on weights.
     """
