@@ -151,36 +151,15 @@ void gather_rows(const TensorJob& job, int64_t r0, int64_t r1) {
   }
 }
 
+// Runs [b0, b1) of one row: each run of consecutive selected columns is one copy.
 template <bool PACK>
-void run_rows(const TensorJob& job, int64_t r0, int64_t r1, int64_t es) {
-  const int64_t inner_bytes = job.geom.inner * es;
-  const int64_t trow_bytes = job.geom.cols * inner_bytes;
-  const int64_t frow_bytes = job.geom.k * inner_bytes;
-  for (int64_t r = r0; r < r1; ++r) {
-    char* trow = job.data + r * trow_bytes;
-    char* frow = job.flat + r * frow_bytes;
-    for (const Run& run : job.runs) {
-      char* t = trow + run.src * inner_bytes;
-      char* f = frow + run.dst * inner_bytes;
-      const int64_t n = run.len * inner_bytes;
-      if (PACK) {
-        copy_bytes(f, t, n, es);
-      } else {
-        copy_bytes(t, f, n, es);
-      }
-    }
-  }
-}
-
-// A dim-1-major tensor is one row whose selected columns are blocks of inner elements:
-// each run of consecutive columns is a single copy.
-template <bool PACK>
-void run_blocks(const TensorJob& job, int64_t b0, int64_t b1, int64_t es) {
+inline void copy_runs(const TensorJob& job, char* trow, char* frow, int64_t b0, int64_t b1,
+                      int64_t es) {
   const int64_t inner_bytes = job.geom.inner * es;
   for (int64_t b = b0; b < b1; ++b) {
     const Run& run = job.runs[b];
-    char* t = job.data + run.src * inner_bytes;
-    char* f = job.flat + run.dst * inner_bytes;
+    char* t = trow + run.src * inner_bytes;
+    char* f = frow + run.dst * inner_bytes;
     if (PACK) {
       copy_bytes(f, t, run.len * inner_bytes, es);
     } else {
@@ -190,9 +169,19 @@ void run_blocks(const TensorJob& job, int64_t b0, int64_t b1, int64_t es) {
 }
 
 template <bool PACK>
+void run_rows(const TensorJob& job, int64_t r0, int64_t r1, int64_t es) {
+  const int64_t inner_bytes = job.geom.inner * es;
+  const int64_t n_runs = static_cast<int64_t>(job.runs.size());
+  for (int64_t r = r0; r < r1; ++r) {
+    copy_runs<PACK>(job, job.data + r * job.geom.cols * inner_bytes,
+                    job.flat + r * job.geom.k * inner_bytes, 0, n_runs, es);
+  }
+}
+
+template <bool PACK>
 void do_item(const TensorJob& job, const Item& item, int64_t es) {
-  if (job.by_runs) {
-    run_blocks<PACK>(job, item.begin, item.end, es);
+  if (job.by_runs) {  // a dim-1-major tensor: one row, whose runs are split among items
+    copy_runs<PACK>(job, job.data, job.flat, item.begin, item.end, es);
     return;
   }
   if (job.geom.dense) {
@@ -241,6 +230,10 @@ void divide(char* base, int64_t n, double divisor) {
   T* p = reinterpret_cast<T*>(base);
   const Acc d = static_cast<Acc>(divisor);
   for (int64_t i = 0; i < n; ++i) p[i] = static_cast<T>(static_cast<Acc>(p[i]) / d);
+}
+
+inline bool divides_in_kernel(at::ScalarType type) {
+  return type == at::kFloat || type == at::kDouble || type == at::kHalf || type == at::kBFloat16;
 }
 
 void divide_range(char* base, int64_t n, at::ScalarType type, double divisor) {
@@ -353,8 +346,7 @@ at::Tensor pack(const std::vector<at::Tensor>& grads,
     TORCH_CHECK(false, "approxdist kernels were built without CUDA");
 #endif
   }
-  const at::ScalarType t = out.scalar_type();
-  const bool fused = t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+  const bool fused = divides_in_kernel(out.scalar_type());
   run_cpu<true>(grads, plan, out, fused ? divisor : 1.0);
   if (!fused && divisor != 1.0) out.div_(divisor);
   return out;

@@ -95,15 +95,15 @@ class _SparseDistributedOptimizer(torch.optim.Optimizer):
         self._ad_process_set = process_set
         self._ad_state = SparseAllReduceState(agreement=agreement, check_every=check_every)
 
-        params_in_order = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+        params = [p for group in self.param_groups for p in group["params"]]
         # Horovod's collectives (broadcast_parameters too) need contiguous tensors; the
-        # distributed layers' default input-major weight layout is made contiguous here
+        # sampled layers' default input-major weight layout is made contiguous here
         # (same values and Parameter objects).
         with torch.no_grad():
-            for group in self.param_groups:
-                for p in group["params"]:
-                    if not p.is_contiguous():
-                        p.data = p.data.contiguous()
+            for p in params:
+                if not p.is_contiguous():
+                    p.data = p.data.contiguous()
+        params_in_order = [p for p in params if p.requires_grad]
         self._ad_state.param_names = {id(p): name for name, p in named_parameters}
         prefix = f"approxdist.opt{next(_instances)}"
         self._ad_buckets = _plan_buckets(params_in_order, bucket_cap_mb * 2 ** 20, prefix)

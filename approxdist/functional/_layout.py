@@ -23,7 +23,7 @@ def dim1_major(t: torch.Tensor) -> bool:
 def to_dim1_major(t: torch.Tensor) -> torch.Tensor:
     """t with the same values, laid out dim-1-major (t itself when it already is or has
     fewer than 2 dims)."""
-    if t.dim() < 2 or dim1_major(t) or t.transpose(0, 1).is_contiguous():
+    if t.dim() < 2 or t.transpose(0, 1).is_contiguous():
         return t
     return _transpose_copy(t)
 
