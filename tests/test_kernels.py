@@ -357,13 +357,19 @@ def test_dim1_major_layout(backend, device, dtype, seed):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("divisor", [2, 3, 7.5])
-def test_pack_divides_like_div_(backend, device, dtype, divisor):
+@pytest.mark.parametrize("divisor", [2, 3, 4, 7.5, 8])
+@pytest.mark.parametrize("tiny", [False, True])
+def test_pack_divides_like_div_(backend, device, dtype, divisor, tiny):
     """pack(divisor=d) has the bits of pack().div_(d), the division the hook needs (the
-    C++ path divides each piece as it copies it), for both layouts."""
+    C++ path divides each piece as it copies it, and multiplies by the reciprocal of a
+    power of two), for both layouts; `tiny` scales the values down to the smallest
+    normal numbers of the dtype, so many quotients are subnormal."""
     _skip_unless(backend, device)
     grads, indices = make_case(3, dtype, device)
     grads = [_dim1_major(g) if j % 3 == 0 else g for j, g in enumerate(grads)]
+    if tiny:
+        grads = [g.mul_(torch.finfo(dtype).tiny * 3) for g in grads]
+        assert any((g != 0).any() for g in grads)
     expected = K.pack(grads, indices).div_(divisor)
     assert_bits_equal(K.pack(grads, indices, divisor=divisor), expected)
     out = torch.empty_like(expected)
