@@ -260,3 +260,51 @@ def sparse_grad_worker(rank, world):
 def test_sparse_gradients_rejected():
     with pytest.raises(RankError, match="sparse gradients are not supported"):
         run_ranks(sparse_grad_worker, 2)
+
+
+def buffer_reuse_worker(rank, world):
+    model = make_model("cnn")
+    ad.convert_model(model, 0.5, distributed=True, seed=7)
+    ddp = DDP(model, bucket_cap_mb=0.01)
+    state = ad.distributed.register(ddp)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+    seen = []
+    for step in range(6):
+        if step == 4:  # more channels: every packed buffer must grow
+            for m in model.modules():
+                if isinstance(m, WeightSampled):
+                    m.sample_ratio = 0.75
+        before = state.payload_bytes
+        _train(ddp, opt, "cnn", rank, 1, 1, torch.float32, start=step)
+        seen.append({"ptrs": {k: v[0].data_ptr() for k, v in state._buffers.items()},
+                     "sizes": {k: v[0].numel() for k, v in state._buffers.items()},
+                     "payload": state.payload_bytes - before})
+    return seen
+
+
+def test_packed_buffers_are_reused_and_regrown():
+    """The hook keeps one packed buffer per bucket from step to step (a fresh allocation
+    each step costs page faults): after DDP's bucket rebuild (step 1) the same tensors come
+    back every step; a larger selection regrows them, and buffers of buckets that no
+    longer exist are dropped."""
+    seen = run_ranks(buffer_reuse_worker, 2)[0]
+    stable = seen[1]["ptrs"]
+    assert len(stable) > 1, "expected several buckets with sampled layers"
+    assert seen[2]["ptrs"] == seen[3]["ptrs"] == stable
+    assert seen[4]["payload"] > seen[3]["payload"]
+    assert seen[4]["ptrs"].keys() == stable.keys()
+    assert all(seen[4]["sizes"][k] > seen[3]["sizes"][k] for k in stable)
+    assert seen[5]["ptrs"] == seen[4]["ptrs"]
+
+
+def test_unused_packed_buffers_are_released():
+    state = ad.distributed.SparseAllReduceState()
+    a, b = [torch.zeros(3)], [torch.zeros(4)]
+    first = state.packed_buffer(a, 10, torch.float32, "cpu")
+    assert state.packed_buffer(a, 6, torch.float32, "cpu").data_ptr() == first.data_ptr()
+    assert state.packed_buffer(a, 6, torch.float32, "cpu").numel() == 6
+    state.steps += 1
+    state.packed_buffer(b, 5, torch.float32, "cpu")
+    state.release_unused_buffers()  # a was not used in this step
+    assert [k[0] for k in state._buffers] == [(id(b[0]),)]
+    assert "_buffers" not in state.__getstate__()

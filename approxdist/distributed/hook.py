@@ -87,17 +87,24 @@ def sparse_allreduce_hook(state: SparseAllReduceState, bucket: dist.GradBucket) 
 
     state.buckets += 1
     state.dense_bytes += buffer.numel() * buffer.element_size()
-    if bucket.is_last():
-        state.steps += 1
+    last = bucket.is_last()
 
     if all(idx is None for idx in indices):
+        if last:
+            state.release_unused_buffers()
+            state.steps += 1
         buffer.div_(world)
         state.payload_bytes += buffer.numel() * buffer.element_size()
         fut = dist.all_reduce(buffer, group=group, async_op=True).get_future()
         return fut.then(lambda f: f.value()[0])
 
     t0 = time.perf_counter()
-    flat = kernels.pack(views, indices, validate=False, divisor=world)
+    numel = kernels.packed_numel(views, indices)
+    out = state.packed_buffer(params, numel, buffer.dtype, buffer.device)
+    flat = kernels.pack(views, indices, out, validate=False, divisor=world)
+    if last:
+        state.release_unused_buffers()
+        state.steps += 1
     state.pack_seconds += time.perf_counter() - t0
     state.payload_bytes += flat.numel() * flat.element_size()
     fut = dist.all_reduce(flat, group=group, async_op=True).get_future()

@@ -4,6 +4,8 @@ Like PyTorch's PowerSGDState it is picklable and drops the process group when pi
 so it can travel in a checkpoint; the group is set again on the restored object (or left
 None, meaning the default group)."""
 
+import torch
+
 AGREEMENTS = ("local", "check", "broadcast")
 
 
@@ -21,7 +23,7 @@ class SparseAllReduceState:
 
     __slots__ = ("process_group", "agreement", "check_every", "steps", "payload_bytes",
                  "dense_bytes", "buckets", "pack_seconds", "unpack_seconds", "checks",
-                 "param_names", "_synced_layers")
+                 "param_names", "_synced_layers", "_buffers")
 
     def __init__(self, process_group=None, *, agreement="local", check_every=100):
         if agreement not in AGREEMENTS:
@@ -40,6 +42,27 @@ class SparseAllReduceState:
         self.checks = 0
         self.param_names = {}  # id(weight) -> sampled layer's name, filled by register()
         self._synced_layers = set()  # ids of layers given the broadcast index sync
+        # Packed buffers kept from step to step, one per bucket (keyed by its parameters):
+        # a fresh tens-of-MB allocation each step costs more in page faults on the CPU than
+        # packing it. Entry: key -> [tensor, last step used].
+        self._buffers = {}
+
+    def packed_buffer(self, params, numel, dtype, device):
+        """A flat tensor of `numel` elements for the bucket holding `params`, reused from
+        the previous step when it is large enough. DDP waits for every bucket's future
+        before its backward returns, so no collective still reads it when it is reused."""
+        key = (tuple(id(p) for p in params), dtype, str(device))
+        entry = self._buffers.get(key)
+        if entry is None or entry[0].numel() < numel:
+            entry = self._buffers[key] = [torch.empty(numel, dtype=dtype, device=device), self.steps]
+        entry[1] = self.steps
+        return entry[0].narrow(0, 0, numel)
+
+    def release_unused_buffers(self):
+        """Drops the buffers no bucket of this step used (DDP rebuilt its buckets, or the
+        model changed); called after the step's last bucket."""
+        for key in [k for k, (_, step) in self._buffers.items() if step != self.steps]:
+            del self._buffers[key]
 
     @property
     def stats(self):
