@@ -229,13 +229,20 @@ def _run_config(cfg: dict, spec: dict, plan: dict, seed: int, measure_compute: b
     stats0 = dict(state.stats) if state is not None else None
     box[0] = 0.0
     tx0 = _tx_bytes(ifname) if ifname and ifname != "lo" else None
-    times, analytic = [], []
+    times, analytic, hook_body, pack, unpack = [], [], [], [], []
+    counters = (lambda: (box[0], state.pack_seconds, state.unpack_seconds)) \
+        if spec["kind"] == "sparse" else (lambda: (box[0], 0.0, 0.0))
     with _AllReduceCounter() as counter:
         for _ in range(plan["steps"]):
             dist.barrier()
+            c0 = counters()
             t0 = time.perf_counter()
             loss = step()
             times.append(time.perf_counter() - t0)
+            c1 = counters()  # DDP waited for every bucket's future (unpack included)
+            hook_body.append(c1[0] - c0[0])
+            pack.append(c1[1] - c0[1])
+            unpack.append(c1[2] - c0[2])
             analytic.append(analytic_payload_bytes(model, spec["fp16"])
                             if spec["kind"] == "sparse" else None)
     tx1 = _tx_bytes(ifname) if tx0 is not None else None
@@ -265,7 +272,8 @@ def _run_config(cfg: dict, spec: dict, plan: dict, seed: int, measure_compute: b
         "loss": float(loss.detach()),
         "payload_bytes": payload, "dense_bytes": dense,
         "allreduce_calls_per_step": counter.calls / steps,
-        "hook_body_s": box[0] / steps,
+        # Per step, like step_s; the row's figure is their median, as for the step time.
+        "hook_body_steps_s": hook_body, "hook_body_s": statistics.median(hook_body),
         "wire_tx_bytes": None if tx1 is None else (tx1 - tx0) / steps,
         "param_digest": digest,
     }
@@ -278,8 +286,10 @@ def _run_config(cfg: dict, spec: dict, plan: dict, seed: int, measure_compute: b
             out["stats_payload_bytes"] = ((after["payload_bytes"] - stats0.get("payload_bytes", 0))
                                           / max(1, nsteps))
             out["stats"] = {k: v for k, v in after.items() if isinstance(v, (int, float))}
-            out["unpack_s"] = (after["unpack_seconds"] - stats0["unpack_seconds"]) / max(1, nsteps)
-            out["pack_s"] = (after["pack_seconds"] - stats0["pack_seconds"]) / max(1, nsteps)
+            out["pack_steps_s"], out["unpack_steps_s"] = pack, unpack
+            out["pack_s"] = statistics.median(pack)
+            out["unpack_s"] = statistics.median(unpack)
+            out["pack_unpack_s"] = statistics.median(a + b for a, b in zip(pack, unpack))
     return out
 
 
@@ -418,7 +428,8 @@ def summarize(rows: list[dict]) -> list[dict]:
         if all("pack_s" in r for r in rs):  # the sparse hook's pack (with the division) + unpack
             s["pack_s"] = statistics.median(r["pack_s"] for r in rs)
             s["unpack_s"] = statistics.median(r["unpack_s"] for r in rs)
-            s["pack_unpack_s"] = statistics.median(r["pack_s"] + r["unpack_s"] for r in rs)
+            s["pack_unpack_s"] = statistics.median(r.get("pack_unpack_s", r["pack_s"] + r["unpack_s"])
+                                                   for r in rs)
             s["pack_unpack_share"] = s["pack_unpack_s"] / s["step_s"]
         out.append(s)
     base = {(s["nodes"], s["rate"], s["model"]): s["step_s"] for s in out if s["hook"] == "allreduce"}
@@ -604,7 +615,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=16, help="per rank")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=3, help="timed steps per run")
-    p.add_argument("--warmup", type=int, default=1, help="(PowerSGD always gets 2)")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="untimed steps per run: DDP rebuilds its buckets after the first, the "
+                        "second touches the rebuilt buffers (PowerSGD always gets 2)")
     p.add_argument("--repeats", type=int, default=2, help="interleaved rounds over all hooks")
     p.add_argument("--bucket-mb", type=float, default=DEFAULT_BUCKET_MB,
                    help="DDP bucket_cap_mb of every hook but PowerSGD (one bucket) (default: %(default)s)")
