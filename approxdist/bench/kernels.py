@@ -88,7 +88,7 @@ def _with_env(mode, fn):
             os.environ["APPROXDIST_KERNELS"] = old
 
 
-def bench_ratio(ratio, device, dtype, repeats, warmup, layout="dim1"):
+def bench_ratio(ratio, device, dtype, repeats, warmup, layout="dim1", divisor=1):
     grads, indices = resnet50_set(ratio, device, dtype, layout=layout)
     numel = kernels.packed_numel(grads, indices)
     nbytes = numel * grads[0].element_size()
@@ -97,7 +97,7 @@ def bench_ratio(ratio, device, dtype, repeats, warmup, layout="dim1"):
     compiled = kernels.backend()
     modes = ["torch"] + ([compiled] if compiled != "torch" else [])
     ops = {
-        "pack": lambda: kernels.pack(grads, indices, out=out, validate=False),
+        "pack": lambda: kernels.pack(grads, indices, out=out, validate=False, divisor=divisor),
         "unpack": lambda: kernels.unpack(out, grads, indices, validate=False),
     }
     timer = _timer(device)
@@ -122,7 +122,7 @@ def bench_ratio(ratio, device, dtype, repeats, warmup, layout="dim1"):
         if m == "torch":
             ref_total = total
         rows.append({
-            "ratio": ratio, "layout": layout, "backend": m, "packed_elements": numel, "packed_bytes": nbytes,
+            "ratio": ratio, "layout": layout, "divisor": divisor, "backend": m, "packed_elements": numel, "packed_bytes": nbytes,
             "pack_ms": pack_s * 1e3, "unpack_ms": unpack_s * 1e3,
             "pack_GBps": 2 * nbytes / pack_s / 1e9, "unpack_GBps": 2 * nbytes / unpack_s / 1e9,
             "speedup_vs_torch": ref_total / total,
@@ -152,6 +152,9 @@ def main(argv=None):
     parser.add_argument("--layouts", nargs="+", default=["dim1"], choices=LAYOUTS,
                         help="gradient layouts: dim1 (the distributed layers' weights, default) "
                              "and/or contiguous (row-major)")
+    parser.add_argument("--divisor", type=float, default=1,
+                        help="pack(divisor=): the hook divides by the world size while packing "
+                             "(default 1: no division)")
     parser.add_argument("--json", default=None, help="write the rows here")
     args = parser.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
@@ -166,15 +169,17 @@ def main(argv=None):
     rows, total = [], 0
     for ratio in args.ratios:
         for layout in args.layouts:
-            r, total = bench_ratio(ratio, device, dtype, repeats, args.warmup, layout)
+            r, total = bench_ratio(ratio, device, dtype, repeats, args.warmup, layout, args.divisor)
             rows.extend(r)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU, {torch.get_num_threads()} threads"
     print(f"pack+unpack, resnet50 parameter set ({total / 1e6:.1f}M elements, {args.dtype}), {where}; "
-          f"backend() = {kernels.backend()}; median of {repeats}")
+          f"backend() = {kernels.backend()}; median of {repeats}"
+          + (f"; pack divides by {args.divisor:g}" if args.divisor != 1 else ""))
     print(_table(rows))
     if args.json:
-        meta = {"device": where, "dtype": args.dtype, "repeats": repeats, "torch": torch.__version__,
+        meta = {"device": where, "dtype": args.dtype, "repeats": repeats, "divisor": args.divisor,
+                "torch": torch.__version__,
                 "backend": kernels.backend(), "total_elements": total}
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=2)
