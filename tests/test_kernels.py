@@ -381,3 +381,38 @@ def test_pack_rejects_bad_divisor(bad):
     grads, indices = make_case(0, torch.float32, "cpu")
     with pytest.raises(ValueError, match="divisor"):
         K.pack(grads, indices, divisor=bad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("divisor", [1, 2, 3])
+def test_large_dim1_major_streamed(backend, device, dtype, divisor):
+    """Several MB packed: the C++ path writes long blocks with non-temporal stores (and
+    divides while it copies). A 3-element dense tensor first puts every later piece of
+    the flat buffer off 16-byte alignment; the result must still have the spec's bits."""
+    _skip_unless(backend, device)
+    gen = torch.Generator().manual_seed(1)
+    grads = [torch.randn(3, generator=gen), _dim1_major(torch.randn(1024, 2048, 1, 1, generator=gen)),
+             _dim1_major(torch.randn(256, 384, 3, 3, generator=gen)), torch.randn(700_001, generator=gen),
+             torch.randn(96, 100, generator=gen)]
+    indices = [None, torch.randperm(2048, generator=gen)[:1100].sort().values,
+               torch.randperm(384, generator=gen)[:129].sort().values, None,
+               torch.randperm(100, generator=gen)[:37].sort().values]
+    grads = [g.to(dtype).to(device) for g in grads]
+    indices = [None if i is None else i.to(device) for i in indices]
+    # at least kStreamBytes (csrc/pack.cpp), so the C++ path streams
+    assert K.packed_numel(grads, indices) * grads[0].element_size() >= (4 << 20)
+    expected = spec_pack_dim1([g.cpu() for g in grads], [None if i is None else i.cpu() for i in indices])
+    if divisor != 1:
+        expected = expected.div_(divisor)
+    packed = K.pack(grads, indices, divisor=divisor)
+    assert_bits_equal(packed.cpu(), expected)
+    flat = torch.randn(packed.numel(), generator=gen).to(dtype).to(device)
+    targets = [g.clone(memory_format=torch.preserve_format) for g in grads]
+    K.unpack(flat, targets, indices)
+    assert_bits_equal(K.pack(targets, indices).cpu(), flat.cpu())
+    for g, t, idx in zip(grads, targets, indices):
+        if idx is not None:
+            outside = torch.ones(g.shape[1], dtype=torch.bool, device=device)
+            outside[idx] = False
+            assert_bits_equal(t[:, outside], g[:, outside])
