@@ -319,3 +319,19 @@ def test_bucket_mb_must_be_positive(value, capsys):
     with pytest.raises(SystemExit):
         main(["--bucket-mb", value, "--models", "tiny"])
     assert "--bucket-mb must be > 0" in capsys.readouterr().err
+
+
+def test_warmup_must_not_be_negative(capsys):
+    from approxdist.bench.comm import main
+
+    with pytest.raises(SystemExit):
+        main(["--warmup", "-1", "--models", "tiny"])
+    assert "--warmup must be >= 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "nan", "inf"])
+def test_kernels_bench_divisor_must_be_a_world_size(value):
+    from approxdist.bench.kernels import main
+
+    with pytest.raises(ValueError, match="--divisor must be a finite number > 0"):
+        main(["--divisor", value, "--ratios", "0.5"])

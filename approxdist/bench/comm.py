@@ -648,6 +648,8 @@ def main(argv=None) -> int:
     for name in ("batch", "image_size", "steps", "repeats"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if a.warmup < 0:
+        p.error(f"--warmup must be >= 0, got {a.warmup}")
     hooks = _csv(a.hooks) if a.hooks else (TESTBED_HOOKS if a.testbed else LOOPBACK_HOOKS)
     for h in hooks:
         try:

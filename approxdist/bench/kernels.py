@@ -15,6 +15,7 @@ machine's ceiling for this traffic.
 """
 import argparse
 import json
+import math
 import os
 import statistics
 import time
@@ -159,6 +160,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    if not (math.isfinite(args.divisor) and args.divisor > 0):
+        raise ValueError(f"--divisor must be a finite number > 0 (a world size), got {args.divisor}")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but CUDA is not available")
