@@ -48,7 +48,7 @@ constexpr int64_t kMemcpyBytes = 128;  // up to this, inline vector moves beat a
 // read in first and are not worth keeping; that made unpack ~30% faster on the resnet50
 // set. Smaller jobs keep normal stores, so their result is still in cache when read.
 constexpr int64_t kStreamBytes = 4 << 20;
-constexpr int64_t kStreamMinBytes = 256;  // shorter pieces are not worth a fence's worth
+constexpr int64_t kStreamMinBytes = 256;  // shorter pieces keep normal stores (alignment head/tail)
 
 struct Run {
   int64_t src;  // first column in the tensor
