@@ -377,9 +377,6 @@ void run_cpu(const std::vector<at::Tensor>& grads, const Plan& plan, const at::T
       build_runs(job, i);
     }
     if (job.geom.numel == 0) continue;
-    // A row-major sampled tensor packed with a division is divided in place right after
-    // its copy, re-reading it: those copies must stay in cache.
-    job.stream = stream && !(PACK && divisor != 1.0 && !job.geom.dense && job.geom.rows != 1);
     if (job.geom.dense) {
       const int64_t n = job.geom.numel;
       const int64_t step = std::max<int64_t>(1, kItemBytes / es);
@@ -405,6 +402,9 @@ void run_cpu(const std::vector<at::Tensor>& grads, const Plan& plan, const at::T
         items.push_back(Item{static_cast<int32_t>(i), r, std::min(job.geom.rows, r + step)});
       }
     }
+    // Row-major rows packed with a division are divided in place right after their copy
+    // (pack_divided), re-reading it: those copies must stay in cache.
+    job.stream = stream && (job.geom.dense || job.by_runs || !(PACK && divisor != 1.0));
   }
   // Items are claimed from a shared counter instead of the static split parallel_for
   // gives each thread: on a busy machine a descheduled thread would otherwise hold its

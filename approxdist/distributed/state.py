@@ -54,7 +54,7 @@ class SparseAllReduceState:
         key = (tuple(id(p) for p in params), dtype, str(device))
         entry = self._buffers.get(key)
         if entry is None or entry[0].numel() < numel:
-            entry = self._buffers[key] = [torch.empty(numel, dtype=dtype, device=device), self.steps]
+            entry = self._buffers[key] = [torch.empty(numel, dtype=dtype, device=device), None]
         entry[1] = self.steps
         return entry[0].narrow(0, 0, numel)
 
