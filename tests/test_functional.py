@@ -416,3 +416,30 @@ def test_channel_norms_match_the_definition(shape, dtype):
         out = channel_norms(view, 1)
         assert out.dtype == (torch.float32 if dtype == torch.bfloat16 else dtype)
         torch.testing.assert_close(out.double(), ref, rtol=1e-5 if dtype != torch.float64 else 1e-12, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(6, 9, 3, 3), (5, 7, 1, 1), (1, 8, 2, 3), (4, 6), (3, 1, 2, 2)])
+@pytest.mark.parametrize("k", [0, 1, 3, "all"])
+@pytest.mark.parametrize("part_layout", ["row_major", "dim1_major"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dim1_major_scatter_equals_zero_fill_and_index_copy(shape, k, part_layout, dtype):
+    """The block-gathering scatter of a dim-1-major weight gradient gives the bits and the
+    strides of the plain definition (zeros, then the part at the indices)."""
+    from approxdist.functional._layout import to_dim1_major
+    from approxdist.functional._products import _dim1_major_strides, _scatter
+
+    n = shape[1]
+    k = n if k == "all" else min(k, n)
+    g = _gen(k + n)
+    idx = torch.randperm(n, generator=g)[:k].sort().values
+    part = torch.randn((shape[0], k) + shape[2:], generator=g).to(dtype)
+    if part_layout == "dim1_major":
+        part = to_dim1_major(part)
+    stride = _dim1_major_strides(shape)
+    want = torch.zeros(shape, dtype=dtype)
+    want.index_copy_(1, idx, part)
+    got = _scatter(shape, idx, part, stride=stride)
+    assert torch.equal(got, want)
+    assert got.stride() == stride and got.dtype == dtype
+    if shape[0] > 1 and shape[1] > 1:  # the layers' layout (a size-1 dim keeps its stride)
+        assert stride == torch.empty(shape).transpose(0, 1).contiguous().transpose(0, 1).stride()
