@@ -443,3 +443,34 @@ def test_dim1_major_scatter_equals_zero_fill_and_index_copy(shape, k, part_layou
     assert got.stride() == stride and got.dtype == dtype
     if shape[0] > 1 and shape[1] > 1:  # the layers' layout (a size-1 dim keeps its stride)
         assert stride == torch.empty(shape).transpose(0, 1).contiguous().transpose(0, 1).stride()
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+@pytest.mark.parametrize("geometry", CONV_GEOMETRIES + ["linear"])
+def test_dim1_major_weight_gives_the_row_major_results(geometry, scaled):
+    """A weight stored input-channel-major (the distributed layers' layout) gives the
+    output and gradients of the same weight stored row-major, and its gradient comes in
+    its own layout, zero outside the selection."""
+    from approxdist.functional._layout import to_dim1_major
+
+    if geometry == "linear":
+        x, w, b = linear_case(n=11, seed=31)
+        op = lambda x, w, b, idx, s: sampled_linear(x, w, b, idx, s)  # noqa: E731
+    else:
+        stride, padding, dilation, kernel = geometry
+        x, w, b = conv_case(n=11, kernel=kernel, seed=31)
+        op = lambda x, w, b, idx, s: sampled_conv2d(x, w, b, idx, s, stride, padding, dilation)  # noqa: E731
+    idx = torch.tensor([0, 3, 4, 9])
+    scale = torch.rand(4, generator=_gen(5), dtype=D) + 0.5 if scaled else None
+    results = []
+    for weight in (w, to_dim1_major(w)):
+        xs, ws, bs = (t.detach().clone().requires_grad_() for t in (x, weight, b))
+        out = op(xs, ws, bs, idx, scale)
+        grads = torch.autograd.grad(out, (xs, ws, bs), torch.randn(out.shape, generator=_gen(6), dtype=D))
+        assert grads[1].stride() == ws.stride()
+        results.append((out,) + grads)
+    assert to_dim1_major(w).stride() != w.stride()  # the two runs did use two layouts
+    rest = torch.tensor([i for i in range(11) if i not in idx.tolist()])
+    assert (results[1][2][:, rest] == 0).all()
+    for row_major, dim1 in zip(*results):
+        torch.testing.assert_close(dim1, row_major, rtol=1e-12, atol=1e-12)

@@ -29,6 +29,7 @@ class ForwardSampled(torch.autograd.Function):
         w_s = select_dim1(w, idx)
         if scale is not None:
             w_s = w_s * _scale_view(scale, w_s, 1)
+        w_s = product.weight_operand(w_s)
         if idx.numel():
             out = product.sampled(x_s, w_s, b)
         else:  # nothing drawn (possible under Bernoulli sampling): the estimate is the bias

@@ -93,6 +93,11 @@ class LinearProduct:
     def out_shape(self, x, w):
         return (x.shape[0], w.shape[0])
 
+    def weight_operand(self, w_s):
+        """The sampled weight as the products take it: BLAS reads a transposed
+        (dim-1-major) matrix as it is."""
+        return w_s
+
     def take(self, x, idx, w=None):
         return x.index_select(1, idx)
 
@@ -127,6 +132,13 @@ class Conv2dProduct:
         return (x.shape[0], w.shape[0], h, wd)
 
     # -- the k selected channels ----------------------------------------------------------
+    def weight_operand(self, w_s):
+        """The sampled weight as the products take it, made once in the forward and kept
+        for the backward: a row-major copy for a convolution (oneDNN would copy a
+        dim-1-major weight to row-major in the forward and again in the backward), the
+        weight as it is for a 1x1 convolution (a matrix product, see sampled)."""
+        return w_s if self._pointwise(w_s) else w_s.contiguous()
+
     def _pointwise(self, w):
         return w.shape[2] == 1 and w.shape[3] == 1 and self.padding == (0, 0)
 
