@@ -26,10 +26,9 @@ class ForwardSampled(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, b, idx, scale, product, dense_grad):
         x_s = product.take(x, idx, w)
-        w_s = select_dim1(w, idx)
+        w_s = product.weight_operand(select_dim1(w, idx))
         if scale is not None:
             w_s = w_s * _scale_view(scale, w_s, 1)
-        w_s = product.weight_operand(w_s)
         if idx.numel():
             out = product.sampled(x_s, w_s, b)
         else:  # nothing drawn (possible under Bernoulli sampling): the estimate is the bias
