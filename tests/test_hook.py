@@ -75,7 +75,13 @@ def _unsampleable(p):
 
 
 def compare_worker(rank, world, name, ratio, policy, steps, ddp_kw, accum=1, dtype=torch.float32,
-                   wrapper=None, kernels="auto", memory_format=None):
+                   wrapper=None, kernels="auto", memory_format=None, resync=False):
+    """Train a sparse-hook and a default-hook copy of one model; return both parameter sets.
+
+    resync=True starts every step of the default-hook model from the sparse model's
+    parameters, buffers and momentum: the final difference is then that of one step's
+    reduction, not rounding compounded over the steps (see
+    test_sparse_equals_dense_resnet18)."""
     import os
 
     os.environ["APPROXDIST_KERNELS"] = kernels
@@ -98,10 +104,20 @@ def compare_worker(rank, world, name, ratio, policy, steps, ddp_kw, accum=1, dty
         dense.register_comm_hook(None, getattr(default_hooks, f"{wrapper}_compress_hook"))
     opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (sparse, dense)]
     rng_before = torch.get_rng_state()
-    with ByteCounter() as counter:
-        _train(sparse, opts[0], name, rank, steps, accum, dtype)
-    rng_untouched = torch.equal(rng_before, torch.get_rng_state())
-    _train(dense, opts[1], name, rank, steps, accum, dtype)
+    counter = ByteCounter()
+    if not resync:
+        with counter:
+            _train(sparse, opts[0], name, rank, steps, accum, dtype)
+        rng_untouched = torch.equal(rng_before, torch.get_rng_state())
+        _train(dense, opts[1], name, rank, steps, accum, dtype)
+    else:
+        for step in range(steps):
+            dense.module.load_state_dict(sparse.module.state_dict())
+            opts[1].load_state_dict(copy.deepcopy(opts[0].state_dict()))  # no shared momentum
+            with counter:
+                _train(sparse, opts[0], name, rank, 1, accum, dtype, start=step)
+            _train(dense, opts[1], name, rank, 1, accum, dtype, start=step)
+        rng_untouched = torch.equal(rng_before, torch.get_rng_state())
     return {
         "sparse": [p.detach().clone() for p in models[0].parameters()],
         "dense": [p.detach().clone() for p in models[1].parameters()],
@@ -137,7 +153,14 @@ def test_sparse_equals_dense_small_cnn(world):
 
 @pytest.mark.parametrize("world", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_sparse_equals_dense_resnet18(world):
-    results = run_ranks(compare_worker, world, "resnet18", 0.33, "topk_weight", 2, {})
+    """Bitwise on 2 ranks over both steps (the second on DDP's rebuilt buckets). On 3 ranks
+    the ring sums each element in an order that depends on where it sits in the buffer,
+    packed or dense, so the two reductions differ in the last bit; resnet18's second step
+    amplifies that to ~1e-5 relative (measured: 8e-8 after one step, 9e-6 after two). So
+    on 3 ranks every step of the default-hook run starts from the sparse run's state,
+    and the parameters must agree within 1e-6 after each step's reduction."""
+    worker = compare_worker if world == 2 else functools.partial(compare_worker, resync=True)
+    results = run_ranks(worker, world, "resnet18", 0.33, "topk_weight", 2, {})
     _assert_equal_runs(results, exact=(world == 2))
     r = results[0]
     assert r["stats"]["payload_bytes"] == r["analytic"] == r["counted"]

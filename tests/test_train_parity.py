@@ -1,6 +1,10 @@
 """Accuracy parity (slow, run on purpose; figures in docs/benchmarks.md, "Training"):
 the digits CNN on 2 ranks, exact vs sample ratio 0.5 and 0.33 with the sparse hook, same
-epochs and seed, ends within 1 point of the exact run's test accuracy."""
+epochs, over three seeds: the mean test accuracy of each sampled ratio ends within 1 point
+of the exact runs' mean.
+
+One seed is too few to judge: the test set has 360 images (a point is 3.6 of them), and a
+single seed's gap at 0.33 ranged from -0.3 to +1.1 points over seeds 0-2."""
 import json
 import os
 import subprocess
@@ -10,7 +14,8 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMON = ["--dataset", "digits", "--model", "cnn", "--epochs", "10", "--batch-size", "32", "--lr", "0.1",
-          "--seed", "0", "--no-progress"]
+          "--no-progress"]
+SEEDS = (0, 1, 2)
 CONFIGS = {"exact": ["--sample-ratio", "1", "--comm-hook", "allreduce"],
            "0.5": ["--sample-ratio", "0.5", "--comm-hook", "sparse"],
            "0.33": ["--sample-ratio", "0.33", "--comm-hook", "sparse"]}
@@ -29,11 +34,18 @@ def _final(out_dir, flags):
 
 @pytest.mark.slow
 def test_digits_accuracy_parity(tmp_path):
-    results = {name: _final(str(tmp_path / name), flags) for name, flags in CONFIGS.items()}
-    summary = {name: (r["top1"], r["payload_bytes_total"], r["dense_bytes_total"]) for name, r in results.items()}
+    results = {(name, seed): _final(str(tmp_path / f"{name}-{seed}"), [*flags, "--seed", str(seed)])
+               for seed in SEEDS for name, flags in CONFIGS.items()}
+    summary = {f"{name} seed {seed}": (r["top1"], r["payload_bytes_total"], r["dense_bytes_total"])
+               for (name, seed), r in results.items()}
     print(json.dumps(summary))
-    exact = results["exact"]["top1"]
-    assert exact > 95.0, summary
+
+    def mean_top1(name):
+        return sum(results[name, seed]["top1"] for seed in SEEDS) / len(SEEDS)
+
+    exact = mean_top1("exact")
+    assert all(results["exact", seed]["top1"] > 95.0 for seed in SEEDS), summary
     for name in ("0.5", "0.33"):
-        assert abs(results[name]["top1"] - exact) <= 1.0, summary
-        assert results[name]["payload_bytes_total"] < results["exact"]["payload_bytes_total"], summary
+        assert abs(mean_top1(name) - exact) <= 1.0, summary
+        for seed in SEEDS:
+            assert results[name, seed]["payload_bytes_total"] < results["exact", seed]["payload_bytes_total"], summary
