@@ -425,8 +425,8 @@ def test_channel_norms_match_the_definition(shape, dtype):
 def test_dim1_major_scatter_equals_zero_fill_and_index_copy(shape, k, part_layout, dtype):
     """The block-gathering scatter of a dim-1-major weight gradient gives the bits and the
     strides of the plain definition (zeros, then the part at the indices)."""
-    from approxdist.functional._layout import to_dim1_major
-    from approxdist.functional._products import _dim1_major_strides, _scatter
+    from approxdist.functional._layout import dim1_major_strides, to_dim1_major
+    from approxdist.functional._products import _scatter
 
     n = shape[1]
     k = n if k == "all" else min(k, n)
@@ -435,7 +435,7 @@ def test_dim1_major_scatter_equals_zero_fill_and_index_copy(shape, k, part_layou
     part = torch.randn((shape[0], k) + shape[2:], generator=g).to(dtype)
     if part_layout == "dim1_major":
         part = to_dim1_major(part)
-    stride = _dim1_major_strides(shape)
+    stride = dim1_major_strides(shape)
     want = torch.zeros(shape, dtype=dtype)
     want.index_copy_(1, idx, part)
     got = _scatter(shape, idx, part, stride=stride)

@@ -12,12 +12,25 @@ blocked transposes: torch's copy of a 4-D transposed 1x1 weight is ~6x slower.
 """
 import torch
 
-__all__ = ["dim1_major", "to_dim1_major", "zeros_like_layout", "contiguous_weight", "select_dim1"]
+__all__ = ["dim1_major", "dim1_major_strides", "to_dim1_major", "zeros_like_layout", "contiguous_weight",
+           "select_dim1"]
 
 
 def dim1_major(t: torch.Tensor) -> bool:
     """True when dim 1 is outermost in memory and t is not plain contiguous."""
     return t.dim() >= 2 and not t.is_contiguous() and t.transpose(0, 1).is_contiguous()
+
+
+def dim1_major_strides(shape) -> tuple:
+    """The strides of an (O, I, ...) tensor stored dim-1-major: its contiguous
+    (I, O, ...) transpose, as torch computes them (a size-1 dim gets the stride of what
+    follows it)."""
+    order = [1, 0] + list(range(2, len(shape)))
+    strides, step = [0] * len(shape), 1
+    for d in reversed(order):
+        strides[d] = step
+        step *= shape[d]
+    return tuple(strides)
 
 
 def to_dim1_major(t: torch.Tensor) -> torch.Tensor:

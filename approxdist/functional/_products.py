@@ -13,7 +13,7 @@ convolution on CPU.
 import torch
 import torch.nn.functional as F
 
-from ._layout import dim1_major, zeros_like_layout
+from ._layout import dim1_major, dim1_major_strides, zeros_like_layout
 
 _CONV_BACKWARD = torch.ops.aten.convolution_backward.default
 
@@ -28,21 +28,11 @@ def _scatter(full_shape, idx, part, dim=1, stride=None):
     A dim-1-major result (a distributed layer's weight gradient) is built block by
     block (see _scatter_blocks); index_copy_ along its outer dim 1 would be elementwise."""
     if dim == 1 and stride is not None and len(full_shape) >= 2 \
-            and tuple(stride) == _dim1_major_strides(full_shape):
+            and tuple(stride) == dim1_major_strides(full_shape):
         return _scatter_blocks(full_shape, idx, part)
     out = zeros_like_layout(full_shape, stride, part)
     out.index_copy_(dim, idx, part)
     return out
-
-
-def _dim1_major_strides(shape):
-    """The strides of a (O, I, ...) tensor stored as its contiguous (I, O, ...) transpose."""
-    order = [1, 0] + list(range(2, len(shape)))
-    strides, step = [0] * len(shape), 1
-    for d in reversed(order):
-        strides[d] = step
-        step *= shape[d]
-    return tuple(strides)
 
 
 def _scatter_blocks(full_shape, idx, part):
