@@ -4,6 +4,7 @@ Everything that builds namespaces skips (with the reason) where that is not poss
 not root, or no iproute2. Each test uses its own tag, so it never sees another testbed,
 and checks that none of its namespaces outlive it.
 """
+import inspect
 import os
 import shutil
 import signal
@@ -265,10 +266,38 @@ def test_summary_speedup_and_physical_limit():
     assert s["sparse0.5"]["pack_unpack_share"] == pytest.approx(0.025 / 0.5)
 
 
+def test_torchrun_args_pick_the_rendezvous_this_torch_can_do_across_namespaces(monkeypatch):
+    import approxdist.bench.testbed as testbed_mod
+
+    tb = Testbed(3, "1gbit", tag="argsonly")  # never brought up: only its addresses are read
+    from torch.distributed.elastic.rendezvous.api import RendezvousStoreInfo
+
+    build_params = inspect.signature(RendezvousStoreInfo.build).parameters
+    assert testbed_mod.c10d_uses_local_addr() == ("local_addr" in build_params)
+    monkeypatch.setattr(testbed_mod, "c10d_uses_local_addr", lambda: True)
+    args = tb.torchrun_args(1, port=29411)
+    assert args[args.index("--rdzv-backend") + 1] == "c10d"
+    assert args[args.index("--local-addr") + 1] == tb.address(1)
+    assert args[args.index("--rdzv-conf") + 1] == "is_host=0"
+    assert tb.torchrun_args(0)[tb.torchrun_args(0).index("--rdzv-conf") + 1] == "is_host=1"
+    monkeypatch.setattr(testbed_mod, "c10d_uses_local_addr", lambda: False)  # torch 2.4
+    args = tb.torchrun_args(2, port=29411)
+    assert args[args.index("--rdzv-backend") + 1] == "static"
+    assert args[args.index("--master-addr") + 1] == tb.address(0)
+    assert args[args.index("--master-port") + 1] == "29411"
+    assert args[args.index("--node-rank") + 1] == "2" and "--local-addr" not in args
+
+
 @needs_netns
-def test_torchrun_rendezvous_across_nodes_with_the_wrappers_arguments(tmp_path):
-    # All namespaces share one host name: the rendezvous only works with --local-addr and
-    # is_host on node 0 alone, which torchrun_args supplies.
+@pytest.mark.parametrize("rendezvous", ["as chosen", "static"])
+def test_torchrun_rendezvous_across_nodes_with_the_wrappers_arguments(tmp_path, monkeypatch, rendezvous):
+    # All namespaces share one host name: c10d only works with --local-addr and is_host on
+    # node 0 alone (and only from torch 2.5 on); the static rendezvous, torch 2.4's path,
+    # is forced on this torch too so that both are exercised.
+    if rendezvous == "static":
+        import approxdist.bench.testbed as testbed_mod
+
+        monkeypatch.setattr(testbed_mod, "c10d_uses_local_addr", lambda: False)
     script = tmp_path / "allreduce.py"
     script.write_text(textwrap.dedent("""
         import os, torch, torch.distributed as dist

@@ -5,7 +5,8 @@ slow links; launch/testbed/setup.sh makes them: every node is a network namespac
 its own address behind a tbf-shaped veth. `Testbed` wraps those scripts so that the
 teardown always runs (normal exit, exception, Ctrl-C, SIGTERM) and so that starting a
 rank inside a node gets the details right that are easy to get wrong: GLOO_SOCKET_IFNAME,
-`--local-addr` (all namespaces share one host name) and `is_host` for the c10d rendezvous.
+`--local-addr` (all namespaces share one host name) and `is_host` for the c10d rendezvous
+(the static rendezvous on torch 2.4, whose c10d rendezvous cannot work across namespaces).
 
 `approxdist-bench testbed` builds a testbed, measures what a link really carries (a TCP
 stream and a gloo all-reduce) and removes it again.
@@ -52,6 +53,20 @@ def available() -> tuple[bool, str]:
     if not (_scripts_dir() / "setup.sh").is_file():
         return False, f"launch/testbed/setup.sh not found under {_scripts_dir()}"
     return True, ""
+
+
+def c10d_uses_local_addr() -> bool:
+    """Whether this torch's c10d rendezvous gives the workers torchrun's --local-addr of
+    rank 0 as MASTER_ADDR (RendezvousStoreInfo.build takes it; not in torch 2.4, which
+    gives them rank 0's host name). Imports torch: call it from a parent process only."""
+    import inspect
+
+    try:
+        from torch.distributed.elastic.rendezvous.api import RendezvousStoreInfo
+
+        return "local_addr" in inspect.signature(RendezvousStoreInfo.build).parameters
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return False
 
 
 def parse_rate(rate: str) -> float:
@@ -201,12 +216,19 @@ class Testbed:
 
         Every namespace reports the same host name, so without --local-addr the agents
         advertise an address the others cannot tell apart, and without is_host=1 on
-        exactly one node each agent tries to host the c10d store.
+        exactly one node each agent tries to host the c10d store. torch 2.4's c10d
+        rendezvous ignores --local-addr when it tells the workers where rank 0's store is
+        (MASTER_ADDR is node 0's host name, which every node resolves to itself), so
+        there the nodes meet through the static rendezvous at node 0's address instead.
         """
-        return ["--nnodes", str(self.nodes), "--nproc-per-node", str(nproc_per_node),
-                "--node-rank", str(i), "--rdzv-backend", "c10d",
-                "--rdzv-endpoint", f"{self.address(0)}:{port}", "--rdzv-id", f"adtb-{self.tag}",
-                "--rdzv-conf", f"is_host={1 if i == 0 else 0}", "--local-addr", self.address(i)]
+        args = ["--nnodes", str(self.nodes), "--nproc-per-node", str(nproc_per_node),
+                "--node-rank", str(i)]
+        if not c10d_uses_local_addr():
+            return args + ["--rdzv-backend", "static", "--master-addr", self.address(0),
+                           "--master-port", str(port)]
+        return args + ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"{self.address(0)}:{port}",
+                       "--rdzv-id", f"adtb-{self.tag}",
+                       "--rdzv-conf", f"is_host={1 if i == 0 else 0}", "--local-addr", self.address(i)]
 
     def popen(self, i: int, argv: list[str], *, env: dict | None = None,
               **kwargs) -> subprocess.Popen:
