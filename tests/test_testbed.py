@@ -279,7 +279,8 @@ def test_torchrun_args_pick_the_rendezvous_this_torch_can_do_across_namespaces(m
     assert args[args.index("--rdzv-backend") + 1] == "c10d"
     assert args[args.index("--local-addr") + 1] == tb.address(1)
     assert args[args.index("--rdzv-conf") + 1] == "is_host=0"
-    assert tb.torchrun_args(0)[tb.torchrun_args(0).index("--rdzv-conf") + 1] == "is_host=1"
+    args0 = tb.torchrun_args(0)
+    assert args0[args0.index("--rdzv-conf") + 1] == "is_host=1"
     monkeypatch.setattr(testbed_mod, "c10d_uses_local_addr", lambda: False)  # torch 2.4
     args = tb.torchrun_args(2, port=29411)
     assert args[args.index("--rdzv-backend") + 1] == "static"
@@ -292,8 +293,9 @@ def test_torchrun_args_pick_the_rendezvous_this_torch_can_do_across_namespaces(m
 @pytest.mark.parametrize("rendezvous", ["as chosen", "static"])
 def test_torchrun_rendezvous_across_nodes_with_the_wrappers_arguments(tmp_path, monkeypatch, rendezvous):
     # All namespaces share one host name: c10d only works with --local-addr and is_host on
-    # node 0 alone (and only from torch 2.5 on); the static rendezvous, torch 2.4's path,
-    # is forced on this torch too so that both are exercised.
+    # node 0 alone, and only where torch hands --local-addr on to the workers (not 2.4);
+    # the static rendezvous, torch 2.4's path, is forced on this torch too so that both
+    # are exercised.
     if rendezvous == "static":
         import approxdist.bench.testbed as testbed_mod
 
