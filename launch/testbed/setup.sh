@@ -27,8 +27,9 @@
 #   are not shaped, so keep BURST small next to the messages you measure.
 # - every namespace shares the host name, so a c10d rendezvous inside the testbed needs
 #   `--local-addr 10.77.0.(I+1)` and `--rdzv-conf is_host=1` on node 0 (is_host=0
-#   elsewhere); gloo needs GLOO_SOCKET_IFNAME=eth0. approxdist/bench/testbed.py builds
-#   those arguments.
+#   elsewhere), and on torch 2.4, whose c10d rendezvous tells the workers node 0's host
+#   name, the static rendezvous at node 0's address instead; gloo needs
+#   GLOO_SOCKET_IFNAME=eth0. approxdist/bench/testbed.py builds those arguments.
 #
 # What setup creates is recorded, one namespace per line, in
 # /run/approxdist-testbed/TAG.netns before the namespace exists; teardown.sh deletes only
