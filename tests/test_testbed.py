@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+import approxdist.bench.testbed as testbed_mod
 from approxdist.bench.testbed import Testbed, available, parse_rate, ring_allreduce_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -267,8 +268,6 @@ def test_summary_speedup_and_physical_limit():
 
 
 def test_torchrun_args_pick_the_rendezvous_this_torch_can_do_across_namespaces(monkeypatch):
-    import approxdist.bench.testbed as testbed_mod
-
     tb = Testbed(3, "1gbit", tag="argsonly")  # never brought up: only its addresses are read
     from torch.distributed.elastic.rendezvous.api import RendezvousStoreInfo
 
@@ -297,8 +296,6 @@ def test_torchrun_rendezvous_across_nodes_with_the_wrappers_arguments(tmp_path, 
     # the static rendezvous, torch 2.4's path, is forced on this torch too so that both
     # are exercised.
     if rendezvous == "static":
-        import approxdist.bench.testbed as testbed_mod
-
         monkeypatch.setattr(testbed_mod, "c10d_uses_local_addr", lambda: False)
     script = tmp_path / "allreduce.py"
     script.write_text(textwrap.dedent("""

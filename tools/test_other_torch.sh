@@ -3,9 +3,9 @@
 #
 #   bash tools/test_other_torch.sh "torch==2.4.1 torchvision==0.19.1" [pytest args...]
 #
-# Checks out HEAD into a temporary git worktree, makes a venv there with those releases
-# (pip downloads them: about 2.7 GB of CUDA wheels for torch 2.4.1 from PyPI), installs
-# approxdist into it and runs pytest (default: the CI selection; pass `-m slow` for the
+# Checks out HEAD into a temporary git worktree, runs `make install TORCH="..."` there (pip
+# downloads the releases: about 2.7 GB of CUDA wheels for torch 2.4.1 from PyPI) and runs
+# pytest (default: the CI selection; pass `-m slow` for the
 # slow tests). The worktree and its venv are removed afterwards unless KEEP=1. Uncommitted
 # changes are not tested: commit first.
 set -euo pipefail
@@ -29,10 +29,6 @@ trap cleanup EXIT
 
 git -C "$repo" worktree add --detach --force "$dir" HEAD >/dev/null
 cd "$dir"
-python3 -m venv .venv
-# shellcheck disable=SC2086  # the spec is a list of requirements
-.venv/bin/pip install -q $spec
-.venv/bin/pip install -q -e ".[dev]"
+make install TORCH="$spec"
 .venv/bin/python -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
-.venv/bin/python -c "import approxdist.kernels as k; print('approxdist kernels backend:', k.build())"
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
