@@ -14,6 +14,9 @@ install: $(STAMP)
 $(STAMP): setup.py $(wildcard csrc/*)
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -c "import torch, torchvision" 2>/dev/null || $(VPY) -m pip install -q $(TORCH)
+	# --no-build-isolation builds with the venv's own setuptools and wheel, which not every
+	# torch brings along (torch 2.4.1 does not: "invalid command 'bdist_wheel'").
+	$(VPY) -c "import setuptools, wheel" 2>/dev/null || $(VPY) -m pip install -q setuptools wheel
 	$(VPY) -m pip install -q --no-build-isolation -e ".[dev]"
 	$(VPY) -c "import approxdist.kernels as k; print('approxdist kernels backend:', k.build())"
 	touch $(STAMP)
