@@ -55,7 +55,9 @@ class ByteCounter:
         dist.all_reduce = self._orig
 
 
-def _train(ddp, opt, name, rank, steps, accum, dtype, start=0):
+def _train(ddp, opt, name, rank, steps, accum, dtype, start=0, zero="zeros"):
+    """zero: how gradients are cleared after each step: "zeros" (set_to_none=False),
+    "none" (torch's default) or "keep" (never: they accumulate across reductions)."""
     loss_fn = nn.CrossEntropyLoss()
     for step in range(start, start + steps):
         for micro in range(accum):
@@ -66,7 +68,8 @@ def _train(ddp, opt, name, rank, steps, accum, dtype, start=0):
             else:
                 loss_fn(ddp(x).float(), y).backward()
         opt.step()
-        opt.zero_grad(set_to_none=False)
+        if zero != "keep":
+            opt.zero_grad(set_to_none=(zero == "none"))
 
 
 def _unsampleable(p):
@@ -75,7 +78,7 @@ def _unsampleable(p):
 
 
 def compare_worker(rank, world, name, ratio, policy, steps, ddp_kw, accum=1, dtype=torch.float32,
-                   wrapper=None, kernels="auto", memory_format=None, resync=False):
+                   wrapper=None, kernels="auto", memory_format=None, resync=False, zero="zeros"):
     """Train a sparse-hook and a default-hook copy of one model; return both parameter sets.
 
     resync=True starts every step of the default-hook model from the sparse model's
@@ -107,16 +110,16 @@ def compare_worker(rank, world, name, ratio, policy, steps, ddp_kw, accum=1, dty
     counter = ByteCounter()
     if not resync:
         with counter:
-            _train(sparse, opts[0], name, rank, steps, accum, dtype)
+            _train(sparse, opts[0], name, rank, steps, accum, dtype, zero=zero)
         rng_untouched = torch.equal(rng_before, torch.get_rng_state())
-        _train(dense, opts[1], name, rank, steps, accum, dtype)
+        _train(dense, opts[1], name, rank, steps, accum, dtype, zero=zero)
     else:
         for step in range(steps):
             dense.module.load_state_dict(sparse.module.state_dict())
             opts[1].load_state_dict(copy.deepcopy(opts[0].state_dict()))  # no shared momentum
             with counter:
-                _train(sparse, opts[0], name, rank, 1, accum, dtype, start=step)
-            _train(dense, opts[1], name, rank, 1, accum, dtype, start=step)
+                _train(sparse, opts[0], name, rank, 1, accum, dtype, start=step, zero=zero)
+            _train(dense, opts[1], name, rank, 1, accum, dtype, start=step, zero=zero)
         rng_untouched = torch.equal(rng_before, torch.get_rng_state())
     return {
         "sparse": [p.detach().clone() for p in models[0].parameters()],
@@ -198,6 +201,20 @@ def test_no_sync_accumulation_reduces_the_union():
     # bernoulli_weight draws a different selection for every micro-batch.
     results = run_ranks(compare_worker, 2, "cnn", 0.3, "bernoulli_weight", 3, {}, 3)
     _assert_equal_runs(results, exact=True)
+
+
+@pytest.mark.parametrize("zero", ["none", "keep"])
+def test_gradients_set_to_none_or_never_cleared(zero):
+    """torch's default zero_grad (None gradients), and gradients never cleared, so each
+    reduction's result stays in .grad and the next step's gradients add to it. The hook
+    sends only the slices touched since its last reduction; the others hold the
+    previous result, the same on every rank, which the dense average leaves as it is.
+    bernoulli_weight draws other channels every step, so those slices are not empty."""
+    results = run_ranks(compare_worker, 2, "cnn", 0.4, "bernoulli_weight", 4, {}, 1, torch.float32,
+                        None, "auto", None, False, zero)
+    _assert_equal_runs(results, exact=True)
+    r = results[0]
+    assert r["stats"]["payload_bytes"] == r["counted"] < r["stats"]["dense_bytes"]
 
 
 def test_bernoulli_weight_same_indices_and_global_rng_untouched():
