@@ -16,9 +16,9 @@ def test_profiles_both_steps_and_only_the_approximate_one_gathers():
     r = _run("--image-size", "16", "--batch", "2", "--steps", "1",
              "--ops", "native_batch_norm,index_select,mkldnn_convolution")
     assert r.returncode == 0, r.stderr
-    rows = {line.split()[0]: line.split()[1:] for line in r.stdout.splitlines()
-            if line.split() and line.split()[0] in ("native_batch_norm", "index_select", "mkldnn_convolution")}
-    assert set(rows) == {"native_batch_norm", "index_select", "mkldnn_convolution"}
+    ops = ("native_batch_norm", "index_select", "mkldnn_convolution")
+    rows = {f[0]: f[1:] for f in map(str.split, r.stdout.splitlines()) if f and f[0] in ops}
+    assert set(rows) == set(ops)
     assert float(rows["native_batch_norm"][0]) > 0 and float(rows["native_batch_norm"][1]) > 0
     # the exact step selects nothing; the sampled layers gather their channels
     assert float(rows["index_select"][0]) == 0 and float(rows["index_select"][1]) > 0

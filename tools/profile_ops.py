@@ -1,7 +1,7 @@
 """Self time per op of an exact and an approximate training step, side by side.
 
     python tools/profile_ops.py [--model resnet18] [--ratio 0.5] [--image-size 112]
-        [--batch 16] [--steps 3] [--threads 1] [--ops batch_norm,threshold,...]
+        [--batch 16] [--steps 3] [--threads 1] [--ops native_batch_norm,threshold_backward,...]
 
 Both models start from the same weights (the approximate one converted with
 `distributed=True`); each is warmed up for 2 steps, then profiled over --steps steps of
