@@ -54,3 +54,21 @@ def batch_for(name, rank, step, batch=4, dtype=torch.float32):
     classes = 5 if name == "mlp" else 10
     y = torch.randint(0, classes, (batch,), generator=g)
     return x, y
+
+
+def analytic_bytes(model, dense=lambda p: False):
+    """Bytes one step of the sparse reduction must send, counted from the model alone:
+    k of n input channels of each weight-sampled weight (k from the layer's own ratio and
+    minimal_k), all of every other parameter (and all of any parameter `dense` names)."""
+    from approxdist.functional import num_samples
+    from approxdist.nn import sampled_layer_of
+
+    total = 0
+    for p in model.parameters():
+        layer = sampled_layer_of(p)
+        if layer is None or dense(p):
+            total += p.numel() * p.element_size()
+        else:
+            n = p.shape[1]
+            total += p.numel() // n * num_samples(n, layer.sample_ratio, layer.minimal_k) * p.element_size()
+    return total

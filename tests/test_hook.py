@@ -13,25 +13,9 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import approxdist as ad
-from approxdist.functional import num_samples
 from approxdist.nn import WeightSampled
 from distharness import RankError, run_ranks
-from models import batch_for, make_model
-
-
-def analytic_bytes(model, ratio, minimal_k=1, dense=lambda p: False):
-    """Elements a sparse step sends: k/n of each weight-sampled weight, all the rest
-    (and all of any parameter for which `dense` says so)."""
-    total = 0
-    sampled = {id(m.weight): m for m in model.modules() if isinstance(m, WeightSampled)}
-    for p in model.parameters():
-        layer = sampled.get(id(p))
-        if layer is None or dense(p):
-            total += p.numel() * p.element_size()
-        else:
-            k = num_samples(p.shape[1], ratio, minimal_k)
-            total += p.numel() // p.shape[1] * k * p.element_size()
-    return total
+from models import analytic_bytes, batch_for, make_model
 
 
 class ByteCounter:
@@ -126,8 +110,8 @@ def compare_worker(rank, world, name, ratio, policy, steps, ddp_kw, accum=1, dty
         "dense": [p.detach().clone() for p in models[1].parameters()],
         "stats": state.stats,
         "counted": counter.bytes,
-        "analytic": analytic_bytes(models[0], ratio) * steps,
-        "dense_conv_analytic": analytic_bytes(models[0], ratio, dense=_unsampleable) * steps,
+        "analytic": analytic_bytes(models[0]) * steps,
+        "dense_conv_analytic": analytic_bytes(models[0], dense=_unsampleable) * steps,
         "indices": [m.last_indices for m in models[0].modules() if isinstance(m, WeightSampled)],
         "rng_untouched": rng_untouched,
     }

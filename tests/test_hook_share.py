@@ -9,8 +9,7 @@ import torch
 import torchvision
 
 import approxdist as ad
-from approxdist.functional import num_samples
-from approxdist.nn import WeightSampled
+from models import analytic_bytes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(REPO, "tools", "hook_share.py")
@@ -21,22 +20,6 @@ def _run(*args):
                           cwd=REPO)
 
 
-def _analytic_bytes(model_name, ratio):
-    """Selected slices of every sampled weight plus every other parameter, in fp32."""
-    model = ad.convert_model(getattr(torchvision.models, model_name)(num_classes=1000), ratio,
-                             distributed=True)
-    sampled = {id(m.weight): m for m in model.modules() if isinstance(m, WeightSampled)}
-    total = 0
-    for p in model.parameters():
-        layer = sampled.get(id(p))
-        if layer is None:
-            total += p.numel()
-        else:
-            n = p.shape[1]
-            total += p.numel() // n * num_samples(n, ratio, layer.minimal_k)
-    return total * 4
-
-
 def test_cpu_run_reports_the_analytic_payload_and_a_share(tmp_path):
     out = tmp_path / "share.json"
     proc = _run("--device", "cpu", "--model", "resnet18", "--ratio", "0.5", "--batch", "2",
@@ -44,7 +27,8 @@ def test_cpu_run_reports_the_analytic_payload_and_a_share(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())
     assert r["device"] == "cpu" and r["model"] == "resnet18" and r["steps"] == 2
-    assert r["payload_bytes_per_step"] == _analytic_bytes("resnet18", 0.5)
+    model = ad.convert_model(torchvision.models.resnet18(num_classes=1000), 0.5, distributed=True)
+    assert r["payload_bytes_per_step"] == analytic_bytes(model)
     dense = sum(p.numel() for p in torchvision.models.resnet18(num_classes=1000).parameters()) * 4
     assert r["dense_bytes_per_step"] == dense
     assert 0 < r["pack_unpack_s"] < r["step_s"]

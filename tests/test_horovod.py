@@ -34,29 +34,12 @@ CASES = [
 # ---------------------------------------------------------------------------------------
 # worker (runs under horovodrun / mpirun)
 # ---------------------------------------------------------------------------------------
-def _analytic_bytes(model):
-    """Bytes one step must hand to Horovod (float32): k of n input channels of each
-    sampled weight, all of every other parameter."""
-    from approxdist.functional import num_samples
-    from approxdist.nn import sampled_layer_of
-
-    total = 0
-    for p in model.parameters():
-        layer = sampled_layer_of(p)
-        if layer is None:
-            total += p.numel()
-        else:
-            n = p.shape[1]
-            total += p.numel() // n * num_samples(n, layer.sample_ratio, layer.minimal_k)
-    return total * 4
-
-
 def _train(hvd, use_approx, opt_name, passes, fp16, cap_mb):
     import torch
     import torch.nn.functional as F
 
     import approxdist
-    from models import batch_for, make_model
+    from models import analytic_bytes, batch_for, make_model
 
     # Ours takes the default (input-major) weight layout and makes it contiguous itself;
     # Horovod's own optimizer needs contiguous weights from the start.
@@ -90,7 +73,7 @@ def _train(hvd, use_approx, opt_name, passes, fp16, cap_mb):
     out = {"params": [p.detach().clone() for p in model.parameters()]}
     out["moved"] = all(not torch.equal(a, b) for a, b in zip(out["params"], start))
     if use_approx:
-        out.update(payload=payload, stats=opt.stats, analytic=_analytic_bytes(model),
+        out.update(payload=payload, stats=opt.stats, analytic=analytic_bytes(model),
                    buckets=len(opt._ad_buckets),
                    dense=sum(p.numel() * p.element_size() for p in model.parameters()))
     return out
