@@ -19,16 +19,25 @@ def _scale_view(scale, like, dim):
     return scale.to(like.dtype).view(shape)
 
 
+def sampled_weight(w, idx, scale, product):
+    """The weight operand of the pairs idx as the product takes it (weight_operand),
+    scaled: what a sampled forward multiplies with, and keeps for its backward."""
+    w_s = product.weight_operand(select_dim1(w, idx))
+    if scale is not None:
+        w_s = w_s * _scale_view(scale, w_s, 1)
+    return w_s
+
+
 class ForwardSampled(torch.autograd.Function):
     """Sampled forward; backward through the sampled pairs (dense_grad=False) or, for the
     'blackbox' mode, the exact gradients of the dense product (dense_grad=True)."""
 
     @staticmethod
-    def forward(ctx, x, w, b, idx, scale, product, dense_grad):
+    def forward(ctx, x, w, b, idx, scale, product, dense_grad, w_s):
+        # w_s: sampled_weight(w, idx, scale, product), when made ahead (prepared_weight)
         x_s = product.take(x, idx, w)
-        w_s = product.weight_operand(select_dim1(w, idx))
-        if scale is not None:
-            w_s = w_s * _scale_view(scale, w_s, 1)
+        if w_s is None:
+            w_s = sampled_weight(w, idx, scale, product)
         if idx.numel():
             out = product.sampled(x_s, w_s, b)
         else:  # nothing drawn (possible under Bernoulli sampling): the estimate is the bias
@@ -52,13 +61,13 @@ class ForwardSampled(torch.autograd.Function):
         if ctx.dense_grad:
             x, w = ctx.saved_tensors
             gx, gw, gb = ctx.product.backward(g, x, w, ctx.has_bias, mask)
-            return gx, gw, gb, None, None, None, None
+            return gx, gw, gb, None, None, None, None, None
         x_s, w_s, idx, scale = ctx.saved_tensors
         if idx.numel() == 0:
             gb = g.sum([d for d in range(g.dim()) if d != 1]) if (mask[2] and ctx.has_bias) else None
             gx = g.new_zeros(ctx.x_shape) if mask[0] else None
             gw = zeros_like_layout(ctx.w_shape, ctx.w_stride, g) if mask[1] else None
-            return gx, gw, gb, None, None, None, None
+            return gx, gw, gb, None, None, None, None, None
         gx_s, gw_s, gb = ctx.product.sampled_backward(g, x_s, w_s, ctx.has_bias, mask)
         gx = ctx.product.put(ctx.x_shape, idx, gx_s, w_s) if mask[0] else None
         gw = None
@@ -66,7 +75,7 @@ class ForwardSampled(torch.autograd.Function):
             if scale is not None:
                 gw_s = gw_s * _scale_view(scale, gw_s, 1)
             gw = _scatter(ctx.w_shape, idx, gw_s, stride=ctx.w_stride)
-        return gx, gw, gb, None, None, None, None
+        return gx, gw, gb, None, None, None, None, None
 
 
 def _norms_except(t, dim):

@@ -30,14 +30,21 @@ def select_pairs(x, w, k, policy, generator=None):
     return select_columns(pair_scores(x, w, policy), k, policy, generator)
 
 
-def sampled_product(x, w, b, idx, scale, product, mode="forward"):
+def sampled_product(x, w, b, idx, scale, product, mode="forward", prepared_weight=None):
     """The product over the given pairs; mode 'forward' or 'blackbox'.
 
     Forward sampling works on a dim-1-major weight as it is (functional/_layout.py);
-    'blackbox' runs torch's dense backward, which takes a row-major copy."""
+    'blackbox' runs torch's dense backward, which takes a row-major copy.
+    prepared_weight: sampled_weight(w, idx, scale, product) made earlier from the same
+    weight values (forward mode only), so the forward does not gather it."""
+    if prepared_weight is not None:
+        if mode != "forward":
+            raise ValueError(f"prepared_weight is for mode 'forward' only, got mode {mode!r}")
+        if prepared_weight.dtype != w.dtype or prepared_weight.device != w.device:
+            prepared_weight = None  # made before an autocast cast: gather anew
     if mode == "blackbox":
         w = contiguous_weight(w)
-    return ForwardSampled.apply(x, w, b, idx, scale, product, mode == "blackbox")
+    return ForwardSampled.apply(x, w, b, idx, scale, product, mode == "blackbox", prepared_weight)
 
 
 def approx_product(x, w, b, product, sample_ratio, minimal_k, policy, mode, generator):

@@ -1,8 +1,10 @@
 """approx_conv2d: a 2-D convolution that keeps k of its input channels."""
+import torch
 from torch.nn.modules.utils import _pair
 
 from ._amp import cast_for_autocast
 from ._checks import check_groups
+from ._autograd import sampled_weight
 from ._core import approx_product, sampled_product
 from ._products import Conv2dProduct
 
@@ -26,9 +28,21 @@ def approx_conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, gro
 
 
 def sampled_conv2d(input, weight, bias, indices, scale=None, stride=1, padding=0, dilation=1,
-                   mode="forward"):
-    """``F.conv2d`` over the given sorted input-channel ``indices`` (scaled by ``scale``)."""
+                   mode="forward", *, prepared_weight=None):
+    """``F.conv2d`` over the given sorted input-channel ``indices`` (scaled by ``scale``).
+
+    ``prepared_weight``: what ``sampled_conv2d_weight`` returned for the same weight
+    values, indices, scale and padding (mode 'forward'), so the forward skips the gather."""
     product = Conv2dProduct(_pair(stride), _pair(padding), _pair(dilation))
     (input, weight, bias), ctx = cast_for_autocast((input, weight, bias), input.device.type)
     with ctx:
-        return sampled_product(input, weight, bias, indices, scale, product, mode)
+        return sampled_product(input, weight, bias, indices, scale, product, mode, prepared_weight)
+
+
+def sampled_conv2d_weight(weight, indices, scale=None, padding=0):
+    """The sampled weight operand of ``sampled_conv2d``, made ahead of its forward: the
+    selected input channels (scaled), row-major unless the convolution is a 1x1 one
+    without padding. No autograd graph; the forward's backward still reaches ``weight``."""
+    product = Conv2dProduct((1, 1), _pair(padding), (1, 1))
+    with torch.no_grad():
+        return sampled_weight(weight, indices, scale, product)

@@ -1,5 +1,8 @@
 """approx_linear: a linear layer whose product keeps k of the in_features pairs."""
 from ._amp import cast_for_autocast
+import torch
+
+from ._autograd import sampled_weight
 from ._core import approx_product, sampled_product
 from ._products import LinearProduct
 
@@ -25,9 +28,19 @@ def approx_linear(input, weight, bias=None, *, sample_ratio, minimal_k=1, policy
     return out.reshape(*input.shape[:-1], weight.shape[0])
 
 
-def sampled_linear(input, weight, bias, indices, scale=None, mode="forward"):
-    """``F.linear`` over the given sorted in_features ``indices`` (scaled by ``scale``)."""
+def sampled_linear(input, weight, bias, indices, scale=None, mode="forward", *, prepared_weight=None):
+    """``F.linear`` over the given sorted in_features ``indices`` (scaled by ``scale``).
+
+    ``prepared_weight``: what ``sampled_linear_weight`` returned for the same weight
+    values, indices and scale (mode 'forward'), so the forward skips the gather."""
     (input, weight, bias), ctx = cast_for_autocast((input, weight, bias), input.device.type)
     with ctx:
-        out = sampled_product(_flat(input), weight, bias, indices, scale, _PRODUCT, mode)
+        out = sampled_product(_flat(input), weight, bias, indices, scale, _PRODUCT, mode, prepared_weight)
     return out.reshape(*input.shape[:-1], weight.shape[0])
+
+
+def sampled_linear_weight(weight, indices, scale=None):
+    """The sampled weight operand of ``sampled_linear``, made ahead of its forward (the
+    selected columns, scaled). No autograd graph."""
+    with torch.no_grad():
+        return sampled_weight(weight, indices, scale, _PRODUCT)
