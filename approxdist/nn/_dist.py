@@ -23,6 +23,13 @@ class WeightSampled(SamplingConfig):
         self.last_indices = None
         self._touched = None
         self._index_sync = None  # set by the distributed agreement mode 'broadcast'
+        self._prepared = None  # (key, indices, scale, weight operand) from prepare_next
+        register_sampled(self)
+
+    def __setstate__(self, state):
+        # A deep copy or an unpickled layer is a new object with a new weight: register
+        # it too, or the comm hook would not find it and reduce its gradient densely.
+        super().__setstate__(state)
         register_sampled(self)
 
     # -- selection -------------------------------------------------------------------
@@ -49,6 +56,42 @@ class WeightSampled(SamplingConfig):
         if self._index_sync is not None:
             idx, scale = self._index_sync(self, idx, scale)
         return idx, scale
+
+    def prepare_next(self):
+        """Select the channels of the next training forward now and gather their weights.
+
+        For a caller that knows the weight has just changed and has idle time before the
+        forward: the comm hook's optimizer_wrapper calls it after stepping the layer's
+        weight while later buckets are still on the wire. The next training forward uses
+        the result if the weight is the same tensor, not modified in place since (its
+        version counter) and the sampling settings are unchanged; otherwise it selects
+        anew. Only for the deterministic 'topk_weight' in forward mode without the
+        'broadcast' agreement (whose selection is a collective): elsewhere a no-op.
+        Writes through ``weight.data`` bypass the version counter: call
+        ``discard_prepared()`` after those."""
+        self._prepared = None
+        if not self.training or self.policy != "topk_weight" or self.mode != "forward" \
+                or self._index_sync is not None:
+            return
+        idx, scale = self._select()
+        w_s = None if idx is None else self._sampled_weight(self.weight.detach(), idx, scale)
+        self._prepared = (self._prepared_key(), idx, scale, w_s)
+
+    def discard_prepared(self):
+        self._prepared = None
+
+    def _prepared_key(self):
+        w = self.weight
+        return (w._version, w.data_ptr(), w.dtype, w.device, self.sample_ratio, self.minimal_k,
+                self.policy, self.mode)
+
+    def _selection(self):
+        """(indices, scale, prepared weight operand or None) for a training forward."""
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None and prepared[0] == self._prepared_key():
+            return prepared[1:]
+        idx, scale = self._select()
+        return idx, scale, None
 
     def _record(self, idx):
         n = self.weight.shape[1]

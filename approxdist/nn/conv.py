@@ -3,7 +3,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
-from ..functional import approx_conv2d, sampled_conv2d
+from ..functional import approx_conv2d, sampled_conv2d, sampled_conv2d_weight
 from ..functional._layout import contiguous_weight
 from ..functional._checks import check_groups
 from ._config import SamplingConfig
@@ -11,22 +11,30 @@ from ._dist import WeightSampled
 
 
 class _ApproxConvBase(nn.Conv2d):
-    def _padded(self, input):
-        """(input, numeric padding): non-'zeros' padding modes are applied up front."""
+    def _padding_plan(self):
+        """(padding applied to the input up front or None, the convolution's numeric
+        padding): non-'zeros' padding modes and an uneven 'same' are padded up front."""
         if self.padding_mode != "zeros":
-            return F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode), (0, 0)
+            return (self._reversed_padding_repeated_twice, self.padding_mode), (0, 0)
         if isinstance(self.padding, str):  # 'same' / 'valid'
             if self.padding == "valid":
-                return input, (0, 0)
+                return None, (0, 0)
             total = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size)]
             pad = [t // 2 for t in total]
             if all(t % 2 == 0 for t in total):
-                return input, tuple(pad)
+                return None, tuple(pad)
             lr = []
             for t, p in zip(reversed(total), reversed(pad)):
                 lr += [p, t - p]
-            return F.pad(input, lr), (0, 0)
-        return input, _pair(self.padding)
+            return (lr, "constant"), (0, 0)
+        return None, _pair(self.padding)
+
+    def _padded(self, input):
+        """(input, numeric padding), see _padding_plan."""
+        up_front, padding = self._padding_plan()
+        if up_front is not None:
+            input = F.pad(input, up_front[0], mode=up_front[1])
+        return input, padding
 
     def extra_repr(self):
         return f"{super().extra_repr()}, {self._sampling_repr()}"
@@ -74,13 +82,16 @@ class ApproxConv2dDist(WeightSampled, _ApproxConvBase):
         if not self.training:
             self._note_dense_use()
             return self._conv_forward(input, contiguous_weight(self.weight), self.bias)
-        idx, scale = self._select()
+        idx, scale, prepared = self._selection()
         self._record(idx)
         if idx is None:
             return self._conv_forward(input, contiguous_weight(self.weight), self.bias)
         x, padding = self._padded(input)
         return sampled_conv2d(x, self.weight, self.bias, idx, scale, self.stride, padding,
-                              self.dilation, self.mode)
+                              self.dilation, self.mode, prepared_weight=prepared)
+
+    def _sampled_weight(self, w, idx, scale):
+        return sampled_conv2d_weight(w, idx, scale, self._padding_plan()[1])
 
     def extra_repr(self):
         return f"{super().extra_repr()}, seed={self.seed}"

@@ -2,7 +2,7 @@
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..functional import approx_linear, sampled_linear
+from ..functional import approx_linear, sampled_linear, sampled_linear_weight
 from ..functional._layout import contiguous_weight
 from ._config import SamplingConfig
 from ._dist import WeightSampled
@@ -52,11 +52,15 @@ class ApproxLinearDist(WeightSampled, nn.Linear):
         if not self.training:
             self._note_dense_use()
             return self._exact(input)
-        idx, scale = self._select()
+        idx, scale, prepared = self._selection()
         self._record(idx)
         if idx is None:
             return self._exact(input)
-        return sampled_linear(input, self.weight, self.bias, idx, scale, self.mode)
+        return sampled_linear(input, self.weight, self.bias, idx, scale, self.mode,
+                              prepared_weight=prepared)
+
+    def _sampled_weight(self, w, idx, scale):
+        return sampled_linear_weight(w, idx, scale)
 
     def extra_repr(self):
         return f"{super().extra_repr()}, {self._sampling_repr()}, seed={self.seed}"
