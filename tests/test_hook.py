@@ -268,6 +268,41 @@ def test_hook_sees_recorded_indices():
         assert r["k"] == [n // 2 for n in r["n"]]
 
 
+def copied_model_worker(rank, world, how):
+    import io
+
+    converted = ad.convert_model(make_model("cnn"), 0.5, distributed=True)
+    analytic = analytic_bytes(converted)  # of the original, registered at construction
+    dense = sum(p.numel() * p.element_size() for p in converted.parameters())
+    if how == "deepcopy":
+        model = copy.deepcopy(converted)
+    elif how == "pickle":
+        buf = io.BytesIO()
+        torch.save(converted, buf)
+        buf.seek(0)
+        model = torch.load(buf, weights_only=False)
+    else:  # a weight replaced after construction; register() finds it again
+        model = converted
+        model.conv2.weight = nn.Parameter(model.conv2.weight.detach().clone())
+    ddp = DDP(model)
+    state = ad.distributed.SparseAllReduceState()
+    if how == "replaced":
+        ad.distributed.register(ddp, state)
+    else:
+        ddp.register_comm_hook(state, ad.distributed.sparse_allreduce_hook)
+    x, y = batch_for("cnn", rank, 0)
+    nn.CrossEntropyLoss()(ddp(x), y).backward()
+    return state.stats["payload_bytes"], analytic, dense
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "replaced"])
+def test_copied_models_and_replaced_weights_stay_sampled(how):
+    """The hook finds a layer through its weight; a deep copy, an unpickled model or a
+    replaced weight must not fall back to sending that gradient whole."""
+    for payload, analytic, dense in run_ranks(copied_model_worker, 2, how):
+        assert payload == analytic < dense
+
+
 def test_world_size_one():
     results = run_ranks(compare_worker, 1, "cnn", 0.5, "topk_weight", 2, {})
     _assert_equal_runs(results, exact=True)

@@ -13,34 +13,11 @@ import torch
 import torch.distributed as dist
 
 from .. import kernels
-from ..kernels.checks import dim1_major
 from ..nn import sampled_layer_of
 from .agreement import check_indices, install_broadcast
+from .buckets import sampling_views
+from .overlap import optimizer_wrapper
 from .state import SparseAllReduceState
-
-
-def _bucket_views(buffer, params):
-    """Views of the bucket's flat buffer shaped like its parameters, with their strides
-    as DDP lays the gradients out (a parameter's memory layout is kept in the bucket).
-    A parameter in a layout the kernels cannot sample (neither contiguous nor
-    dim-1-major, e.g. channels_last) gets its flat 1-D piece: it is then sent whole.
-    Taken from buffer() rather than gradients() so wrappers that swap the buffer
-    (fp16_compress_wrapper) see their own dtype."""
-    views, offset = [], 0
-    for p in params:
-        n = p.numel()
-        piece = buffer.narrow(0, offset, n)
-        if p.is_contiguous():
-            views.append(piece.view(p.shape))
-        elif dim1_major(p):
-            views.append(piece.as_strided(p.shape, p.stride()))
-        else:
-            views.append(piece)
-        offset += n
-    if offset != buffer.numel():
-        raise RuntimeError(f"approxdist: bucket buffer holds {buffer.numel()} elements but its "
-                           f"parameters {offset}; this DDP layout is not supported")
-    return views
 
 
 def _selection(state, group, params, views):
@@ -78,7 +55,7 @@ def sparse_allreduce_hook(state: SparseAllReduceState, bucket: dist.GradBucket) 
         raise TypeError("approxdist: sparse gradients are not supported by sparse_allreduce_hook "
                         "(use dense gradients, e.g. nn.Embedding(sparse=False))")
     params = bucket.parameters()
-    views = _bucket_views(buffer, params)
+    views = sampling_views(buffer, params)
     indices, layers, layer_idx = _selection(state, group, params, views)
     if state.agreement == "check" and layers and state.steps % state.check_every == 0:
         names = [state.param_names.get(id(layer.weight), f"{type(layer).__name__}{tuple(layer.weight.shape)}")
@@ -117,15 +94,26 @@ def sparse_allreduce_hook(state: SparseAllReduceState, bucket: dist.GradBucket) 
     return fut.then(scatter)
 
 
-def register(ddp_model, state=None):
+def register(ddp_model, state=None, *, optimizer=None):
     """Register the sparse hook on a DistributedDataParallel model; returns its state.
 
     Also records the sampled layers' names (for error messages) and, for agreement='broadcast',
-    makes every weight-sampled layer follow rank 0's selection from the first step."""
+    makes every weight-sampled layer follow rank 0's selection from the first step.
+
+    optimizer: a torch.optim optimizer over the model's parameters to step inside the
+    hook, bucket by bucket, as soon as each bucket is reduced (overlap.optimizer_wrapper):
+    the step then overlaps the transfer of later buckets, and the sampled layers gather
+    their next forward's weights there too. Keep calling ``optimizer.step()`` after
+    backward: it steps only what no bucket stepped. Not with gradient clipping by the
+    global norm, a GradScaler, or find_unused_parameters=True."""
     from ..nn import WeightSampled
+    from ..nn._registry import register_sampled
 
     state = state if state is not None else SparseAllReduceState()
     module = ddp_model.module
+    for m in module.modules():
+        if isinstance(m, WeightSampled):
+            register_sampled(m)  # again: the weight may have been replaced since construction
     state.param_names = {id(m.weight): name for name, m in module.named_modules()
                          if isinstance(m, WeightSampled)}
     if state.agreement == "broadcast":
@@ -134,5 +122,11 @@ def register(ddp_model, state=None):
             if isinstance(m, WeightSampled):
                 install_broadcast(m, group)
                 state._synced_layers.add(id(m))
-    ddp_model.register_comm_hook(state, sparse_allreduce_hook)
+    hook = sparse_allreduce_hook
+    if optimizer is not None:
+        if getattr(ddp_model, "find_unused_parameters", False):
+            raise ValueError("optimizer: the in-hook step needs find_unused_parameters=False (DDP "
+                             "leaves an unused parameter's gradient None, the bucket holds zeros)")
+        hook = optimizer_wrapper(hook, optimizer)
+    ddp_model.register_comm_hook(state, hook)
     return state

@@ -1,0 +1,143 @@
+"""The optimizer step inside the comm hook, one bucket at a time.
+
+DDP reduces the buckets during backward and waits for all of them at its end; the
+optimizer step comes after that and cannot overlap the transfer. Stepping each
+bucket's parameters as soon as its reduction completes moves the step into the time the
+link is still busy with later buckets. PyTorch has a private form of this
+(`_hook_then_optimizer`, functional optimizers only); it reads the reduced gradients
+through `GradBucket.gradients()`, whose row-major views scramble the gradient of a
+dim-1-major weight. Here the user's own `torch.optim` optimizer steps, on views in
+DDP's layout (buckets.parameter_views).
+
+After the step, the weight-sampled layers of the bucket select the channels of their
+next forward and gather those weights (`WeightSampled.prepare_next`): work that the
+forward, which no transfer overlaps, would otherwise do.
+
+The user's `optimizer.step()` stays in the training loop. It steps only the parameters
+that no bucket stepped since its last call: none after a synchronised backward, all of
+them after a backward under `no_sync()`, and any parameter the optimizer holds that DDP
+does not reduce. Every step is the optimizer's own code on the same gradients, so the
+parameters equal those of the usual loop bit for bit.
+"""
+import threading
+
+import torch
+
+from ..nn import WeightSampled, sampled_layer_of
+from .buckets import parameter_views
+
+__all__ = ["optimizer_wrapper", "check_overlap_supported"]
+
+
+def check_overlap_supported(optimizer) -> None:
+    """Raise for optimizers whose step cannot be split by parameter."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if isinstance(optimizer, torch.optim.LBFGS):
+        raise ValueError("optimizer: LBFGS needs a closure over all parameters at once; its step "
+                         "cannot run bucket by bucket (do not pass it to the hook)")
+
+
+class BucketStepper:
+    """Steps an optimizer on a subset of its parameters (one bucket) with given
+    gradients, and makes the user's later `step()` skip what was stepped so."""
+
+    def __init__(self, optimizer):
+        check_overlap_supported(optimizer)
+        self.optimizer = optimizer
+        self._lock = threading.Lock()  # gloo completes buckets on several threads
+        self._in_bucket = False
+        self._stepped = set()  # ids of parameters stepped since the user's last step()
+        self._held = None  # the full parameter lists while the user's step() runs
+        optimizer.register_step_pre_hook(self._before_user_step)
+        optimizer.register_step_post_hook(self._after_user_step)
+
+    def step_bucket(self, params, grads) -> None:
+        optimizer = self.optimizer
+        with self._lock:
+            ids = {id(p) for p in params}
+            groups = optimizer.param_groups
+            full = [g["params"] for g in groups]
+            owned = [p for ps in full for p in ps if id(p) in ids]
+            if not owned:
+                return
+            twice = [p for p in owned if id(p) in self._stepped]
+            if twice:
+                raise RuntimeError(
+                    "approxdist: a second synchronised backward before optimizer.step(): the comm "
+                    "hook steps the optimizer after every reduction, so accumulate gradients under "
+                    "ddp.no_sync() and call optimizer.step() after each synchronised backward")
+            grad_of = {id(p): g for p, g in zip(params, grads)}
+            kept = [(p, p.grad) for p in owned]
+            try:
+                for g, ps in zip(groups, full):
+                    g["params"] = [p for p in ps if id(p) in ids]
+                for p in owned:
+                    p.grad = grad_of[id(p)]
+                self._in_bucket = True
+                optimizer.step()
+            finally:
+                self._in_bucket = False
+                for g, ps in zip(groups, full):
+                    g["params"] = ps
+                for p, grad in kept:
+                    p.grad = grad
+            self._stepped.update(id(p) for p in owned)
+
+    def _before_user_step(self, optimizer, args, kwargs):
+        if self._in_bucket or not self._stepped:
+            return
+        self._held = [g["params"] for g in optimizer.param_groups]
+        for g, ps in zip(optimizer.param_groups, self._held):
+            g["params"] = [p for p in ps if id(p) not in self._stepped]
+
+    def _after_user_step(self, optimizer, args, kwargs):
+        if self._in_bucket:
+            return
+        if self._held is not None:
+            for g, ps in zip(optimizer.param_groups, self._held):
+                g["params"] = ps
+            self._held = None
+        self._stepped.clear()
+
+
+def _stepper_of(optimizer) -> BucketStepper:
+    stepper = getattr(optimizer, "_approxdist_stepper", None)
+    if stepper is None:
+        stepper = BucketStepper(optimizer)
+        optimizer._approxdist_stepper = stepper
+    return stepper
+
+
+def optimizer_wrapper(hook, optimizer, *, prepare=True):
+    """A comm hook that runs `hook`, then steps `optimizer` on the bucket's parameters
+    with the reduced gradients, then (prepare=True) lets the bucket's weight-sampled
+    layers prepare their next forward.
+
+    Works around any hook whose future holds the reduced bucket (DDP's allreduce_hook,
+    fp16_compress_hook, PowerSGD, sparse_allreduce_hook). Not for a loop that changes the
+    gradients between backward and step (clipping by the global norm, a GradScaler) or
+    a model with find_unused_parameters=True (DDP leaves an unused parameter's gradient
+    None, the bucket holds zeros for it).
+    """
+    stepper = _stepper_of(optimizer)
+
+    def hook_then_step(state, bucket):
+        fut = hook(state, bucket)
+        params = bucket.parameters()
+
+        def step(f):
+            value = f.value()
+            reduced = value[0] if isinstance(value, (list, tuple)) else value
+            stepper.step_bucket(params, parameter_views(reduced, params))
+            if prepare:
+                for p in params:
+                    layer = sampled_layer_of(p)
+                    if isinstance(layer, WeightSampled):
+                        layer.prepare_next()
+            return reduced
+
+        return fut.then(step)
+
+    hook_then_step.__name__ = f"{getattr(hook, '__name__', 'hook')}_then_step"
+    return hook_then_step
