@@ -34,6 +34,7 @@ CASES = [
     (["--model", "resnet_nope"], "--model"),
     (["--dataset", "imagefolder", "--data-path", "/nonexistent/imagenet"], "--data-path"),
     (["--comm-hook", "carrier-pigeon"], "--comm-hook"),
+    (["--step-in-hook", "--dist", "horovod"], "--step-in-hook"),
 ]
 if not torch.cuda.is_available():
     CASES.append((["--backend", "nccl"], "nccl"))

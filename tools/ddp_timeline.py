@@ -1,6 +1,7 @@
 """Per-bucket timeline of DDP steps with the sparse hook on the 2-node namespace testbed.
 
     python tools/ddp_timeline.py [--ratio 0.33] [--bucket-mb 25] [--rate 1gbit] [--model resnet18]
+                                 [--step-in-hook]
 
 Rank 0 prints, for steps 3-6, the end of the forward, the end of backward and of the
 step (ms from the step's start) and, per bucket, [index, hook called, collective
@@ -13,7 +14,7 @@ import sys
 import time
 
 
-def worker(ratio, bucket_mb, model_name):
+def worker(ratio, bucket_mb, model_name, step_in_hook=False):
     import torch
     import torch.distributed as dist
     import torchvision
@@ -42,8 +43,10 @@ def worker(ratio, bucket_mb, model_name):
             return f.value()
         return fut.then(done)
 
-    ddp.register_comm_hook(ad.distributed.SparseAllReduceState(), hook)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
+    if step_in_hook:  # the optimizer steps each bucket after its collective (and "done")
+        hook = ad.distributed.optimizer_wrapper(hook, opt)
+    ddp.register_comm_hook(ad.distributed.SparseAllReduceState(), hook)
     g = torch.Generator().manual_seed(rank)
     x, y = torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g)
     lines = []
@@ -56,7 +59,7 @@ def worker(ratio, bucket_mb, model_name):
         forward = ms()
         loss.backward()
         backward = ms()
-        opt.step()
+        opt.step()  # with --step-in-hook: nothing left to step
         if step >= 2:
             lines.append({"forward_end": forward, "backward_end": backward, "step_end": ms(),
                           "buckets": list(events)})
@@ -72,14 +75,16 @@ def main():
     p.add_argument("--bucket-mb", type=float, default=25.0)
     p.add_argument("--rate", default="1gbit")
     p.add_argument("--model", default="resnet18")
+    p.add_argument("--step-in-hook", action="store_true",
+                   help="step the optimizer per bucket inside the hook (optimizer_wrapper)")
     p.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a._worker:
-        return worker(a.ratio, a.bucket_mb, a.model)
+        return worker(a.ratio, a.bucket_mb, a.model, a.step_in_hook)
     from approxdist.bench.testbed import Testbed
 
     argv = [sys.executable, __file__, "--_worker", "--ratio", str(a.ratio), "--bucket-mb",
-            str(a.bucket_mb), "--model", a.model]
+            str(a.bucket_mb), "--model", a.model] + (["--step-in-hook"] if a.step_in_hook else [])
     with Testbed(2, a.rate) as tb:
         res = tb.run_all(lambda i: argv, env_of=lambda i: tb.env(i, port=29577), timeout=600)
     for i, r in enumerate(res):

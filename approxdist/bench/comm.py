@@ -42,7 +42,15 @@ POWERSGD_START_ITER = 2  # the smallest start PyTorch allows with error feedback
 
 # -- hooks ---------------------------------------------------------------------------------
 def parse_hook(name: str) -> dict:
-    """"allreduce", "fp16", "powersgdR", "sparseX" or "sparseX+fp16" -> a spec dict."""
+    """"allreduce", "fp16", "powersgdR", "sparseX" or "sparseX+fp16", each optionally with
+    "+step" (the optimizer steps inside the hook, bucket by bucket) -> a spec dict."""
+    step = name.endswith("+step")
+    spec = _parse_base_hook(name[:-len("+step")] if step else name, name)
+    spec.update(name=name, step_in_hook=step)
+    return spec
+
+
+def _parse_base_hook(name: str, full: str) -> dict:
     if name in ("allreduce", "fp16"):
         return {"name": name, "kind": name, "ratio": 1.0, "fp16": name == "fp16"}
     m = re.fullmatch(r"powersgd(\d+)", name)
@@ -54,7 +62,7 @@ def parse_hook(name: str) -> dict:
         return {"name": name, "kind": "sparse", "ratio": float(m.group(1)),
                 "fp16": bool(m.group(2))}
     raise ValueError(f"hook must be allreduce, fp16, powersgdR, sparseX or sparseX+fp16 "
-                     f"(0 < X <= 1), got {name!r}")
+                     f"(0 < X <= 1), each optionally followed by +step, got {full!r}")
 
 
 def _timed(hook, box: list):
@@ -69,24 +77,34 @@ def _timed(hook, box: list):
     return timed_hook
 
 
-def _install_hook(ddp, spec: dict, box: list):
-    """Register the hook spec names on ddp; returns the sparse hook's state, else None."""
+def _install_hook(ddp, spec: dict, box: list, optimizer):
+    """Register the hook spec names on ddp; returns the sparse hook's state, else None.
+
+    "+step" wraps the hook in approxdist's optimizer_wrapper: `optimizer` steps each
+    bucket's parameters in the hook's callback (DDP's all-reduce then runs as torch's
+    Python allreduce_hook, the built-in C++ one takes no wrapper)."""
     import torch.distributed as dist
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 
+    import approxdist as ad
+
+    def wrap(hook):
+        return ad.distributed.optimizer_wrapper(hook, optimizer) if spec["step_in_hook"] else hook
+
     kind = spec["kind"]
     if kind == "allreduce":
-        return None  # DDP's built-in C++ all-reduce: what users get without a hook
+        if spec["step_in_hook"]:
+            ddp.register_comm_hook(dist.group.WORLD, wrap(_timed(default_hooks.allreduce_hook, box)))
+        return None  # else DDP's built-in C++ all-reduce: what users get without a hook
     if kind == "fp16":
-        ddp.register_comm_hook(dist.group.WORLD, _timed(default_hooks.fp16_compress_hook, box))
+        ddp.register_comm_hook(dist.group.WORLD, wrap(_timed(default_hooks.fp16_compress_hook, box)))
         return None
     if kind == "powersgd":
         state = powerSGD_hook.PowerSGDState(
             process_group=None, matrix_approximation_rank=spec["rank"],
             start_powerSGD_iter=POWERSGD_START_ITER, use_error_feedback=True, warm_start=True)
-        ddp.register_comm_hook(state, _timed(powerSGD_hook.powerSGD_hook, box))
+        ddp.register_comm_hook(state, wrap(_timed(powerSGD_hook.powerSGD_hook, box)))
         return None
-    import approxdist as ad
 
     state = ad.distributed.SparseAllReduceState()
     hook = ad.distributed.sparse_allreduce_hook
@@ -94,7 +112,7 @@ def _install_hook(ddp, spec: dict, box: list):
         # PyTorch's wrapper casts the bucket to fp16 and hands it to the sparse hook,
         # which packs from bucket.buffer(), so the sampled slices travel in fp16.
         hook = default_hooks.fp16_compress_wrapper(hook)
-    ddp.register_comm_hook(state, _timed(hook, box))
+    ddp.register_comm_hook(state, wrap(_timed(hook, box)))
     return state
 
 
@@ -190,9 +208,10 @@ def _build(cfg: dict, spec: dict, seed: int):
         model = ad.convert_model(model, spec["ratio"], distributed=True)
     bucket = SINGLE_BUCKET_MB if spec["kind"] == "powersgd" else cfg.get("bucket_mb", DEFAULT_BUCKET_MB)
     ddp = DDP(model, bucket_cap_mb=bucket)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
     box = [0.0]
-    state = _install_hook(ddp, spec, box)
-    return ddp, state, box
+    state = _install_hook(ddp, spec, box, opt)
+    return ddp, state, box, opt
 
 
 def _run_config(cfg: dict, spec: dict, plan: dict, seed: int, measure_compute: bool) -> dict:
@@ -200,9 +219,8 @@ def _run_config(cfg: dict, spec: dict, plan: dict, seed: int, measure_compute: b
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    ddp, state, box = _build(cfg, spec, seed)
+    ddp, state, box, opt = _build(cfg, spec, seed)
     model = ddp.module
-    opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
     crit = torch.nn.CrossEntropyLoss()
     g = torch.Generator().manual_seed(seed * 1000 + rank)
     size = plan["image_size"]
@@ -219,7 +237,7 @@ def _run_config(cfg: dict, spec: dict, plan: dict, seed: int, measure_compute: b
         phases[0] = time.perf_counter() - t0
         loss.backward()
         t1 = time.perf_counter()
-        opt.step()
+        opt.step()  # with +step: only what no bucket stepped (nothing after a reduction)
         phases[1] = time.perf_counter() - t1
         return loss
 
@@ -267,6 +285,7 @@ def _run_config(cfg: dict, spec: dict, plan: dict, seed: int, measure_compute: b
         payload = counter.nbytes / steps
     out = {
         "model": cfg["model"], "hook": spec["name"], "kind": spec["kind"],
+        "step_in_hook": spec["step_in_hook"],
         "ratio": spec["ratio"], "fp16": spec["fp16"], "rank": rank, "world_size": world,
         "step_s": times, "compute_s": compute, "forward_s": forward, "optimizer_s": optim,
         "loss": float(loss.detach()),
@@ -305,7 +324,8 @@ def run_plan(plan: dict) -> list[dict]:
     for rep in range(plan["repeats"]):
         for j, cfg in enumerate(plan["configs"]):
             spec = parse_hook(cfg["hook"])
-            row = _run_config(cfg, spec, plan, seed=plan.get("seed", 0) + j,
+            seed = cfg.get("seed", plan.get("seed", 0) + j)  # a config may pin its own
+            row = _run_config(cfg, spec, plan, seed=seed,
                               measure_compute=rep < plan.get("compute_repeats", 1))
             row["repeat"] = rep
             row.update({k: v for k, v in cfg.items() if k not in row})
@@ -398,6 +418,7 @@ def summarize(rows: list[dict]) -> list[dict]:
         steps = [t for r in rs for t in r["step_s"]]
         compute = [t for r in rs for t in r["compute_s"]] or [float("nan")]
         s = {"nodes": nodes, "rate": rate, "model": model, "hook": hook, "kind": rs[0]["kind"],
+             "step_in_hook": rs[0].get("step_in_hook", False),
              "ratio": rs[0]["ratio"], "fp16": rs[0]["fp16"], "repeats": len(rs),
              "step_s": statistics.median(steps), "compute_s": statistics.median(compute),
              "payload_bytes": statistics.median(r["payload_bytes"] for r in rs),
@@ -415,10 +436,12 @@ def summarize(rows: list[dict]) -> list[dict]:
             opt = [t for r in rs for t in r.get("optimizer_s", [])]
             if fwd and opt:
                 # DDP reduces gradients during backward only: the forward before it and
-                # the optimizer step after it cannot overlap the transfer.
+                # the optimizer step after it cannot overlap the transfer (the step can
+                # with +step, where it runs in the hook's callbacks).
                 s["forward_s"] = statistics.median(fwd)
                 s["optimizer_s"] = statistics.median(opt)
-                s["ddp_bound_s"] = max(s["compute_s"], s["forward_s"] + s["allreduce_s"] + s["optimizer_s"])
+                tail = 0.0 if s["step_in_hook"] else s["optimizer_s"]
+                s["ddp_bound_s"] = max(s["compute_s"], s["forward_s"] + s["allreduce_s"] + tail)
                 s["of_ddp_bound"] = s["step_s"] / s["ddp_bound_s"]
         s["comm_share"] = max(0.0, 1.0 - s["compute_s"] / s["step_s"])
         # The hook's own work per step: its body (cast/pack/launch) plus, for the sparse
@@ -432,9 +455,12 @@ def summarize(rows: list[dict]) -> list[dict]:
                                                    for r in rs)
             s["pack_unpack_share"] = s["pack_unpack_s"] / s["step_s"]
         out.append(s)
-    base = {(s["nodes"], s["rate"], s["model"]): s["step_s"] for s in out if s["hook"] == "allreduce"}
+    # Against DDP's all-reduce in the same loop: "allreduce" for the usual step after
+    # backward, "allreduce+step" for the rows that step inside the hook.
+    base = {(s["nodes"], s["rate"], s["model"], s["step_in_hook"]): s["step_s"] for s in out
+            if s["kind"] == "allreduce"}
     for s in out:
-        b = base.get((s["nodes"], s["rate"], s["model"]))
+        b = base.get((s["nodes"], s["rate"], s["model"], s["step_in_hook"]))
         s["speedup"] = b / s["step_s"] if b else None
     return out
 
@@ -459,7 +485,7 @@ def format_table(summary: list[dict], testbed: bool) -> str:
                       f"{s['compute_s']:.3f}", f"{s['allreduce_s']:.3f}", f"{s['of_limit']:.2f}",
                       f"{s['of_ddp_bound']:.2f}" if "of_ddp_bound" in s else "-"]
         else:
-            hook = s["kind"] != "allreduce"
+            hook = s["kind"] != "allreduce" or s.get("step_in_hook")
             cells += [f"{s['compute_s']:.3f}", f"{s['hook_s']:.4f}" if hook else "(C++)",
                       f"{s['hook_share']:.1%}" if hook else "-",
                       f"{s['pack_unpack_share']:.1%}" if "pack_unpack_share" in s else "-"]
@@ -609,7 +635,9 @@ def main(argv=None) -> int:
     p.add_argument("--models", default="resnet18,resnet50")
     p.add_argument("--hooks", default=None,
                    help=f"default loopback: {','.join(LOOPBACK_HOOKS)}; "
-                        f"testbed: {','.join(TESTBED_HOOKS)}")
+                        f"testbed: {','.join(TESTBED_HOOKS)}; any name + '+step': the "
+                        f"optimizer steps inside the hook, bucket by bucket "
+                        f"(approxdist.distributed.optimizer_wrapper)")
     p.add_argument("--nodes", default="2,4", help="testbed node counts")
     p.add_argument("--rates", default="1gbit,100mbit", help="testbed link rates")
     p.add_argument("--batch", type=int, default=16, help="per rank")

@@ -2,7 +2,7 @@
 agreement across ranks, communication accounting and process-group initialisation."""
 from .env import init_distributed
 from .hook import SparseAllReduceState, register, sparse_allreduce_hook
-from .overlap import optimizer_wrapper
+from .overlap import in_hook_steps, optimizer_wrapper
 
 __all__ = ["SparseAllReduceState", "sparse_allreduce_hook", "register", "init_distributed",
-           "optimizer_wrapper"]
+           "optimizer_wrapper", "in_hook_steps"]

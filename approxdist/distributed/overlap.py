@@ -26,7 +26,7 @@ import torch
 from ..nn import WeightSampled, sampled_layer_of
 from .buckets import parameter_views
 
-__all__ = ["optimizer_wrapper", "check_overlap_supported"]
+__all__ = ["optimizer_wrapper", "check_overlap_supported", "in_hook_steps"]
 
 
 def check_overlap_supported(optimizer) -> None:
@@ -49,6 +49,7 @@ class BucketStepper:
         self._in_bucket = False
         self._stepped = set()  # ids of parameters stepped since the user's last step()
         self._held = None  # the full parameter lists while the user's step() runs
+        self.buckets = 0  # buckets stepped so far
         optimizer.register_step_pre_hook(self._before_user_step)
         optimizer.register_step_post_hook(self._after_user_step)
 
@@ -83,6 +84,7 @@ class BucketStepper:
                 for p, grad in kept:
                     p.grad = grad
             self._stepped.update(id(p) for p in owned)
+            self.buckets += 1
 
     def _before_user_step(self, optimizer, args, kwargs):
         if self._in_bucket or not self._stepped:
@@ -107,6 +109,12 @@ def _stepper_of(optimizer) -> BucketStepper:
         stepper = BucketStepper(optimizer)
         optimizer._approxdist_stepper = stepper
     return stepper
+
+
+def in_hook_steps(optimizer) -> int:
+    """How many buckets comm hooks have stepped `optimizer` on (0: never wrapped)."""
+    stepper = getattr(optimizer, "_approxdist_stepper", None)
+    return 0 if stepper is None else stepper.buckets
 
 
 def optimizer_wrapper(hook, optimizer, *, prepare=True):

@@ -45,6 +45,10 @@ def build_parser(prog="approxdist-train"):
     p.add_argument("--agreement", default="local", choices=AGREEMENTS, help="index agreement of the sparse hook")
     p.add_argument("--powersgd-rank", type=int, default=1, help="matrix approximation rank for --comm-hook powersgd")
     p.add_argument("--powersgd-start-iter", type=int, default=2, help="steps of plain all-reduce before PowerSGD")
+    p.add_argument("--step-in-hook", action="store_true",
+                   help="step the optimizer inside the comm hook, bucket by bucket, as each bucket is reduced: "
+                        "the step overlaps the transfer of later buckets and sampled layers gather their next "
+                        "forward's weights there (same parameters bit for bit; torch DDP only, not with --amp on CUDA)")
     p.add_argument("--amp", action="store_true", help="mixed precision (fp16 + GradScaler on CUDA, bf16 on CPU)")
     p.add_argument("--weight-layout", default=None, choices=("input_major", "contiguous"),
                    help="memory layout of the sampled weights (default: input_major under torch DDP, "
@@ -91,6 +95,14 @@ def validate(args):
 
         if not torch.cuda.is_available():
             raise ValueError("--backend nccl needs CUDA, which is not available here (use --backend gloo)")
+    if args.step_in_hook and args.dist == "horovod":
+        raise ValueError("--step-in-hook needs --dist torch (Horovod's optimizer reduces and steps by itself)")
+    if args.step_in_hook and args.amp:
+        import torch
+
+        if torch.cuda.is_available():  # the run's device: --amp on CUDA uses a GradScaler
+            raise ValueError("--step-in-hook cannot run with --amp on CUDA: the GradScaler unscales and "
+                             "checks the gradients before stepping, after the hook would have stepped")
     if args.dist == "horovod":
         from .hvd import check_args
 

@@ -90,15 +90,22 @@ def _same_bytes(buf):
     return buf.element_size()
 
 
-def build_comm(ddp_model, name, *, agreement="local", powersgd_rank=1, powersgd_start_iter=2):
-    """Register hook ``name`` on ``ddp_model`` (None: single process, nothing to register)."""
+def build_comm(ddp_model, name, *, agreement="local", powersgd_rank=1, powersgd_start_iter=2,
+               optimizer=None):
+    """Register hook ``name`` on ``ddp_model`` (None: single process, nothing to register).
+
+    optimizer: step it inside the hook, bucket by bucket (approxdist's optimizer_wrapper)."""
+    import approxdist.distributed as add
+
     if ddp_model is None:
         return Comm(name, None, "none")
-    if name == "sparse":
-        import approxdist.distributed as add
 
+    def wrap(hook):
+        return hook if optimizer is None else add.optimizer_wrapper(hook, optimizer)
+
+    if name == "sparse":
         state = add.SparseAllReduceState(agreement=agreement)
-        state = add.register(ddp_model, state) or state
+        state = add.register(ddp_model, state, optimizer=optimizer) or state
         return Comm(name, state, "sparse")
     if name == "powersgd":
         inner = psgd.PowerSGDState(
@@ -109,7 +116,7 @@ def build_comm(ddp_model, name, *, agreement="local", powersgd_rank=1, powersgd_
             random_seed=0,
         )
         state = _Counting(inner, None)
-        ddp_model.register_comm_hook(state, _counted(psgd.powerSGD_hook))
+        ddp_model.register_comm_hook(state, wrap(_counted(psgd.powerSGD_hook)))
         return Comm(name, state, "powersgd")
     hooks = {
         "allreduce": (default_hooks.allreduce_hook, _same_bytes),
@@ -120,7 +127,7 @@ def build_comm(ddp_model, name, *, agreement="local", powersgd_rank=1, powersgd_
         raise ValueError(f"comm hook must be one of sparse, powersgd, {', '.join(hooks)}; got {name!r}")
     hook, size = hooks[name]
     state = _Counting(None, size)  # None: the default process group
-    ddp_model.register_comm_hook(state, _counted(hook))
+    ddp_model.register_comm_hook(state, wrap(_counted(hook)))
     return Comm(name, state, name)
 
 

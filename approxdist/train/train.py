@@ -26,6 +26,7 @@ from .args import validate
 from .comm import build_comm
 from .data import build_datasets, build_loaders
 from .logs import MetricsLogger
+from ..distributed import in_hook_steps
 
 # Test hook for the elastic-restart test: "RANK:STEP" makes that rank SIGKILL itself after
 # completing global step STEP, on the first attempt only (TORCHELASTIC_RESTART_COUNT == 0).
@@ -312,8 +313,11 @@ def _run(args, model, train_set, val_set, info, rank, world_size, local_rank, re
 
         optimizer, comm = wrap(model, optimizer, args)
     else:
+        if args.step_in_hook and ddp is None:
+            log.info("--step-in-hook: one process, no comm hook; the optimizer steps after backward")
         comm = build_comm(ddp, args.comm_hook, agreement=args.agreement, powersgd_rank=args.powersgd_rank,
-                          powersgd_start_iter=args.powersgd_start_iter)
+                          powersgd_start_iter=args.powersgd_start_iter,
+                          optimizer=optimizer if args.step_in_hook else None)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
     scaler = _make_scaler(device, args.amp)
     config = {"model": args.model, "dataset": args.dataset, "num_classes": info.num_classes,
@@ -337,6 +341,7 @@ def _run(args, model, train_set, val_set, info, rank, world_size, local_rank, re
         sampler.set_epoch(epoch, step_in_epoch)
         epoch_first_step = step - step_in_epoch
         before = comm.stats()
+        buckets_before = in_hook_steps(optimizer)
 
         def on_step(s, _epoch=epoch, _first=epoch_first_step):
             in_epoch = s - _first
@@ -362,7 +367,8 @@ def _run(args, model, train_set, val_set, info, rank, world_size, local_rank, re
             images_per_s=rate, lr=optimizer.param_groups[0]["lr"], partial_epoch=not finished_epoch,
             payload_bytes=_delta(after, before, "payload_bytes"), dense_bytes=_delta(after, before, "dense_bytes"),
             payload_bytes_total=after["payload_bytes"], dense_bytes_total=after["dense_bytes"],
-            world_size=world_size, sample_ratio=args.sample_ratio, comm_hook=args.comm_hook)
+            world_size=world_size, sample_ratio=args.sample_ratio, comm_hook=args.comm_hook,
+            in_hook_steps=in_hook_steps(optimizer) - buckets_before)
         log.epoch(metrics)
         if finished_epoch:
             epoch, step_in_epoch = epoch + 1, 0
