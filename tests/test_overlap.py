@@ -51,7 +51,7 @@ def _run(ddp, opt, sched, name, rank, steps, accum, extra=None, zero="none", see
 
 def overlap_worker(rank, world, name, hook, opt_name, ddp_kw, accum=1, zero="none", ratio=0.5):
     base = make_model(name)
-    if hook == "sparse":
+    if hook.startswith("sparse"):
         ad.convert_model(base, ratio, distributed=True, policy="topk_weight")
     twins, opts, scheds, extras = [], [], [], []
     for overlapped in (True, False):
@@ -63,6 +63,10 @@ def overlap_worker(rank, world, name, hook, opt_name, ddp_kw, accum=1, zero="non
         step_opt = opt if overlapped else None
         if hook == "sparse":
             ad.distributed.register(model, ad.distributed.SparseAllReduceState(), optimizer=step_opt)
+        elif hook == "sparse_in_fp16":  # torch's wrapper hands the hook an fp16 bucket
+            h = default_hooks.fp16_compress_wrapper(ad.distributed.sparse_allreduce_hook)
+            model.register_comm_hook(ad.distributed.SparseAllReduceState(),
+                                     h if step_opt is None else ad.distributed.optimizer_wrapper(h, opt))
         else:
             h = getattr(default_hooks, f"{hook}_hook")
             model.register_comm_hook(None, h if step_opt is None else ad.distributed.optimizer_wrapper(h, opt))
@@ -124,7 +128,7 @@ def test_in_hook_step_with_resnet18_weights_in_dim1_major_layout():
     _assert_same(results)
 
 
-@pytest.mark.parametrize("hook", ["allreduce", "fp16_compress"])
+@pytest.mark.parametrize("hook", ["allreduce", "fp16_compress", "sparse_in_fp16"])
 def test_wrapper_around_torch_hooks(hook):
     _assert_same(run_ranks(overlap_worker, 2, "mlp", hook, "sgd", {"bucket_cap_mb": 0.001}))
 

@@ -137,7 +137,11 @@ def optimizer_wrapper(hook, optimizer, *, prepare=True):
         def step(f):
             value = f.value()
             reduced = value[0] if isinstance(value, (list, tuple)) else value
-            stepper.step_bucket(params, parameter_views(reduced, params))
+            grads = parameter_views(reduced, params)
+            # A compressing wrapper (fp16_compress_wrapper) may leave the bucket in its
+            # own dtype; DDP casts it into the gradients, and so does this step.
+            grads = [g if g.dtype == p.dtype else g.to(p.dtype) for p, g in zip(params, grads)]
+            stepper.step_bucket(params, grads)
             if prepare:
                 for p in params:
                     layer = sampled_layer_of(p)
