@@ -5,7 +5,9 @@
 #   2. the kernel equality tests on CUDA tensors (tests/test_kernels.py runs its CUDA cases
 #      when a GPU is present);
 #   3. a one-rank NCCL DDP run of a converted resnet18: sparse hook + CUDA kernels vs the
-#      default all-reduce hook, same init and batches: parameters must agree;
+#      default all-reduce hook, same init and batches: parameters must agree; and the sparse
+#      hook with the optimizer stepping inside it (register(optimizer=), on the NCCL
+#      future's stream) must equal the sparse hook with the usual step, bit for bit;
 #   4. `approxdist-bench kernels` on the GPU (figures for docs/benchmarks.md);
 #   5. tools/hook_share.py: pack+unpack as a share of a one-rank resnet50 step, at 224 and 32 px.
 # Usage: tests/gpu/run.sh [OUTDIR]   (PYTHON=... picks the interpreter; default: .venv's, else python3)
@@ -53,7 +55,7 @@ EOF
 step "2. kernel equality tests (CPU and CUDA tensors)"
 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 | tail -n 15
 
-step "3. one-rank NCCL DDP: converted resnet18, sparse hook vs default hook"
+step "3. one-rank NCCL DDP: converted resnet18, sparse hook vs default hook, in-hook step vs usual"
 "$PYTHON" - <<'EOF'
 import socket
 import torch, torch.distributed as dist, torchvision
@@ -67,13 +69,14 @@ with socket.socket() as s:
     s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
 dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 dev = torch.device("cuda", 0); torch.cuda.set_device(dev)
-def build():  # built twice from one seed: a deepcopy would not register the sampled layers
+def build():  # built from one seed each time
     torch.manual_seed(0)
     net = ad.convert_model(torchvision.models.resnet18(num_classes=10), 0.5, distributed=True)
     return DDP(net.to(dev), device_ids=[0], bucket_cap_mb=5)
-models = {"default": build(), "sparse": build()}
-state = ad.distributed.register(models["sparse"])
+models = {"default": build(), "sparse": build(), "step": build()}
 opts = {k: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for k, m in models.items()}
+state = ad.distributed.register(models["sparse"])
+ad.distributed.register(models["step"], optimizer=opts["step"])
 gen = torch.Generator().manual_seed(1)
 batches = [(torch.randn(16, 3, 64, 64, generator=gen), torch.randint(10, (16,), generator=gen)) for _ in range(6)]
 for x, y in batches:
@@ -93,6 +96,11 @@ print(f"payload/dense bytes: {stats['payload_bytes']}/{stats['dense_bytes']} "
 assert kernels.backend() == "cuda"
 assert stats["payload_bytes"] < stats["dense_bytes"], "the sparse hook sent everything"
 assert worst <= 1e-6, worst
+same = all(torch.equal(a, b) for a, b in zip(models["sparse"].module.parameters(), models["step"].module.parameters()))
+print(f"in-hook step: {ad.distributed.in_hook_steps(opts['step'])} bucket steps; params bitwise equal to "
+      f"the usual step: {same}")
+assert ad.distributed.in_hook_steps(opts["step"]) > 0
+assert same, "the optimizer step inside the hook changed the result on CUDA"
 dist.destroy_process_group()
 EOF
 
