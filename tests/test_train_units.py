@@ -35,6 +35,8 @@ def _args(*flags):
         (["--checkpoint-every", "5"], "--output-dir"),
         (["--resume", "/nonexistent.pt"], "--resume"),
         (["--powersgd-start-iter", "1"], "--powersgd-start-iter"),
+        (["--bucket-cap-mb", "0"], "--bucket-cap-mb"),
+        (["--step-in-hook", "--dist", "horovod"], "--step-in-hook"),
     ],
 )
 def test_validate_names_the_flag(flags, match):

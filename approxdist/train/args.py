@@ -45,6 +45,9 @@ def build_parser(prog="approxdist-train"):
     p.add_argument("--agreement", default="local", choices=AGREEMENTS, help="index agreement of the sparse hook")
     p.add_argument("--powersgd-rank", type=int, default=1, help="matrix approximation rank for --comm-hook powersgd")
     p.add_argument("--powersgd-start-iter", type=int, default=2, help="steps of plain all-reduce before PowerSGD")
+    p.add_argument("--bucket-cap-mb", type=float, default=25.0,
+                   help="DDP's bucket_cap_mb (default 25, DDP's own; smaller buckets start the transfer earlier, "
+                        "5 suits the sparse hook on slow links; PowerSGD on gloo always gets one bucket)")
     p.add_argument("--step-in-hook", action="store_true",
                    help="step the optimizer inside the comm hook, bucket by bucket, as each bucket is reduced: "
                         "the step overlaps the transfer of later buckets and sampled layers gather their next "
@@ -84,6 +87,8 @@ def validate(args):
                         "--max-steps": args.max_steps, "--checkpoint-every": args.checkpoint_every}.items():
         if value < 0:
             raise ValueError(f"{flag} must be >= 0, got {value}")
+    if not args.bucket_cap_mb > 0:
+        raise ValueError(f"--bucket-cap-mb must be > 0, got {args.bucket_cap_mb}")
     if args.image_size is not None and args.image_size < 1:
         raise ValueError(f"--image-size must be >= 1, got {args.image_size}")
     if args.checkpoint_every and not args.output_dir:

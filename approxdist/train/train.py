@@ -304,7 +304,7 @@ def _run(args, model, train_set, val_set, info, rank, world_size, local_rank, re
     if world_size > 1 and not _HOROVOD:
         # PyTorch's PowerSGD hook issues collectives from .then() callbacks, which gloo
         # cannot order across several buckets; one bucket sidesteps that.
-        cap = 1024 if (args.comm_hook == "powersgd" and dist.get_backend() == "gloo") else 25
+        cap = 1024 if (args.comm_hook == "powersgd" and dist.get_backend() == "gloo") else args.bucket_cap_mb
         ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=cap)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
