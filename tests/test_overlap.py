@@ -111,6 +111,10 @@ def test_in_hook_step_equals_the_usual_loop(opt_name):
     assert r["sampled"] >= 4 and r["prepared"] == r["sampled"]
 
 
+def test_in_hook_step_on_three_ranks():
+    _assert_same(run_ranks(overlap_worker, 3, "cnn", "sparse", "sgd", {"bucket_cap_mb": 0.01}))
+
+
 @pytest.mark.parametrize("ddp_kw,accum,zero", [
     ({}, 1, "zeros"),
     ({"gradient_as_bucket_view": True}, 1, "none"),
