@@ -235,6 +235,17 @@ def test_prepared_selection_is_dropped_when_the_weight_or_settings_change():
     assert calls[0] == 6
 
 
+def test_copies_and_old_pickles_start_without_a_prepared_selection():
+    layer = ad.nn.ApproxLinearDist(16, 8, sample_ratio=0.5)
+    layer.prepare_next()
+    assert copy.deepcopy(layer)._prepared is None
+    state = layer.__getstate__()
+    del state["_prepared"]  # as pickled before prepare_next existed
+    old = ad.nn.ApproxLinearDist.__new__(ad.nn.ApproxLinearDist)
+    old.__setstate__(state)
+    assert old(_input(old)).shape == (3, 5, 8)
+
+
 def test_prepare_next_is_a_no_op_where_it_cannot_be_exact():
     torch.manual_seed(0)
     bern = ad.nn.ApproxConv2dDist(16, 8, 3, sample_ratio=0.5, policy="bernoulli_weight")

@@ -29,7 +29,10 @@ class WeightSampled(SamplingConfig):
     def __setstate__(self, state):
         # A deep copy or an unpickled layer is a new object with a new weight: register
         # it too, or the comm hook would not find it and reduce its gradient densely.
+        # A prepared selection is not carried over (and layers pickled before it existed
+        # lack the attribute).
         super().__setstate__(state)
+        self._prepared = None
         register_sampled(self)
 
     # -- selection -------------------------------------------------------------------
