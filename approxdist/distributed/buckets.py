@@ -23,19 +23,23 @@ def dense_strides(t: torch.Tensor) -> bool:
     return True
 
 
+def _pieces(buffer: torch.Tensor, params):
+    """(parameter, its flat piece of the bucket buffer) pairs, in bucket order."""
+    pieces, offset = [], 0
+    for p in params:
+        pieces.append((p, buffer.narrow(0, offset, p.numel())))
+        offset += p.numel()
+    if offset != buffer.numel():
+        raise RuntimeError(f"approxdist: bucket buffer holds {buffer.numel()} elements but its "
+                           f"parameters {offset}; this DDP layout is not supported")
+    return pieces
+
+
 def parameter_views(buffer: torch.Tensor, params) -> list:
     """A view of `buffer` shaped and strided like each parameter's gradient in the bucket."""
-    views, offset = [], 0
-    for p in params:
-        n = p.numel()
-        piece = buffer.narrow(0, offset, n)
-        if p.is_contiguous() or not dense_strides(p):
-            views.append(piece.view(p.shape))
-        else:
-            views.append(piece.as_strided(p.shape, p.stride()))
-        offset += n
-    _check_size(buffer, offset)
-    return views
+    return [piece.view(p.shape) if p.is_contiguous() or not dense_strides(p)
+            else piece.as_strided(p.shape, p.stride())
+            for p, piece in _pieces(buffer, params)]
 
 
 def sampling_views(buffer: torch.Tensor, params) -> list:
@@ -44,22 +48,12 @@ def sampling_views(buffer: torch.Tensor, params) -> list:
     e.g. channels_last) gets its flat 1-D piece, which is then sent whole. Taken from
     buffer() rather than gradients() so wrappers that swap the buffer
     (fp16_compress_wrapper) see their own dtype."""
-    views, offset = [], 0
-    for p in params:
-        n = p.numel()
-        piece = buffer.narrow(0, offset, n)
+    views = []
+    for p, piece in _pieces(buffer, params):
         if p.is_contiguous():
             views.append(piece.view(p.shape))
         elif dim1_major(p):
             views.append(piece.as_strided(p.shape, p.stride()))
         else:
             views.append(piece)
-        offset += n
-    _check_size(buffer, offset)
     return views
-
-
-def _check_size(buffer, numel):
-    if numel != buffer.numel():
-        raise RuntimeError(f"approxdist: bucket buffer holds {buffer.numel()} elements but its "
-                           f"parameters {numel}; this DDP layout is not supported")
