@@ -49,7 +49,8 @@ def _run(ddp, opt, sched, name, rank, steps, accum, extra=None, zero="none", see
         opt.zero_grad(set_to_none=(zero == "none"))
 
 
-def overlap_worker(rank, world, name, hook, opt_name, ddp_kw, accum=1, zero="none", ratio=0.5):
+def overlap_worker(rank, world, name, hook, opt_name, ddp_kw, accum=1, zero="none", ratio=0.5,
+                   agreement="local"):
     base = make_model(name)
     if hook.startswith("sparse"):
         ad.convert_model(base, ratio, distributed=True, policy="topk_weight")
@@ -62,7 +63,8 @@ def overlap_worker(rank, world, name, hook, opt_name, ddp_kw, accum=1, zero="non
         opt = _make_opt(opt_name, [{"params": list(model.parameters())}, {"params": [extra], "lr": 0.01}])
         step_opt = opt if overlapped else None
         if hook == "sparse":
-            ad.distributed.register(model, ad.distributed.SparseAllReduceState(), optimizer=step_opt)
+            state = ad.distributed.SparseAllReduceState(agreement=agreement, check_every=1)
+            ad.distributed.register(model, state, optimizer=step_opt)
         elif hook == "sparse_in_fp16":  # torch's wrapper hands the hook an fp16 bucket
             h = default_hooks.fp16_compress_wrapper(ad.distributed.sparse_allreduce_hook)
             model.register_comm_hook(ad.distributed.SparseAllReduceState(),
@@ -109,6 +111,16 @@ def test_in_hook_step_equals_the_usual_loop(opt_name):
     r = results[0]
     # Every sampled layer had its next selection prepared by the time backward returned.
     assert r["sampled"] >= 4 and r["prepared"] == r["sampled"]
+
+
+@pytest.mark.parametrize("agreement", ["check", "broadcast"])
+def test_in_hook_step_with_index_agreement(agreement):
+    """'check' compares index digests in the hook body every step; 'broadcast' makes the
+    selection a collective, so those layers prepare nothing and select in the forward."""
+    results = run_ranks(overlap_worker, 2, "cnn", "sparse", "sgd", {"bucket_cap_mb": 0.01}, 1, "none",
+                        0.5, agreement)
+    _assert_same(results)
+    assert results[0]["prepared"] == (results[0]["sampled"] if agreement == "check" else 0)
 
 
 def test_in_hook_step_on_three_ranks():
