@@ -107,13 +107,9 @@ def register(ddp_model, state=None, *, optimizer=None):
     backward: it steps only what no bucket stepped. Not with gradient clipping by the
     global norm, a GradScaler, or find_unused_parameters=True."""
     from ..nn import WeightSampled
-    from ..nn._registry import register_sampled
 
     state = state if state is not None else SparseAllReduceState()
     module = ddp_model.module
-    for m in module.modules():
-        if isinstance(m, WeightSampled):
-            register_sampled(m)  # again: the weight may have been replaced since construction
     state.param_names = {id(m.weight): name for name, m in module.named_modules()
                          if isinstance(m, WeightSampled)}
     if state.agreement == "broadcast":

@@ -23,13 +23,27 @@ import threading
 
 import torch
 
-from ..nn import WeightSampled, sampled_layer_of
+from ..nn import sampled_layer_of
 from .buckets import parameter_views
 
-__all__ = ["optimizer_wrapper", "check_overlap_supported", "in_hook_steps"]
+__all__ = ["optimizer_wrapper", "in_hook_steps"]
 
 
-def check_overlap_supported(optimizer) -> None:
+def _narrow(groups, keep):
+    """Restrict every param group to the parameters keep(p) accepts; returns the full
+    lists for _restore."""
+    full = [g["params"] for g in groups]
+    for g, ps in zip(groups, full):
+        g["params"] = [p for p in ps if keep(p)]
+    return full
+
+
+def _restore(groups, full):
+    for g, ps in zip(groups, full):
+        g["params"] = ps
+
+
+def _check_supported(optimizer) -> None:
     """Raise for optimizers whose step cannot be split by parameter."""
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -43,7 +57,7 @@ class BucketStepper:
     gradients, and makes the user's later `step()` skip what was stepped so."""
 
     def __init__(self, optimizer):
-        check_overlap_supported(optimizer)
+        _check_supported(optimizer)
         self.optimizer = optimizer
         self._lock = threading.Lock()  # gloo completes buckets on several threads
         self._in_bucket = False
@@ -58,8 +72,7 @@ class BucketStepper:
         with self._lock:
             ids = {id(p) for p in params}
             groups = optimizer.param_groups
-            full = [g["params"] for g in groups]
-            owned = [p for ps in full for p in ps if id(p) in ids]
+            owned = [p for g in groups for p in g["params"] if id(p) in ids]
             if not owned:
                 return
             twice = [p for p in owned if id(p) in self._stepped]
@@ -70,17 +83,15 @@ class BucketStepper:
                     "ddp.no_sync() and call optimizer.step() after each synchronised backward")
             grad_of = {id(p): g for p, g in zip(params, grads)}
             kept = [(p, p.grad) for p in owned]
+            full = _narrow(groups, lambda p: id(p) in ids)
             try:
-                for g, ps in zip(groups, full):
-                    g["params"] = [p for p in ps if id(p) in ids]
                 for p in owned:
                     p.grad = grad_of[id(p)]
                 self._in_bucket = True
                 optimizer.step()
             finally:
                 self._in_bucket = False
-                for g, ps in zip(groups, full):
-                    g["params"] = ps
+                _restore(groups, full)
                 for p, grad in kept:
                     p.grad = grad
             self._stepped.update(id(p) for p in owned)
@@ -89,16 +100,13 @@ class BucketStepper:
     def _before_user_step(self, optimizer, args, kwargs):
         if self._in_bucket or not self._stepped:
             return
-        self._held = [g["params"] for g in optimizer.param_groups]
-        for g, ps in zip(optimizer.param_groups, self._held):
-            g["params"] = [p for p in ps if id(p) not in self._stepped]
+        self._held = _narrow(optimizer.param_groups, lambda p: id(p) not in self._stepped)
 
     def _after_user_step(self, optimizer, args, kwargs):
         if self._in_bucket:
             return
         if self._held is not None:
-            for g, ps in zip(optimizer.param_groups, self._held):
-                g["params"] = ps
+            _restore(optimizer.param_groups, self._held)
             self._held = None
         self._stepped.clear()
 
@@ -145,7 +153,7 @@ def optimizer_wrapper(hook, optimizer, *, prepare=True):
             if prepare:
                 for p in params:
                     layer = sampled_layer_of(p)
-                    if isinstance(layer, WeightSampled):
+                    if layer is not None:
                         layer.prepare_next()
             return reduced
 

@@ -9,7 +9,7 @@ import torch
 from ..functional import channel_norms, num_samples, select_columns
 from ..functional._checks import WEIGHT_POLICIES
 from ._config import SamplingConfig
-from ._registry import register_sampled
+from ._registry import register_sampled, sampled_layer_of
 
 
 class WeightSampled(SamplingConfig):
@@ -27,13 +27,10 @@ class WeightSampled(SamplingConfig):
         register_sampled(self)
 
     def __setstate__(self, state):
-        # A deep copy or an unpickled layer is a new object with a new weight: register
-        # it too, or the comm hook would not find it and reduce its gradient densely.
-        # A prepared selection is not carried over (and layers pickled before it existed
-        # lack the attribute).
+        # A prepared selection is not carried over to a copy (and layers pickled before
+        # it existed lack the attribute).
         super().__setstate__(state)
         self._prepared = None
-        register_sampled(self)
 
     # -- selection -------------------------------------------------------------------
     @property
@@ -97,6 +94,11 @@ class WeightSampled(SamplingConfig):
         return idx, scale, None
 
     def _record(self, idx):
+        # The comm hooks find this layer through its weight. A deep copy, an unpickled
+        # layer or a replaced weight is not in the registry yet; every training forward
+        # makes sure it is, or the hook would reduce this gradient densely.
+        if sampled_layer_of(self.weight) is not self:
+            register_sampled(self)
         n = self.weight.shape[1]
         used = idx if idx is not None else torch.arange(n, device=self.weight.device)
         self.last_indices = used
