@@ -16,6 +16,7 @@ from .. import kernels
 from ..nn import sampled_layer_of
 from .agreement import check_indices, install_broadcast
 from .buckets import sampling_views
+from .forward_overlap import forward_overlap
 from .overlap import optimizer_wrapper
 from .state import SparseAllReduceState
 
@@ -94,7 +95,7 @@ def sparse_allreduce_hook(state: SparseAllReduceState, bucket: dist.GradBucket) 
     return fut.then(scatter)
 
 
-def register(ddp_model, state=None, *, optimizer=None):
+def register(ddp_model, state=None, *, optimizer=None, overlap_forward=False, eager_fraction=0.2):
     """Register the sparse hook on a DistributedDataParallel model; returns its state.
 
     Also records the sampled layers' names (for error messages) and, for agreement='broadcast',
@@ -105,7 +106,14 @@ def register(ddp_model, state=None, *, optimizer=None):
     the step then overlaps the transfer of later buckets, and the sampled layers gather
     their next forward's weights there too. Keep calling ``optimizer.step()`` after
     backward: it steps only what no bucket stepped. Not with gradient clipping by the
-    global norm, a GradScaler, or find_unused_parameters=True."""
+    global norm, a GradScaler, or find_unused_parameters=True.
+
+    overlap_forward (needs optimizer): backward returns once every collective is
+    launched and the next forward overlaps the transfer, each module waiting only for
+    its own parameters' bucket (forward_overlap.forward_overlap; eager_fraction is its
+    launch plan). The hook gets a process group of its own unless `state` names one,
+    so DDP's buffer broadcast does not queue behind the transfer. After backward the
+    parameters' .grad hold zeros."""
     from ..nn import WeightSampled
 
     state = state if state is not None else SparseAllReduceState()
@@ -119,7 +127,13 @@ def register(ddp_model, state=None, *, optimizer=None):
                 install_broadcast(m, group)
                 state._synced_layers.add(id(m))
     hook = sparse_allreduce_hook
-    if optimizer is not None:
+    if overlap_forward:
+        if optimizer is None:
+            raise ValueError("overlap_forward: needs optimizer= (the forward steps each bucket)")
+        if state.process_group is None:
+            state.process_group = dist.new_group(backend=dist.get_backend(ddp_model.process_group))
+        hook = forward_overlap(ddp_model, hook, optimizer, eager_fraction=eager_fraction)
+    elif optimizer is not None:
         if getattr(ddp_model, "find_unused_parameters", False):
             raise ValueError("optimizer: the in-hook step needs find_unused_parameters=False (DDP "
                              "leaves an unused parameter's gradient None, the bucket holds zeros)")

@@ -52,38 +52,87 @@ def _check_supported(optimizer) -> None:
                          "cannot run bucket by bucket (do not pass it to the hook)")
 
 
+def hyperparameters(groups) -> list:
+    """Every param group's settings (all but its parameters), as the step would read them."""
+    return [{k: v for k, v in g.items() if k != "params"} for g in groups]
+
+
+_MISSING = object()
+
+
+def _swap_hyperparameters(groups, hyper) -> list:
+    """Set each group's settings to `hyper`'s; returns what _unswap_hyperparameters needs
+    to put the old ones back."""
+    old = []
+    for g, h in zip(groups, hyper):
+        old.append({k: g.get(k, _MISSING) for k in h})
+        g.update(h)
+    return old
+
+
+def _unswap_hyperparameters(groups, old) -> None:
+    for g, o in zip(groups, old):
+        for k, v in o.items():
+            if v is _MISSING:
+                g.pop(k, None)
+            else:
+                g[k] = v
+
+
 class BucketStepper:
     """Steps an optimizer on a subset of its parameters (one bucket) with given
-    gradients, and makes the user's later `step()` skip what was stepped so."""
+    gradients, and makes the user's later `step()` skip what a bucket claimed.
+
+    A bucket claims its parameters when it is stepped, or earlier (`claim`) when its
+    step is deferred (distributed/forward_overlap.py); a second claim before the user's
+    `step()` means a second synchronised backward, which raises."""
 
     def __init__(self, optimizer):
         _check_supported(optimizer)
         self.optimizer = optimizer
         self._lock = threading.Lock()  # gloo completes buckets on several threads
         self._in_bucket = False
-        self._stepped = set()  # ids of parameters stepped since the user's last step()
+        self._claimed = set()  # ids of parameters claimed by buckets since the user's last step()
         self._held = None  # the full parameter lists while the user's step() runs
         self.buckets = 0  # buckets stepped so far
         optimizer.register_step_pre_hook(self._before_user_step)
         optimizer.register_step_post_hook(self._after_user_step)
 
-    def step_bucket(self, params, grads) -> None:
+    def _owned(self, params) -> list:
+        ids = {id(p) for p in params}
+        return [p for g in self.optimizer.param_groups for p in g["params"] if id(p) in ids]
+
+    def _claim(self, owned) -> None:
+        twice = [p for p in owned if id(p) in self._claimed]
+        if twice:
+            raise RuntimeError(
+                "approxdist: a second synchronised backward before optimizer.step(): the comm "
+                "hook steps the optimizer after every reduction, so accumulate gradients under "
+                "ddp.no_sync() and call optimizer.step() after each synchronised backward")
+        self._claimed.update(id(p) for p in owned)
+
+    def claim(self, params) -> None:
+        """Mark params as stepped by a bucket (later, with step_bucket(claimed=True))."""
+        with self._lock:
+            self._claim(self._owned(params))
+
+    def step_bucket(self, params, grads, *, claimed=False, hyper=None) -> None:
+        """One optimizer step on `params` with `grads`. claimed: claim() already ran for
+        them; hyper: the param groups' settings to step with (hyperparameters() taken
+        earlier; None: the current ones)."""
         optimizer = self.optimizer
         with self._lock:
-            ids = {id(p) for p in params}
-            groups = optimizer.param_groups
-            owned = [p for g in groups for p in g["params"] if id(p) in ids]
+            owned = self._owned(params)
             if not owned:
                 return
-            twice = [p for p in owned if id(p) in self._stepped]
-            if twice:
-                raise RuntimeError(
-                    "approxdist: a second synchronised backward before optimizer.step(): the comm "
-                    "hook steps the optimizer after every reduction, so accumulate gradients under "
-                    "ddp.no_sync() and call optimizer.step() after each synchronised backward")
+            if not claimed:
+                self._claim(owned)
+            ids = {id(p) for p in owned}
             grad_of = {id(p): g for p, g in zip(params, grads)}
             kept = [(p, p.grad) for p in owned]
+            groups = optimizer.param_groups
             full = _narrow(groups, lambda p: id(p) in ids)
+            old = _swap_hyperparameters(groups, hyper) if hyper is not None else None
             try:
                 for p in owned:
                     p.grad = grad_of[id(p)]
@@ -91,16 +140,17 @@ class BucketStepper:
                 optimizer.step()
             finally:
                 self._in_bucket = False
+                if old is not None:
+                    _unswap_hyperparameters(groups, old)
                 _restore(groups, full)
                 for p, grad in kept:
                     p.grad = grad
-            self._stepped.update(id(p) for p in owned)
             self.buckets += 1
 
     def _before_user_step(self, optimizer, args, kwargs):
-        if self._in_bucket or not self._stepped:
+        if self._in_bucket or not self._claimed:
             return
-        self._held = _narrow(optimizer.param_groups, lambda p: id(p) not in self._stepped)
+        self._held = _narrow(optimizer.param_groups, lambda p: id(p) not in self._claimed)
 
     def _after_user_step(self, optimizer, args, kwargs):
         if self._in_bucket:
@@ -108,7 +158,7 @@ class BucketStepper:
         if self._held is not None:
             _restore(optimizer.param_groups, self._held)
             self._held = None
-        self._stepped.clear()
+        self._claimed.clear()
 
 
 def _stepper_of(optimizer) -> BucketStepper:

@@ -1,0 +1,220 @@
+"""The next forward overlapping this step's transfer.
+
+Under DDP a step's forward starts only after the last bucket of the previous step is
+reduced: on a slow link the transfer and the forward add up. Here backward returns as
+soon as every bucket's reduction is launched, and each module waits, in a forward
+pre-hook, only for the bucket that holds its own parameters, which the optimizer then
+steps (overlap.BucketStepper, on the main thread). The rest of the transfer overlaps
+the forward.
+
+The order of the collectives decides how much: the forward needs the first layers'
+parameters first, which DDP reduces last. So a step launches the first buckets as DDP
+hands them over (the deep layers, "eager"; they keep the link busy during backward),
+holds the others, and launches those at the last bucket in reverse order: the first
+layers' bucket first. The plan depends only on the bucket sizes, taken from the previous
+step, so every rank issues the same collectives in the same order.
+
+The parameters equal those of the usual loop bit for bit: the same reductions, the same
+optimizer steps, with the settings (learning rate, ...) of the user's `optimizer.step()`
+call that follows the backward. What changes: after backward a parameter's .grad holds
+zeros (DDP copies the hook's placeholder result), and a parameter is updated only when
+its module runs forward next, when `finish_steps` is called, or when a state_dict is
+taken.
+"""
+import weakref
+
+import torch
+
+from .buckets import parameter_views
+from .overlap import _stepper_of, hyperparameters
+
+__all__ = ["forward_overlap", "finish_steps"]
+
+
+class _Reduction:
+    """One bucket of the last synchronised backward: its collective and deferred step."""
+    __slots__ = ("params", "future", "hyper", "done")
+
+    def __init__(self, params):
+        self.params = params
+        self.future = None  # None while the bucket is held back
+        self.hyper = None  # the settings of the user's step() after this backward
+        self.done = False
+
+
+class _Finisher:
+    """A module hook that waits for and steps the module's own pending buckets (all
+    pending buckets: whole=True). It holds its ForwardOverlap weakly, and a copy or a
+    pickle of the module gets an inert one: a deep-copied model (an EMA copy, say) does
+    not drag the live reductions along."""
+
+    def __init__(self, overlap=None, whole=False):
+        self._overlap = weakref.ref(overlap) if overlap is not None else None
+        self._whole = whole
+
+    def __call__(self, module, *args, **kwargs):
+        overlap = self._overlap() if self._overlap is not None else None
+        if overlap is not None and overlap.pending:
+            overlap.finish(None if self._whole else module.parameters(recurse=False))
+
+    def __reduce__(self):
+        return (_Finisher, ())
+
+
+class ForwardOverlap:
+    def __init__(self, ddp, hook, optimizer, eager_fraction):
+        if getattr(ddp, "gradient_as_bucket_view", False):
+            raise ValueError("ddp: forward overlap needs gradient_as_bucket_view=False (the "
+                             "gradients would be views of buckets still being reduced)")
+        if getattr(ddp, "find_unused_parameters", False):
+            raise ValueError("ddp: forward overlap needs find_unused_parameters=False (DDP leaves "
+                             "an unused parameter's gradient None, the bucket holds zeros)")
+        if not 0 < eager_fraction <= 1:
+            raise ValueError(f"eager_fraction must be in (0, 1], got {eager_fraction!r}")
+        self.hook = hook
+        self.stepper = _stepper_of(optimizer)
+        self.eager_fraction = eager_fraction
+        self.pending = {}  # id(parameter) -> its bucket's _Reduction
+        self.held = []  # (reduction, state, bucket) launched at the step's last bucket
+        self.total = None  # bucket elements of the previous synchronised backward
+        self._seen = 0  # of this one, so far
+        self._zeros = {}  # (numel, dtype, device) -> the placeholder result DDP copies
+        self.handles = [optimizer.register_step_pre_hook(self._before_user_step)]
+        if hasattr(optimizer, "register_state_dict_pre_hook"):
+            self.handles.append(optimizer.register_state_dict_pre_hook(lambda opt: self.finish()))
+            self.handles.append(optimizer.register_load_state_dict_pre_hook(
+                lambda opt, state: self.finish()))
+        own, whole = _Finisher(self), _Finisher(self, whole=True)
+        for module in ddp.module.modules():
+            if next(module.parameters(recurse=False), None) is None:
+                continue
+            self.handles.append(module.register_forward_pre_hook(own))
+            if hasattr(module, "register_state_dict_pre_hook"):
+                self.handles.append(module.register_state_dict_pre_hook(own))
+        load_hook = getattr(ddp.module, "register_load_state_dict_pre_hook", None)
+        if load_hook is not None:
+            self.handles.append(load_hook(whole))
+        # Parameters no module's pre-hook covers (used outside their module's forward):
+        # stepped when the forward ends, before anything can use their gradients.
+        self.handles.append(ddp.register_forward_hook(whole))
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def __call__(self, state, bucket):
+        if bucket.index() == 0:
+            self.finish()  # a backward with no forward since the last one
+            self._seen = 0
+        params = bucket.parameters()
+        self.stepper.claim(params)
+        reduction = _Reduction(params)
+        for p in params:
+            self.pending[id(p)] = reduction
+        buffer = bucket.buffer()
+        seen, self._seen = self._seen, self._seen + buffer.numel()
+        if self.total is None:
+            # The first synchronised backward (DDP may rebuild its buckets in the next
+            # forward): reduce synchronously, and learn the bucket sizes for the plan.
+            reduction.future = self.hook(state, bucket)
+            zeros = self._placeholder(buffer)
+            out = reduction.future.then(lambda f: zeros)
+        else:
+            # Eager while the buckets before it hold less than eager_fraction of the
+            # elements: the same on every rank, whatever DDP's layout.
+            if seen < self.eager_fraction * self.total:
+                reduction.future = self.hook(state, bucket)
+            else:
+                self.held.append((reduction, state, bucket))
+            out = torch.futures.Future()
+            out.set_result(self._placeholder(buffer))
+        if bucket.is_last():
+            for held, held_state, held_bucket in reversed(self.held):
+                held.future = self.hook(held_state, held_bucket)
+            self.held = []
+            self.total = self._seen
+        return out
+
+    def _placeholder(self, buffer):
+        key = (buffer.numel(), buffer.dtype, buffer.device)
+        zeros = self._zeros.get(key)
+        if zeros is None:
+            zeros = self._zeros[key] = torch.zeros_like(buffer)
+        return zeros
+
+    def _before_user_step(self, optimizer, args, kwargs):
+        if self.stepper._in_bucket:
+            return
+        hyper = None
+        for reduction in set(self.pending.values()):
+            if reduction.hyper is None:
+                hyper = hyper if hyper is not None else hyperparameters(optimizer.param_groups)
+                reduction.hyper = hyper
+
+    def finish(self, params=None) -> None:
+        """Wait for the reductions of `params` (all pending ones: None) and step them."""
+        if not self.pending:
+            return
+        reductions = (set(self.pending.values()) if params is None
+                      else {self.pending[id(p)] for p in params if id(p) in self.pending})
+        for reduction in reductions:
+            self._finish(reduction)
+
+    def _finish(self, reduction) -> None:
+        if reduction.done:
+            return
+        if reduction.future is None:
+            raise RuntimeError("approxdist: a bucket's reduction was never launched (did the "
+                               "synchronised backward stop early?)")
+        value = reduction.future.wait()
+        reduced = value[0] if isinstance(value, (list, tuple)) else value
+        params = reduction.params
+        grads = parameter_views(reduced, params)
+        grads = [g if g.dtype == p.dtype else g.to(p.dtype) for p, g in zip(params, grads)]
+        self.stepper.step_bucket(params, grads, claimed=True, hyper=reduction.hyper)
+        reduction.done = True
+        for p in params:
+            if self.pending.get(id(p)) is reduction:
+                del self.pending[id(p)]
+
+
+def forward_overlap(ddp, hook, optimizer, *, eager_fraction=0.2):
+    """A comm hook that lets the next forward overlap this step's transfer.
+
+    Wraps `hook` (any hook whose future holds the reduced bucket: DDP's allreduce_hook,
+    fp16_compress_hook, sparse_allreduce_hook) for `ddp`; register the result with
+    ``ddp.register_comm_hook(state, ...)``. Backward returns once every collective is
+    launched; each module's parameters are stepped by `optimizer` (with the settings of
+    the `optimizer.step()` call after backward, which steps only what no bucket holds)
+    when the module next runs forward. eager_fraction (0 < f <= 1, default 0.2): the
+    share of the bucket elements launched as soon as DDP hands them over, deepest layers
+    first (at least the first bucket); the rest is launched at the last bucket, first
+    layers first. Enough to keep the link busy while backward runs on is best: on a slow
+    link, where the transfer takes several times the backward, a small share
+    (docs/benchmarks.md).
+
+    After backward, DDP's parameters' .grad hold zeros: not for gradient clipping or a
+    GradScaler. Not with gradient_as_bucket_view=True or find_unused_parameters=True.
+    Give the hook its own process group (`dist.new_group()`), or DDP's buffer broadcast
+    at the start of the forward waits behind the transfer. A parameter read outside its
+    module's forward (logging, EMA) may not be updated yet: call finish_steps(ddp)
+    first; state_dict() does."""
+    old = getattr(ddp, "_approxdist_forward_overlap", None)
+    if old is not None:
+        old.remove()
+    overlap = ForwardOverlap(ddp, hook, optimizer, eager_fraction)
+    ddp._approxdist_forward_overlap = overlap
+
+    def overlapped(state, bucket):
+        return overlap(state, bucket)
+
+    overlapped.__name__ = f"{getattr(hook, '__name__', 'hook')}_overlapped"
+    return overlapped
+
+
+def finish_steps(ddp) -> None:
+    """Wait for every reduction forward_overlap left in flight and apply its step."""
+    overlap = getattr(ddp, "_approxdist_forward_overlap", None)
+    if overlap is not None:
+        overlap.finish()

@@ -1,0 +1,208 @@
+"""The next forward overlapping the transfer (distributed/forward_overlap.py).
+
+Invariants: the parameters and optimizer state equal, bit for bit, those of the usual
+`backward(); optimizer.step()` loop with the same hook, on every rank; backward and the
+user's step leave DDP's parameters untouched (their step comes with the next forward);
+every rank launches the collectives in the planned order (deep buckets first, then the
+held ones first-layers first)."""
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import approxdist as ad
+from distharness import run_ranks
+from models import batch_for, make_model
+
+
+def _opt(name, params):
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=1e-3)
+    return torch.optim.AdamW(params, lr=1e-2)
+
+
+def _logged(hook, order, sizes):
+    def logged(state, bucket):
+        order.append(bucket.index())
+        sizes.append(bucket.buffer().numel())
+        return hook(state, bucket)
+    return logged
+
+
+def worker(rank, world, name, hook, opt_name, ddp_kw, ratio=0.5, steps=5, finish="state_dict",
+           eager_fraction=1 / 3):
+    base = make_model(name)
+    if hook == "sparse":
+        ad.convert_model(base, ratio, distributed=True)
+    out = {}
+    for overlapped in (True, False):
+        model = DDP(copy.deepcopy(base), **ddp_kw)
+        extra = nn.Parameter(torch.ones(()))  # only the user's step() can step it
+        opt = _opt(opt_name, [{"params": list(model.parameters())}, {"params": [extra], "lr": 0.01}])
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+        order, sizes = [], []
+        if hook == "sparse":
+            state = ad.distributed.SparseAllReduceState(agreement="check", check_every=1)
+            if overlapped:
+                ad.distributed.register(model, state, optimizer=opt, overlap_forward=True,
+                                        eager_fraction=eager_fraction)
+                h = model._approxdist_forward_overlap.hook
+                model._approxdist_forward_overlap.hook = _logged(h, order, sizes)
+            else:
+                ad.distributed.register(model, state)
+        else:
+            h = _logged(getattr(default_hooks, f"{hook}_hook"), order, sizes)
+            state = dist.new_group() if overlapped else None
+            if overlapped:
+                h = ad.distributed.forward_overlap(model, h, opt, eager_fraction=eager_fraction)
+            model.register_comm_hook(state, h)
+        grads_zero, untouched, orders, layouts = [], [], [], []
+        loss_fn = nn.CrossEntropyLoss()
+        for step in range(steps):
+            x, y = batch_for(name, rank, step)
+            order.clear()
+            sizes.clear()
+            loss_fn(model(x) * extra, y).backward()
+            before = [p.detach().clone() for p in model.parameters()]
+            grads_zero.append(all(p.grad is None or not p.grad.any() for p in model.parameters()))
+            opt.step()
+            sched.step()
+            untouched.append(all(torch.equal(a, p) for a, p in zip(before, model.parameters())))
+            opt.zero_grad(set_to_none=True)
+            orders.append(list(order))
+            layouts.append([s for _, s in sorted(zip(order, sizes))])
+        if finish == "state_dict":
+            # (with buffers: BatchNorm's running statistics are each rank's own)
+            saved = model.module.state_dict()
+            params = [saved[n].clone() for n, _ in model.module.named_parameters()]
+        elif finish == "optimizer":
+            opt.state_dict()
+            params = [p.detach().clone() for p in model.module.parameters()]
+        else:
+            ad.distributed.finish_steps(model)
+            params = [p.detach().clone() for p in model.module.parameters()]
+        moments = [opt.state[p][k].clone() for g in opt.param_groups for p in g["params"]
+                   for k in sorted(opt.state[p]) if torch.is_tensor(opt.state[p][k])]
+        out["overlap" if overlapped else "usual"] = {
+            "params": params, "extra": extra.detach().clone(), "moments": moments,
+            "grads_zero": grads_zero, "untouched": untouched, "orders": orders,
+            "buckets": len(orders[-1]),
+            "layouts": layouts}
+    return out
+
+
+def _check(results):
+    for r in results:
+        a, b = r["overlap"], r["usual"]
+        assert len(a["params"]) == len(b["params"])
+        for x, y in zip(a["params"], b["params"]):
+            assert torch.equal(x, y), (x - y).abs().max()
+        assert torch.equal(a["extra"], b["extra"]) and not torch.equal(a["extra"], torch.ones(()))
+        assert len(a["moments"]) == len(b["moments"])
+        for x, y in zip(a["moments"], b["moments"]):
+            assert torch.equal(x, y)
+        # backward returns with zeros in .grad; neither it nor the user's step moves
+        # DDP's parameters (their step comes with the next forward)
+        assert all(a["grads_zero"]) and all(a["untouched"])
+        assert not any(b["grads_zero"]) and not any(b["untouched"])
+    for x, y in zip(results[0]["overlap"]["params"], results[-1]["overlap"]["params"]):
+        assert torch.equal(x, y), "ranks disagree"
+    assert all(r["overlap"]["orders"] == results[0]["overlap"]["orders"] for r in results)
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adamw"])
+def test_overlapped_training_equals_the_usual_loop(opt_name):
+    results = run_ranks(worker, 2, "cnn", "sparse", opt_name, {"bucket_cap_mb": 0.003})
+    _check(results)
+    orders, layouts = results[0]["overlap"]["orders"], results[0]["overlap"]["layouts"]
+    assert orders[0] == list(range(len(orders[0])))  # the first step: synchronous, DDP's order
+    for i in range(1, len(orders)):
+        n, total = len(layouts[i]), sum(layouts[i - 1])
+        # eager while the buckets before hold less than a third of the elements
+        m = next(j for j in range(1, n + 1) if j == n or sum(layouts[i][:j]) >= total / 3)
+        assert orders[i] == list(range(m)) + list(range(n - 1, m - 1, -1)), orders[i]
+    assert len(layouts[-1]) >= 4 and 1 <= m < n - 1  # the test reorders something
+
+
+@pytest.mark.parametrize("finish", ["optimizer", "explicit"])
+def test_finish_steps_and_optimizer_state_dict_apply_the_pending_steps(finish):
+    _check(run_ranks(worker, 2, "mlp", "allreduce", "sgd", {"bucket_cap_mb": 0.001}, 0.5, 4, finish))
+
+
+def test_overlap_on_three_ranks_with_torch_fp16_hook_and_all_buckets_eager():
+    results = run_ranks(worker, 3, "mlp", "fp16_compress", "sgd", {"bucket_cap_mb": 0.001}, 0.5, 4,
+                        "state_dict", 1.0)
+    _check(results)
+    orders = results[0]["overlap"]["orders"]
+    assert len(orders[-1]) >= 3 and all(order == list(range(len(order))) for order in orders)
+
+
+def test_overlap_with_resnet18_dim1_major_weights():
+    results = run_ranks(worker, 2, "resnet18", "sparse", "sgd", {"bucket_cap_mb": 5}, 0.33, 3)
+    _check(results)
+
+
+def refusals_worker(rank, world):
+    messages = []
+    params = lambda m: torch.optim.SGD(m.parameters(), lr=0.1)  # noqa: E731
+    for kw in ({"gradient_as_bucket_view": True}, {"find_unused_parameters": True}):
+        model = DDP(make_model("mlp"), **kw)
+        try:
+            ad.distributed.register(model, optimizer=params(model), overlap_forward=True)
+        except ValueError as e:
+            messages.append(str(e))
+    model = DDP(make_model("mlp"))
+    for kw in ({"eager_fraction": 0.0}, {"eager_fraction": 1.5}):
+        try:
+            ad.distributed.forward_overlap(model, default_hooks.allreduce_hook, params(model), **kw)
+        except ValueError as e:
+            messages.append(str(e))
+    try:
+        ad.distributed.register(model, overlap_forward=True)
+    except ValueError as e:
+        messages.append(str(e))
+    return messages
+
+
+def test_refusals():
+    for messages in run_ranks(refusals_worker, 2):
+        assert len(messages) == 5
+        assert "gradient_as_bucket_view" in messages[0]
+        assert "find_unused_parameters" in messages[1]
+        assert "eager_fraction must be in (0, 1]" in messages[2] and "1.5" in messages[3]
+        assert "optimizer" in messages[4]
+
+
+def copies_worker(rank, world):
+    import pickle
+
+    model = DDP(make_model("cnn"), bucket_cap_mb=0.003)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model.register_comm_hook(dist.new_group(), ad.distributed.forward_overlap(
+        model, default_hooks.allreduce_hook, opt))
+    loss_fn = nn.CrossEntropyLoss()
+    for step in range(3):
+        x, y = batch_for("cnn", rank, step)
+        loss_fn(model(x), y).backward()
+        opt.step()
+    overlap = model._approxdist_forward_overlap
+    pending = len(overlap.pending)
+    # An EMA-style copy and a pickle of the model: neither drags the live reductions
+    # along, and running the copy does not step the original.
+    twin = copy.deepcopy(model.module)
+    restored = pickle.loads(pickle.dumps(model.module))
+    with torch.no_grad():
+        twin(x), restored(x)
+    still_pending = len(overlap.pending)
+    with torch.no_grad():
+        model.module(x)  # the original's forward steps its buckets
+    return pending, still_pending, len(overlap.pending)
+
+
+def test_copies_and_pickles_of_the_model_carry_inert_hooks():
+    for pending, still_pending, after in run_ranks(copies_worker, 2):
+        assert pending > 0 and still_pending == pending and after == 0
