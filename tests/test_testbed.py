@@ -191,25 +191,28 @@ def test_ddp_steps_on_two_shaped_nodes_send_the_analytic_payload():
     tag = _tag("ddp")
     plan = {"configs": [{"model": "tiny", "hook": "allreduce"},
                         {"model": "tiny", "hook": "sparse0.5", "seed": 5},
-                        {"model": "tiny", "hook": "sparse0.5+step", "seed": 5}],
+                        {"model": "tiny", "hook": "sparse0.5+step", "seed": 5},
+                        {"model": "tiny", "hook": "sparse0.5+overlap", "seed": 5}],
             "batch": 8, "image_size": 16, "steps": 3, "warmup": 1, "repeats": 1, "seed": 0,
             "threads": 1}
     with Testbed(2, "1gbit", tag=tag) as tb:
         rows = run_on_testbed(tb, plan, port=29530, timeout=240)
     assert _netns_with_prefix(f"adtb-{tag}-") == []
     by = {(r["hook"], r["rank"]): r for r in rows}
-    hooks = ("allreduce", "sparse0.5", "sparse0.5+step")
+    hooks = ("allreduce", "sparse0.5", "sparse0.5+step", "sparse0.5+overlap")
     assert set(by) == {(h, r) for h in hooks for r in (0, 1)}
     dense, sparse = by[("allreduce", 0)], by[("sparse0.5", 0)]
     # DDP keeps every rank's weights identical, with every hook; stepping inside the
-    # hook gives the same weights as the step after backward.
+    # hook, or in the next forward, gives the same weights as the step after backward.
     for hook in hooks:
         assert by[(hook, 0)]["param_digest"] == by[(hook, 1)]["param_digest"]
     assert by[("sparse0.5+step", 0)]["param_digest"] == sparse["param_digest"]
+    assert by[("sparse0.5+overlap", 0)]["param_digest"] == sparse["param_digest"]
     # The sparse hook handed gloo exactly the analytic count, every step, on both ranks,
     # and its own accounting agrees.
     expected = _expected_tiny_payload(0.5)
-    for rank, hook in ((0, "sparse0.5"), (1, "sparse0.5"), (0, "sparse0.5+step")):
+    for rank, hook in ((0, "sparse0.5"), (1, "sparse0.5"), (0, "sparse0.5+step"),
+                       (1, "sparse0.5+overlap")):
         r = by[(hook, rank)]
         assert r["analytic_bytes_all_steps"] == [expected] * plan["steps"]
         assert r["payload_bytes"] == expected
@@ -220,6 +223,7 @@ def test_ddp_steps_on_two_shaped_nodes_send_the_analytic_payload():
     assert sparse["wire_tx_bytes"] >= expected
     assert sparse["wire_tx_bytes"] < dense["wire_tx_bytes"]
     assert all(t > 0 for t in sparse["step_s"])
+    assert len(by[("sparse0.5+overlap", 0)]["step_s"]) == plan["steps"]
 
 
 # -- the benchmark's bookkeeping, anywhere --------------------------------------------------
@@ -227,12 +231,18 @@ def test_hook_names_parse_and_bad_ones_name_the_argument():
     from approxdist.bench.comm import parse_hook
 
     assert parse_hook("sparse0.33+fp16") == {"name": "sparse0.33+fp16", "kind": "sparse",
-                                             "ratio": 0.33, "fp16": True, "step_in_hook": False}
+                                             "ratio": 0.33, "fp16": True, "step_in_hook": False,
+                                             "overlap": False, "loop": "usual"}
     assert parse_hook("sparse0.33+fp16+step") == {"name": "sparse0.33+fp16+step", "kind": "sparse",
-                                                  "ratio": 0.33, "fp16": True, "step_in_hook": True}
+                                                  "ratio": 0.33, "fp16": True, "step_in_hook": True,
+                                                  "overlap": False, "loop": "step"}
+    assert parse_hook("sparse0.33+overlap") == {"name": "sparse0.33+overlap", "kind": "sparse",
+                                                "ratio": 0.33, "fp16": False, "step_in_hook": True,
+                                                "overlap": True, "loop": "overlap"}
     assert parse_hook("allreduce+step")["kind"] == "allreduce"
     assert parse_hook("powersgd4")["rank"] == 4
-    for bad in ("sparse0", "sparse1.5", "powersgd0", "topk", "sparse0.5+step+fp16", "+step"):
+    for bad in ("sparse0", "sparse1.5", "powersgd0", "topk", "sparse0.5+step+fp16", "+step",
+                "sparse0.5+step+overlap", "+overlap", "allreduce+overlap+step"):
         with pytest.raises(ValueError, match="hook"):
             parse_hook(bad)
 
@@ -258,7 +268,9 @@ def test_summary_speedup_and_physical_limit():
     def row(hook, kind, step, payload):
         return {"rank": 0, "world_size": 2, "nodes": 2, "rate": "1gbit", "model": "m",
                 "hook": hook, "kind": kind, "ratio": 1.0, "fp16": False, "step_s": [step] * 3,
-                "step_in_hook": hook.endswith("+step"),
+                "step_in_hook": hook.endswith(("+step", "+overlap")),
+                "loop": "step" if hook.endswith("+step") else
+                        "overlap" if hook.endswith("+overlap") else "usual",
                 "compute_s": [0.1], "payload_bytes": payload, "dense_bytes": 1e8,
                 "wire_tx_bytes": payload, "hook_body_s": 0.0, "link_bits_per_s": 1e9,
                 "forward_s": [0.03], "optimizer_s": [0.02], "pack_s": 0.01, "unpack_s": 0.015}
@@ -266,13 +278,18 @@ def test_summary_speedup_and_physical_limit():
     s = {x["hook"]: x for x in summarize([row("allreduce", "allreduce", 1.0, 1e8),
                                           row("sparse0.5", "sparse", 0.5, 5e7),
                                           row("allreduce+step", "allreduce", 0.8, 1e8),
-                                          row("sparse0.5+step", "sparse", 0.45, 5e7)])}
+                                          row("sparse0.5+step", "sparse", 0.45, 5e7),
+                                          row("allreduce+overlap", "allreduce", 0.9, 1e8),
+                                          row("sparse0.5+overlap", "sparse", 0.42, 5e7)])}
     assert s["allreduce"]["speedup"] == 1.0 and s["sparse0.5"]["speedup"] == 2.0
     # +step rows are compared with DDP's all-reduce in the same loop (also +step)
     assert s["allreduce+step"]["speedup"] == 1.0
     assert s["sparse0.5+step"]["speedup"] == pytest.approx(0.8 / 0.45)
     # whose optimizer step overlaps the transfer: the bound is forward + transfer
     assert s["sparse0.5+step"]["ddp_bound_s"] == pytest.approx(0.43)
+    # +overlap rows against allreduce+overlap; the forward overlaps too: bound = limit
+    assert s["sparse0.5+overlap"]["speedup"] == pytest.approx(0.9 / 0.42)
+    assert s["sparse0.5+overlap"]["ddp_bound_s"] == pytest.approx(0.4)
     # 2 nodes: each sends the payload once; 5e7 bytes at 1 Gbit/s take 0.4 s.
     assert s["sparse0.5"]["allreduce_s"] == pytest.approx(0.4)
     assert s["sparse0.5"]["of_limit"] == pytest.approx(0.5 / 0.4)

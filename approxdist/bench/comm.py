@@ -41,12 +41,17 @@ POWERSGD_START_ITER = 2  # the smallest start PyTorch allows with error feedback
 
 
 # -- hooks ---------------------------------------------------------------------------------
+LOOPS = {"+step": "step", "+overlap": "overlap"}
+
+
 def parse_hook(name: str) -> dict:
     """"allreduce", "fp16", "powersgdR", "sparseX" or "sparseX+fp16", each optionally with
-    "+step" (the optimizer steps inside the hook, bucket by bucket) -> a spec dict."""
-    step = name.endswith("+step")
-    spec = _parse_base_hook(name[:-len("+step")] if step else name, name)
-    spec.update(name=name, step_in_hook=step)
+    "+step" (the optimizer steps inside the hook, bucket by bucket) or "+overlap" (the
+    next forward overlaps the transfer and steps each bucket) -> a spec dict."""
+    loop = next((v for k, v in LOOPS.items() if name.endswith(k)), "usual")
+    base = name[:name.rindex("+")] if loop != "usual" else name
+    spec = _parse_base_hook(base, name)
+    spec.update(name=name, step_in_hook=loop != "usual", overlap=loop == "overlap", loop=loop)
     return spec
 
 
@@ -62,7 +67,7 @@ def _parse_base_hook(name: str, full: str) -> dict:
         return {"name": name, "kind": "sparse", "ratio": float(m.group(1)),
                 "fp16": bool(m.group(2))}
     raise ValueError(f"hook must be allreduce, fp16, powersgdR, sparseX or sparseX+fp16 "
-                     f"(0 < X <= 1), each optionally followed by +step, got {full!r}")
+                     f"(0 < X <= 1), each optionally followed by +step or +overlap, got {full!r}")
 
 
 def _timed(hook, box: list):
@@ -77,36 +82,55 @@ def _timed(hook, box: list):
     return timed_hook
 
 
-def _install_hook(ddp, spec: dict, box: list, optimizer):
+_GROUP = []
+
+
+def _overlap_group():
+    """One extra process group per worker, made by the first +overlap config (every rank
+    runs the same configs in the same order, so they create it together)."""
+    import torch.distributed as dist
+
+    if not _GROUP:
+        _GROUP.append(dist.new_group())
+    return _GROUP[0]
+
+
+def _install_hook(ddp, spec: dict, box: list, optimizer, eager_fraction=0.2):
     """Register the hook spec names on ddp; returns the sparse hook's state, else None.
 
     "+step" wraps the hook in approxdist's optimizer_wrapper: `optimizer` steps each
     bucket's parameters in the hook's callback (DDP's all-reduce then runs as torch's
-    Python allreduce_hook, the built-in C++ one takes no wrapper)."""
+    Python allreduce_hook, the built-in C++ one takes no wrapper). "+overlap" wraps it in
+    forward_overlap: the next forward steps each bucket as it needs it."""
     import torch.distributed as dist
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 
     import approxdist as ad
 
     def wrap(hook):
+        if spec["overlap"]:
+            return ad.distributed.forward_overlap(ddp, hook, optimizer, eager_fraction=eager_fraction)
         return ad.distributed.optimizer_wrapper(hook, optimizer) if spec["step_in_hook"] else hook
 
+    # +overlap: the hooks' collectives get a group of their own, so DDP's buffer
+    # broadcast at the start of the forward does not queue behind the transfer.
+    group = _overlap_group() if spec["overlap"] else None
     kind = spec["kind"]
     if kind == "allreduce":
         if spec["step_in_hook"]:
-            ddp.register_comm_hook(dist.group.WORLD, wrap(_timed(default_hooks.allreduce_hook, box)))
+            ddp.register_comm_hook(group or dist.group.WORLD, wrap(_timed(default_hooks.allreduce_hook, box)))
         return None  # else DDP's built-in C++ all-reduce: what users get without a hook
     if kind == "fp16":
-        ddp.register_comm_hook(dist.group.WORLD, wrap(_timed(default_hooks.fp16_compress_hook, box)))
+        ddp.register_comm_hook(group or dist.group.WORLD, wrap(_timed(default_hooks.fp16_compress_hook, box)))
         return None
     if kind == "powersgd":
         state = powerSGD_hook.PowerSGDState(
-            process_group=None, matrix_approximation_rank=spec["rank"],
+            process_group=group, matrix_approximation_rank=spec["rank"],
             start_powerSGD_iter=POWERSGD_START_ITER, use_error_feedback=True, warm_start=True)
         ddp.register_comm_hook(state, wrap(_timed(powerSGD_hook.powerSGD_hook, box)))
         return None
 
-    state = ad.distributed.SparseAllReduceState()
+    state = ad.distributed.SparseAllReduceState(group)
     hook = ad.distributed.sparse_allreduce_hook
     if spec["fp16"]:
         # PyTorch's wrapper casts the bucket to fp16 and hands it to the sparse hook,
@@ -210,13 +234,15 @@ def _build(cfg: dict, spec: dict, seed: int):
     ddp = DDP(model, bucket_cap_mb=bucket)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
     box = [0.0]
-    state = _install_hook(ddp, spec, box, opt)
+    state = _install_hook(ddp, spec, box, opt, cfg.get("eager_fraction", 0.2))
     return ddp, state, box, opt
 
 
 def _run_config(cfg: dict, spec: dict, plan: dict, seed: int, measure_compute: bool) -> dict:
     import torch
     import torch.distributed as dist
+
+    import approxdist as ad
 
     rank, world = dist.get_rank(), dist.get_world_size()
     ddp, state, box, opt = _build(cfg, spec, seed)
@@ -244,25 +270,42 @@ def _run_config(cfg: dict, spec: dict, plan: dict, seed: int, measure_compute: b
     warmup = max(plan["warmup"], POWERSGD_START_ITER if spec["kind"] == "powersgd" else 0)
     for _ in range(warmup):
         step()
+    if spec["overlap"]:
+        # the last warm-up step's transfer, which would otherwise fall into the counters
+        ad.distributed.finish_steps(ddp)
+        dist.barrier()
     stats0 = dict(state.stats) if state is not None else None
     box[0] = 0.0
     tx0 = _tx_bytes(ifname) if ifname and ifname != "lo" else None
     times, analytic, hook_body, pack, unpack = [], [], [], [], []
     counters = (lambda: (box[0], state.pack_seconds, state.unpack_seconds)) \
         if spec["kind"] == "sparse" else (lambda: (box[0], 0.0, 0.0))
+    overlap = spec["overlap"]
     with _AllReduceCounter() as counter:
+        # +overlap: a step's transfer runs on into the next step's forward. Time from one
+        # step's start to the next (the last one to the end of its transfer and step),
+        # without barriers in between.
+        start = None
         for _ in range(plan["steps"]):
-            dist.barrier()
+            if not overlap:
+                dist.barrier()
             c0 = counters()
             t0 = time.perf_counter()
+            if overlap and start is not None:
+                times.append(t0 - start)
+            start = t0
             loss = step()
-            times.append(time.perf_counter() - t0)
+            if not overlap:
+                times.append(time.perf_counter() - t0)
             c1 = counters()  # DDP waited for every bucket's future (unpack included)
             hook_body.append(c1[0] - c0[0])
             pack.append(c1[1] - c0[1])
             unpack.append(c1[2] - c0[2])
             analytic.append(analytic_payload_bytes(model, spec["fp16"])
                             if spec["kind"] == "sparse" else None)
+        if overlap:
+            ad.distributed.finish_steps(ddp)
+            times.append(time.perf_counter() - start)
     tx1 = _tx_bytes(ifname) if tx0 is not None else None
     # Taken before the local-only steps below, which let the replicas drift apart.
     digest = float(torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double().sum())
@@ -419,6 +462,7 @@ def summarize(rows: list[dict]) -> list[dict]:
         compute = [t for r in rs for t in r["compute_s"]] or [float("nan")]
         s = {"nodes": nodes, "rate": rate, "model": model, "hook": hook, "kind": rs[0]["kind"],
              "step_in_hook": rs[0].get("step_in_hook", False),
+             "loop": rs[0].get("loop", "step" if rs[0].get("step_in_hook") else "usual"),
              "ratio": rs[0]["ratio"], "fp16": rs[0]["fp16"], "repeats": len(rs),
              "step_s": statistics.median(steps), "compute_s": statistics.median(compute),
              "payload_bytes": statistics.median(r["payload_bytes"] for r in rs),
@@ -437,11 +481,13 @@ def summarize(rows: list[dict]) -> list[dict]:
             if fwd and opt:
                 # DDP reduces gradients during backward only: the forward before it and
                 # the optimizer step after it cannot overlap the transfer (the step can
-                # with +step, where it runs in the hook's callbacks).
+                # with +step, where it runs in the hook's callbacks; both can with
+                # +overlap, where the bound is the limit).
                 s["forward_s"] = statistics.median(fwd)
                 s["optimizer_s"] = statistics.median(opt)
                 tail = 0.0 if s["step_in_hook"] else s["optimizer_s"]
-                s["ddp_bound_s"] = max(s["compute_s"], s["forward_s"] + s["allreduce_s"] + tail)
+                head = 0.0 if s["loop"] == "overlap" else s["forward_s"]
+                s["ddp_bound_s"] = max(s["compute_s"], head + s["allreduce_s"] + tail)
                 s["of_ddp_bound"] = s["step_s"] / s["ddp_bound_s"]
         s["comm_share"] = max(0.0, 1.0 - s["compute_s"] / s["step_s"])
         # The hook's own work per step: its body (cast/pack/launch) plus, for the sparse
@@ -456,11 +502,12 @@ def summarize(rows: list[dict]) -> list[dict]:
             s["pack_unpack_share"] = s["pack_unpack_s"] / s["step_s"]
         out.append(s)
     # Against DDP's all-reduce in the same loop: "allreduce" for the usual step after
-    # backward, "allreduce+step" for the rows that step inside the hook.
-    base = {(s["nodes"], s["rate"], s["model"], s["step_in_hook"]): s["step_s"] for s in out
+    # backward, "allreduce+step" for the rows that step inside the hook, "allreduce+overlap"
+    # for those that overlap the next forward.
+    base = {(s["nodes"], s["rate"], s["model"], s["loop"]): s["step_s"] for s in out
             if s["kind"] == "allreduce"}
     for s in out:
-        b = base.get((s["nodes"], s["rate"], s["model"], s["step_in_hook"]))
+        b = base.get((s["nodes"], s["rate"], s["model"], s["loop"]))
         s["speedup"] = b / s["step_s"] if b else None
     return out
 
@@ -637,7 +684,8 @@ def main(argv=None) -> int:
                    help=f"default loopback: {','.join(LOOPBACK_HOOKS)}; "
                         f"testbed: {','.join(TESTBED_HOOKS)}; any name + '+step': the "
                         f"optimizer steps inside the hook, bucket by bucket "
-                        f"(approxdist.distributed.optimizer_wrapper)")
+                        f"(approxdist.distributed.optimizer_wrapper); + '+overlap': the next "
+                        f"forward overlaps the transfer (approxdist.distributed.forward_overlap)")
     p.add_argument("--nodes", default="2,4", help="testbed node counts")
     p.add_argument("--rates", default="1gbit,100mbit", help="testbed link rates")
     p.add_argument("--batch", type=int, default=16, help="per rank")
@@ -649,6 +697,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=2, help="interleaved rounds over all hooks")
     p.add_argument("--bucket-mb", type=float, default=DEFAULT_BUCKET_MB,
                    help="DDP bucket_cap_mb of every hook but PowerSGD (one bucket) (default: %(default)s)")
+    p.add_argument("--eager-fraction", type=float, default=0.2,
+                   help="+overlap: share of the bucket elements launched as DDP hands them over, the "
+                        "rest first-layers-first after backward (forward_overlap; default: 0.2)")
     p.add_argument("--json", default=None, help="write raw rows and the summary here "
                    "(rewritten after every testbed, so a cut-short run keeps what it measured)")
     p.add_argument("--plots", default=None, help="directory for the PNG plots")
@@ -692,7 +743,12 @@ def main(argv=None) -> int:
             p.error(str(e))
     if not a.bucket_mb > 0:
         p.error(f"--bucket-mb must be > 0, got {a.bucket_mb}")
+    if not 0 < a.eager_fraction <= 1:
+        p.error(f"--eager-fraction must be in (0, 1], got {a.eager_fraction}")
     configs = [{"model": m, "hook": h, "bucket_mb": a.bucket_mb} for m in models for h in hooks]
+    for cfg in configs:
+        if parse_hook(cfg["hook"])["overlap"]:
+            cfg["eager_fraction"] = a.eager_fraction
     plan = {"configs": configs, "batch": a.batch, "image_size": a.image_size,
             "steps": a.steps, "warmup": a.warmup, "repeats": a.repeats, "seed": 0,
             "compute_steps": 2, "compute_repeats": 1, "verbose": not a.quiet}
