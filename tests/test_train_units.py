@@ -37,6 +37,8 @@ def _args(*flags):
         (["--powersgd-start-iter", "1"], "--powersgd-start-iter"),
         (["--bucket-cap-mb", "0"], "--bucket-cap-mb"),
         (["--step-in-hook", "--dist", "horovod"], "--step-in-hook"),
+        (["--overlap-forward", "--dist", "horovod"], "--overlap-forward"),
+        (["--overlap-forward", "--comm-hook", "powersgd"], "--overlap-forward"),
     ],
 )
 def test_validate_names_the_flag(flags, match):

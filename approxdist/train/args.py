@@ -52,6 +52,10 @@ def build_parser(prog="approxdist-train"):
                    help="step the optimizer inside the comm hook, bucket by bucket, as each bucket is reduced: "
                         "the step overlaps the transfer of later buckets and sampled layers gather their next "
                         "forward's weights there (same parameters bit for bit; torch DDP only, not with --amp on CUDA)")
+    p.add_argument("--overlap-forward", action="store_true",
+                   help="like --step-in-hook, but backward returns once every bucket's collective is launched and the "
+                        "next forward overlaps the transfer, each layer waiting for its own bucket (same parameters "
+                        "bit for bit; not with --comm-hook powersgd)")
     p.add_argument("--amp", action="store_true", help="mixed precision (fp16 + GradScaler on CUDA, bf16 on CPU)")
     p.add_argument("--weight-layout", default=None, choices=("input_major", "contiguous"),
                    help="memory layout of the sampled weights (default: input_major under torch DDP, "
@@ -100,13 +104,19 @@ def validate(args):
 
         if not torch.cuda.is_available():
             raise ValueError("--backend nccl needs CUDA, which is not available here (use --backend gloo)")
+    if args.overlap_forward:
+        if args.comm_hook == "powersgd":
+            raise ValueError("--overlap-forward cannot run with --comm-hook powersgd (its second all-reduce "
+                             "is issued from a callback); use --step-in-hook")
+        args.step_in_hook = True  # the same in-hook step, deferred into the next forward
     if args.step_in_hook and args.dist == "horovod":
-        raise ValueError("--step-in-hook needs --dist torch (Horovod's optimizer reduces and steps by itself)")
+        raise ValueError("--step-in-hook and --overlap-forward need --dist torch (Horovod's optimizer "
+                         "reduces and steps by itself)")
     if args.step_in_hook and args.amp:
         import torch
 
         if torch.cuda.is_available():  # the run's device: --amp on CUDA uses a GradScaler
-            raise ValueError("--step-in-hook cannot run with --amp on CUDA: the GradScaler unscales and "
+            raise ValueError("--step-in-hook and --overlap-forward cannot run with --amp on CUDA: the GradScaler unscales and "
                              "checks the gradients before stepping, after the hook would have stepped")
     if args.dist == "horovod":
         from .hvd import check_args

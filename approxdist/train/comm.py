@@ -91,21 +91,32 @@ def _same_bytes(buf):
 
 
 def build_comm(ddp_model, name, *, agreement="local", powersgd_rank=1, powersgd_start_iter=2,
-               optimizer=None):
+               optimizer=None, overlap_forward=False):
     """Register hook ``name`` on ``ddp_model`` (None: single process, nothing to register).
 
-    optimizer: step it inside the hook, bucket by bucket (approxdist's optimizer_wrapper)."""
+    optimizer: step it inside the hook, bucket by bucket (approxdist's optimizer_wrapper),
+    or, with overlap_forward, in the next forward, which then overlaps the transfer
+    (approxdist's forward_overlap; the hook gets a process group of its own)."""
+    import torch.distributed as dist
+
     import approxdist.distributed as add
 
     if ddp_model is None:
         return Comm(name, None, "none")
+    if overlap_forward and (optimizer is None or name == "powersgd"):
+        raise ValueError("overlap_forward needs an optimizer and a hook other than powersgd (PowerSGD "
+                         "issues its second all-reduce from a callback)")
 
     def wrap(hook):
-        return hook if optimizer is None else add.optimizer_wrapper(hook, optimizer)
+        if optimizer is None:
+            return hook
+        if overlap_forward:
+            return add.forward_overlap(ddp_model, hook, optimizer)
+        return add.optimizer_wrapper(hook, optimizer)
 
     if name == "sparse":
         state = add.SparseAllReduceState(agreement=agreement)
-        state = add.register(ddp_model, state, optimizer=optimizer) or state
+        state = add.register(ddp_model, state, optimizer=optimizer, overlap_forward=overlap_forward) or state
         return Comm(name, state, "sparse")
     if name == "powersgd":
         inner = psgd.PowerSGDState(
@@ -126,7 +137,8 @@ def build_comm(ddp_model, name, *, agreement="local", powersgd_rank=1, powersgd_
     if name not in hooks:
         raise ValueError(f"comm hook must be one of sparse, powersgd, {', '.join(hooks)}; got {name!r}")
     hook, size = hooks[name]
-    state = _Counting(None, size)  # None: the default process group
+    group = dist.new_group() if overlap_forward else None  # None: the default process group
+    state = _Counting(group, size)
     ddp_model.register_comm_hook(state, wrap(_counted(hook)))
     return Comm(name, state, name)
 

@@ -317,7 +317,8 @@ def _run(args, model, train_set, val_set, info, rank, world_size, local_rank, re
             log.info("--step-in-hook: one process, no comm hook; the optimizer steps after backward")
         comm = build_comm(ddp, args.comm_hook, agreement=args.agreement, powersgd_rank=args.powersgd_rank,
                           powersgd_start_iter=args.powersgd_start_iter,
-                          optimizer=optimizer if args.step_in_hook else None)
+                          optimizer=optimizer if args.step_in_hook else None,
+                          overlap_forward=args.overlap_forward and ddp is not None)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
     scaler = _make_scaler(device, args.amp)
     config = {"model": args.model, "dataset": args.dataset, "num_classes": info.num_classes,
