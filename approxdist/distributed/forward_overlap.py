@@ -153,12 +153,18 @@ class ForwardOverlap:
                 reduction.hyper = hyper
 
     def finish(self, params=None) -> None:
-        """Wait for the reductions of `params` (all pending ones: None) and step them."""
+        """Wait for the reductions of `params` (all pending ones: None) and step them;
+        first step every bucket whose reduction has already completed, so that its step
+        is not left for the end of the forward."""
         if not self.pending:
             return
-        reductions = (set(self.pending.values()) if params is None
-                      else {self.pending[id(p)] for p in params if id(p) in self.pending})
-        for reduction in reductions:
+        pending = set(self.pending.values())
+        needed = (pending if params is None
+                  else {self.pending[id(p)] for p in params if id(p) in self.pending})
+        for reduction in pending - needed:
+            if reduction.future is not None and reduction.future.done():
+                self._finish(reduction)
+        for reduction in needed:
             self._finish(reduction)
 
     def _finish(self, reduction) -> None:
