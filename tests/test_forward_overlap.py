@@ -5,6 +5,7 @@ Invariants: the parameters and optimizer state equal, bit for bit, those of the 
 user's step leave DDP's parameters untouched (their step comes with the next forward);
 every rank launches the collectives in the planned order (deep buckets first, then the
 held ones first-layers first)."""
+import contextlib
 import copy
 
 import pytest
@@ -34,7 +35,7 @@ def _logged(hook, order, sizes):
 
 
 def worker(rank, world, name, hook, opt_name, ddp_kw, ratio=0.5, steps=5, finish="state_dict",
-           eager_fraction=1 / 3):
+           eager_fraction=1 / 3, accum=1):
     base = make_model(name)
     if hook == "sparse":
         ad.convert_model(base, ratio, distributed=True)
@@ -63,10 +64,12 @@ def worker(rank, world, name, hook, opt_name, ddp_kw, ratio=0.5, steps=5, finish
         grads_zero, untouched, orders, layouts = [], [], [], []
         loss_fn = nn.CrossEntropyLoss()
         for step in range(steps):
-            x, y = batch_for(name, rank, step)
             order.clear()
             sizes.clear()
-            loss_fn(model(x) * extra, y).backward()
+            for micro in range(accum):  # DDP reduces only the last micro-batch's backward
+                x, y = batch_for(name, rank, step * accum + micro)
+                with model.no_sync() if micro < accum - 1 else contextlib.nullcontext():
+                    loss_fn(model(x) * extra, y).backward()
             before = [p.detach().clone() for p in model.parameters()]
             grads_zero.append(all(p.grad is None or not p.grad.any() for p in model.parameters()))
             opt.step()
@@ -139,6 +142,13 @@ def test_overlap_on_three_ranks_with_torch_fp16_hook_and_all_buckets_eager():
     _check(results)
     orders = results[0]["overlap"]["orders"]
     assert len(orders[-1]) >= 3 and all(order == list(range(len(order))) for order in orders)
+
+
+@pytest.mark.parametrize("ddp_kw,accum", [({"static_graph": True, "bucket_cap_mb": 0.003}, 1),
+                                          ({"bucket_cap_mb": 0.003}, 3)],
+                         ids=["static_graph", "no_sync_accumulation"])
+def test_overlap_with_ddp_options(ddp_kw, accum):
+    _check(run_ranks(worker, 2, "cnn", "sparse", "sgd", ddp_kw, 0.5, 4, "explicit", 1 / 3, accum))
 
 
 def test_overlap_with_resnet18_dim1_major_weights():

@@ -269,8 +269,6 @@ def test_summary_speedup_and_physical_limit():
         return {"rank": 0, "world_size": 2, "nodes": 2, "rate": "1gbit", "model": "m",
                 "hook": hook, "kind": kind, "ratio": 1.0, "fp16": False, "step_s": [step] * 3,
                 "step_in_hook": hook.endswith(("+step", "+overlap")),
-                "loop": "step" if hook.endswith("+step") else
-                        "overlap" if hook.endswith("+overlap") else "usual",
                 "compute_s": [0.1], "payload_bytes": payload, "dense_bytes": 1e8,
                 "wire_tx_bytes": payload, "hook_body_s": 0.0, "link_bits_per_s": 1e9,
                 "forward_s": [0.03], "optimizer_s": [0.02], "pack_s": 0.01, "unpack_s": 0.015}

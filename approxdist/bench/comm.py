@@ -328,7 +328,7 @@ def _run_config(cfg: dict, spec: dict, plan: dict, seed: int, measure_compute: b
         payload = counter.nbytes / steps
     out = {
         "model": cfg["model"], "hook": spec["name"], "kind": spec["kind"],
-        "step_in_hook": spec["step_in_hook"],
+        "step_in_hook": spec["step_in_hook"], "loop": spec["loop"],
         "ratio": spec["ratio"], "fp16": spec["fp16"], "rank": rank, "world_size": world,
         "step_s": times, "compute_s": compute, "forward_s": forward, "optimizer_s": optim,
         "loss": float(loss.detach()),
@@ -462,7 +462,7 @@ def summarize(rows: list[dict]) -> list[dict]:
         compute = [t for r in rs for t in r["compute_s"]] or [float("nan")]
         s = {"nodes": nodes, "rate": rate, "model": model, "hook": hook, "kind": rs[0]["kind"],
              "step_in_hook": rs[0].get("step_in_hook", False),
-             "loop": rs[0].get("loop", "step" if rs[0].get("step_in_hook") else "usual"),
+             "loop": parse_hook(hook)["loop"],
              "ratio": rs[0]["ratio"], "fp16": rs[0]["fp16"], "repeats": len(rs),
              "step_s": statistics.median(steps), "compute_s": statistics.median(compute),
              "payload_bytes": statistics.median(r["payload_bytes"] for r in rs),

@@ -7,7 +7,9 @@
 #   3. a one-rank NCCL DDP run of a converted resnet18: sparse hook + CUDA kernels vs the
 #      default all-reduce hook, same init and batches: parameters must agree; and the sparse
 #      hook with the optimizer stepping inside it (register(optimizer=), on the NCCL
-#      future's stream) must equal the sparse hook with the usual step, bit for bit;
+#      future's stream), and with the next forward overlapping the transfer
+#      (register(overlap_forward=True)), must equal the sparse hook with the usual step,
+#      bit for bit;
 #   4. `approxdist-bench kernels` on the GPU (figures for docs/benchmarks.md);
 #   5. tools/hook_share.py: pack+unpack as a share of a one-rank resnet50 step, at 224 and 32 px.
 # Usage: tests/gpu/run.sh [OUTDIR]   (PYTHON=... picks the interpreter; default: .venv's, else python3)
@@ -55,7 +57,7 @@ EOF
 step "2. kernel equality tests (CPU and CUDA tensors)"
 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 | tail -n 15
 
-step "3. one-rank NCCL DDP: converted resnet18, sparse hook vs default hook, in-hook step vs usual"
+step "3. one-rank NCCL DDP: converted resnet18, sparse hook vs default hook, in-hook step and forward overlap vs usual"
 "$PYTHON" - <<'EOF'
 import socket
 import torch, torch.distributed as dist, torchvision
@@ -73,10 +75,11 @@ def build():  # built from one seed each time
     torch.manual_seed(0)
     net = ad.convert_model(torchvision.models.resnet18(num_classes=10), 0.5, distributed=True)
     return DDP(net.to(dev), device_ids=[0], bucket_cap_mb=5)
-models = {"default": build(), "sparse": build(), "step": build()}
+models = {"default": build(), "sparse": build(), "step": build(), "overlap": build()}
 opts = {k: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for k, m in models.items()}
 state = ad.distributed.register(models["sparse"])
 ad.distributed.register(models["step"], optimizer=opts["step"])
+ad.distributed.register(models["overlap"], optimizer=opts["overlap"], overlap_forward=True)
 gen = torch.Generator().manual_seed(1)
 batches = [(torch.randn(16, 3, 64, 64, generator=gen), torch.randint(10, (16,), generator=gen)) for _ in range(6)]
 for x, y in batches:
@@ -101,6 +104,13 @@ print(f"in-hook step: {ad.distributed.in_hook_steps(opts['step'])} bucket steps;
       f"the usual step: {same}")
 assert ad.distributed.in_hook_steps(opts["step"]) > 0
 assert same, "the optimizer step inside the hook changed the result on CUDA"
+ad.distributed.finish_steps(models["overlap"])
+torch.cuda.synchronize()
+same = all(torch.equal(a, b) for a, b in zip(models["sparse"].module.parameters(), models["overlap"].module.parameters()))
+print(f"forward overlap: {ad.distributed.in_hook_steps(opts['overlap'])} bucket steps; params bitwise equal to "
+      f"the usual step: {same}")
+assert ad.distributed.in_hook_steps(opts["overlap"]) > 0
+assert same, "the forward overlap changed the result on CUDA"
 dist.destroy_process_group()
 EOF
 
