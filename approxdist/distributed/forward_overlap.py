@@ -11,8 +11,8 @@ The order of the collectives decides how much: the forward needs the first layer
 parameters first, which DDP reduces last. So a step launches the first buckets as DDP
 hands them over (the deep layers, "eager"; they keep the link busy during backward),
 holds the others, and launches those at the last bucket in reverse order: the first
-layers' bucket first. The plan depends only on the bucket sizes, taken from the previous
-step, so every rank issues the same collectives in the same order.
+layers' bucket first. The plan depends only on the bucket sizes (this step's, and the
+previous step's total), so every rank issues the same collectives in the same order.
 
 The parameters equal those of the usual loop bit for bit: the same reductions, the same
 optimizer steps, with the settings (learning rate, ...) of the user's `optimizer.step()`
