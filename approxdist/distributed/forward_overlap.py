@@ -33,13 +33,12 @@ __all__ = ["forward_overlap", "finish_steps"]
 
 class _Reduction:
     """One bucket of the last synchronised backward: its collective and deferred step."""
-    __slots__ = ("params", "future", "hyper", "done")
+    __slots__ = ("params", "future", "hyper")
 
     def __init__(self, params):
         self.params = params
         self.future = None  # None while the bucket is held back
         self.hyper = None  # the settings of the user's step() after this backward
-        self.done = False
 
 
 class _Finisher:
@@ -54,7 +53,7 @@ class _Finisher:
 
     def __call__(self, module, *args, **kwargs):
         overlap = self._overlap() if self._overlap is not None else None
-        if overlap is not None and overlap.pending:
+        if overlap is not None and overlap.open:
             overlap.finish(None if self._whole else module.parameters(recurse=False))
 
     def __reduce__(self):
@@ -74,7 +73,8 @@ class ForwardOverlap:
         self.hook = hook
         self.stepper = _stepper_of(optimizer)
         self.eager_fraction = eager_fraction
-        self.pending = {}  # id(parameter) -> its bucket's _Reduction
+        self.pending = {}  # id(parameter) -> its bucket's _Reduction, until stepped
+        self.open = set()  # the _Reductions not stepped yet
         self.held = []  # (reduction, state, bucket) launched at the step's last bucket
         self.total = None  # bucket elements of the previous synchronised backward
         self._seen = 0  # of this one, so far
@@ -110,6 +110,7 @@ class ForwardOverlap:
         params = bucket.parameters()
         self.stepper.claim(params)
         reduction = _Reduction(params)
+        self.open.add(reduction)
         for p in params:
             self.pending[id(p)] = reduction
         buffer = bucket.buffer()
@@ -147,7 +148,7 @@ class ForwardOverlap:
         if self.stepper._in_bucket:
             return
         hyper = None
-        for reduction in set(self.pending.values()):
+        for reduction in self.open:
             if reduction.hyper is None:
                 hyper = hyper if hyper is not None else hyperparameters(optimizer.param_groups)
                 reduction.hyper = hyper
@@ -156,19 +157,21 @@ class ForwardOverlap:
         """Wait for the reductions of `params` (all pending ones: None) and step them;
         first step every bucket whose reduction has already completed, so that its step
         is not left for the end of the forward."""
-        if not self.pending:
+        if not self.open:
             return
-        pending = set(self.pending.values())
-        needed = (pending if params is None
-                  else {self.pending[id(p)] for p in params if id(p) in self.pending})
-        for reduction in pending - needed:
-            if reduction.future is not None and reduction.future.done():
-                self._finish(reduction)
+        if params is None:
+            needed = set(self.open)
+        else:  # (a module's forward pre-hook: nothing to do once its bucket is stepped)
+            needed = {self.pending[id(p)] for p in params if id(p) in self.pending}
+            if not needed:
+                return
+        for reduction in [r for r in self.open - needed if r.future is not None and r.future.done()]:
+            self._finish(reduction)
         for reduction in needed:
             self._finish(reduction)
 
     def _finish(self, reduction) -> None:
-        if reduction.done:
+        if reduction not in self.open:
             return
         if reduction.future is None:
             raise RuntimeError("approxdist: a bucket's reduction was never launched (did the "
@@ -179,7 +182,7 @@ class ForwardOverlap:
         grads = parameter_views(reduced, params)
         grads = [g if g.dtype == p.dtype else g.to(p.dtype) for p, g in zip(params, grads)]
         self.stepper.step_bucket(params, grads, claimed=True, hyper=reduction.hyper)
-        reduction.done = True
+        self.open.discard(reduction)
         for p in params:
             if self.pending.get(id(p)) is reduction:
                 del self.pending[id(p)]
