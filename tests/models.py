@@ -43,6 +43,17 @@ def make_model(name, seed=0, **kw):
     return getattr(torchvision.models, name)(num_classes=kw.get("classes", 10))
 
 
+def make_optimizer(name, params):
+    """The optimizers the in-hook step tests compare with the usual loop."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=1e-3)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=1e-2)
+    if name == "sgd_foreach":
+        return torch.optim.SGD(params, lr=0.05, momentum=0.9, foreach=True)
+    raise ValueError(name)
+
+
 def batch_for(name, rank, step, batch=4, dtype=torch.float32):
     g = torch.Generator().manual_seed(1000 * rank + step)
     if name == "cnn":

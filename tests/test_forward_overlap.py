@@ -17,13 +17,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import approxdist as ad
 from distharness import run_ranks
-from models import batch_for, make_model
-
-
-def _opt(name, params):
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=1e-3)
-    return torch.optim.AdamW(params, lr=1e-2)
+from models import batch_for, make_model, make_optimizer
 
 
 def _logged(hook, order, sizes):
@@ -43,7 +37,7 @@ def worker(rank, world, name, hook, opt_name, ddp_kw, ratio=0.5, steps=5, finish
     for overlapped in (True, False):
         model = DDP(copy.deepcopy(base), **ddp_kw)
         extra = nn.Parameter(torch.ones(()))  # only the user's step() can step it
-        opt = _opt(opt_name, [{"params": list(model.parameters())}, {"params": [extra], "lr": 0.01}])
+        opt = make_optimizer(opt_name, [{"params": list(model.parameters())}, {"params": [extra], "lr": 0.01}])
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
         order, sizes = [], []
         if hook == "sparse":

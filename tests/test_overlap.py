@@ -16,17 +16,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import approxdist as ad
 from approxdist.nn import WeightSampled
 from distharness import run_ranks
-from models import batch_for, make_model
-
-
-def _make_opt(name, params):
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=1e-3)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=1e-2)
-    if name == "sgd_foreach":
-        return torch.optim.SGD(params, lr=0.05, momentum=0.9, foreach=True)
-    raise ValueError(name)
+from models import batch_for, make_model, make_optimizer
 
 
 def _run(ddp, opt, sched, name, rank, steps, accum, extra=None, zero="none", seen=None):
@@ -60,7 +50,7 @@ def overlap_worker(rank, world, name, hook, opt_name, ddp_kw, accum=1, zero="non
         # A parameter the optimizer holds but DDP does not reduce: only the user's
         # optimizer.step() can step it.
         extra = nn.Parameter(torch.ones(()))
-        opt = _make_opt(opt_name, [{"params": list(model.parameters())}, {"params": [extra], "lr": 0.01}])
+        opt = make_optimizer(opt_name, [{"params": list(model.parameters())}, {"params": [extra], "lr": 0.01}])
         step_opt = opt if overlapped else None
         if hook == "sparse":
             state = ad.distributed.SparseAllReduceState(agreement=agreement, check_every=1)

@@ -460,9 +460,9 @@ def summarize(rows: list[dict]) -> list[dict]:
     for (nodes, rate, model, hook), rs in groups.items():
         steps = [t for r in rs for t in r["step_s"]]
         compute = [t for r in rs for t in r["compute_s"]] or [float("nan")]
+        spec = parse_hook(hook)  # the loop from the name: rows of older runs lack it
         s = {"nodes": nodes, "rate": rate, "model": model, "hook": hook, "kind": rs[0]["kind"],
-             "step_in_hook": rs[0].get("step_in_hook", False),
-             "loop": parse_hook(hook)["loop"],
+             "step_in_hook": spec["step_in_hook"], "loop": spec["loop"],
              "ratio": rs[0]["ratio"], "fp16": rs[0]["fp16"], "repeats": len(rs),
              "step_s": statistics.median(steps), "compute_s": statistics.median(compute),
              "payload_bytes": statistics.median(r["payload_bytes"] for r in rs),
