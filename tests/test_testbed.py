@@ -217,7 +217,8 @@ def test_ddp_steps_on_two_shaped_nodes_send_the_analytic_payload():
         assert r["analytic_bytes_all_steps"] == [expected] * plan["steps"]
         assert r["payload_bytes"] == expected
         assert r["stats_payload_bytes"] == expected
-        assert r["allreduce_calls_per_step"] == 1
+        # (one bucket: forward_overlap launches its first 30% during backward, the rest after)
+        assert r["allreduce_calls_per_step"] == (2 if hook.endswith("+overlap") else 1)
     assert expected < dense["payload_bytes"] == dense["dense_bytes"]
     # And the wire saw it: eth0 carried at least the payload, and less than for dense.
     assert sparse["wire_tx_bytes"] >= expected
@@ -232,17 +233,22 @@ def test_hook_names_parse_and_bad_ones_name_the_argument():
 
     assert parse_hook("sparse0.33+fp16") == {"name": "sparse0.33+fp16", "kind": "sparse",
                                              "ratio": 0.33, "fp16": True, "step_in_hook": False,
-                                             "overlap": False, "loop": "usual"}
+                                             "overlap": False, "loop": "usual",
+                                             "eager_fraction": None}
     assert parse_hook("sparse0.33+fp16+step") == {"name": "sparse0.33+fp16+step", "kind": "sparse",
                                                   "ratio": 0.33, "fp16": True, "step_in_hook": True,
-                                                  "overlap": False, "loop": "step"}
+                                                  "overlap": False, "loop": "step",
+                                                  "eager_fraction": None}
     assert parse_hook("sparse0.33+overlap") == {"name": "sparse0.33+overlap", "kind": "sparse",
                                                 "ratio": 0.33, "fp16": False, "step_in_hook": True,
-                                                "overlap": True, "loop": "overlap"}
+                                                "overlap": True, "loop": "overlap",
+                                                "eager_fraction": None}
+    assert parse_hook("sparse0.33+overlap0.3")["eager_fraction"] == 0.3
     assert parse_hook("allreduce+step")["kind"] == "allreduce"
     assert parse_hook("powersgd4")["rank"] == 4
     for bad in ("sparse0", "sparse1.5", "powersgd0", "topk", "sparse0.5+step+fp16", "+step",
-                "sparse0.5+step+overlap", "+overlap", "allreduce+overlap+step"):
+                "sparse0.5+step+overlap", "+overlap", "allreduce+overlap+step",
+                "sparse0.5+step0.3", "sparse0.5+overlap0", "sparse0.5+overlap1.5", "allreduce0.3"):
         with pytest.raises(ValueError, match="hook"):
             parse_hook(bad)
 

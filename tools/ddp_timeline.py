@@ -15,7 +15,7 @@ import sys
 import time
 
 
-def worker(ratio, bucket_mb, model_name, step_in_hook=False, overlap_forward=False, eager_fraction=0.2):
+def worker(ratio, bucket_mb, model_name, step_in_hook=False, overlap_forward=False, eager_fraction=0.3):
     import torch
     import torch.distributed as dist
     import torchvision
@@ -44,6 +44,16 @@ def worker(ratio, bucket_mb, model_name, step_in_hook=False, overlap_forward=Fal
             return f.value()
         return fut.then(done)
 
+    def payload(state, bucket):  # forward_overlap may split a bucket in two collectives
+        called, step = now(), len(starts) - 1
+        sent, group, finish = ad.distributed.sparse_allreduce_hook.payload(state, bucket)
+
+        def finished(summed):  # "launched": the first collective's launch
+            events.append((step, bucket.index(), called, called, now(), bucket.buffer().numel()))
+            return finish(summed)
+        return sent, group, finished
+
+    hook.payload = payload
     opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
     state = ad.distributed.SparseAllReduceState()
     if overlap_forward:  # a step's transfer runs on into the next forward
@@ -94,7 +104,7 @@ def main():
                    help="step the optimizer per bucket inside the hook (optimizer_wrapper)")
     p.add_argument("--overlap-forward", action="store_true",
                    help="let the next forward overlap the transfer (forward_overlap)")
-    p.add_argument("--eager-fraction", type=float, default=0.2, help="with --overlap-forward")
+    p.add_argument("--eager-fraction", type=float, default=0.3, help="with --overlap-forward")
     p.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a._worker:

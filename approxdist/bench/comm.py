@@ -41,17 +41,20 @@ POWERSGD_START_ITER = 2  # the smallest start PyTorch allows with error feedback
 
 
 # -- hooks ---------------------------------------------------------------------------------
-LOOPS = {"+step": "step", "+overlap": "overlap"}
-
-
 def parse_hook(name: str) -> dict:
     """"allreduce", "fp16", "powersgdR", "sparseX" or "sparseX+fp16", each optionally with
     "+step" (the optimizer steps inside the hook, bucket by bucket) or "+overlap" (the
-    next forward overlaps the transfer and steps each bucket) -> a spec dict."""
-    loop = next((v for k, v in LOOPS.items() if name.endswith(k)), "usual")
-    base = name[:name.rindex("+")] if loop != "usual" else name
+    next forward overlaps the transfer and steps each bucket; "+overlapF": with eager
+    fraction F, else --eager-fraction's) -> a spec dict."""
+    m = re.search(r"\+(step|overlap)(\d*\.?\d+)?$", name)
+    loop = m.group(1) if m else "usual"
+    base = name[:m.start()] if m else name
     spec = _parse_base_hook(base, name)
-    spec.update(name=name, step_in_hook=loop != "usual", overlap=loop == "overlap", loop=loop)
+    fraction = float(m.group(2)) if m and m.group(2) else None
+    if fraction is not None and (loop != "overlap" or not 0 < fraction <= 1):
+        raise ValueError(f"hook: an eager fraction F in (0, 1] follows +overlap only, got {name!r}")
+    spec.update(name=name, step_in_hook=loop != "usual", overlap=loop == "overlap", loop=loop,
+                eager_fraction=fraction)
     return spec
 
 
@@ -67,18 +70,26 @@ def _parse_base_hook(name: str, full: str) -> dict:
         return {"name": name, "kind": "sparse", "ratio": float(m.group(1)),
                 "fp16": bool(m.group(2))}
     raise ValueError(f"hook must be allreduce, fp16, powersgdR, sparseX or sparseX+fp16 "
-                     f"(0 < X <= 1), each optionally followed by +step or +overlap, got {full!r}")
+                     f"(0 < X <= 1), each optionally followed by +step, +overlap or +overlapF, got {full!r}")
 
 
 def _timed(hook, box: list):
     """Sum into box[0] the time spent in the hook's body: its own cost on the critical
     path (casting, packing, launching), the wait for the network excluded."""
-    def timed_hook(state, bucket):
-        t0 = time.perf_counter()
-        fut = hook(state, bucket)
-        box[0] += time.perf_counter() - t0
-        return fut
+    from approxdist.distributed.forward_overlap import payload_of
 
+    def timed(fn):
+        def timed_fn(state, bucket):
+            t0 = time.perf_counter()
+            out = fn(state, bucket)
+            box[0] += time.perf_counter() - t0
+            return out
+        return timed_fn
+
+    timed_hook = timed(hook)
+    payload = payload_of(hook)
+    if payload is not None:  # forward_overlap may launch the payload in two collectives
+        timed_hook.payload = timed(payload)
     return timed_hook
 
 
@@ -95,7 +106,7 @@ def _overlap_group():
     return _GROUP[0]
 
 
-def _install_hook(ddp, spec: dict, box: list, optimizer, eager_fraction=0.2):
+def _install_hook(ddp, spec: dict, box: list, optimizer, eager_fraction=None):
     """Register the hook spec names on ddp; returns the sparse hook's state, else None.
 
     "+step" wraps the hook in approxdist's optimizer_wrapper: `optimizer` steps each
@@ -106,10 +117,12 @@ def _install_hook(ddp, spec: dict, box: list, optimizer, eager_fraction=0.2):
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 
     import approxdist as ad
+    from approxdist.distributed.forward_overlap import EAGER_FRACTION
 
     def wrap(hook):
         if spec["overlap"]:
-            return ad.distributed.forward_overlap(ddp, hook, optimizer, eager_fraction=eager_fraction)
+            return ad.distributed.forward_overlap(ddp, hook, optimizer, eager_fraction=eager_fraction
+                                                  or EAGER_FRACTION)
         return ad.distributed.optimizer_wrapper(hook, optimizer) if spec["step_in_hook"] else hook
 
     # +overlap: the hooks' collectives get a group of their own, so DDP's buffer
@@ -234,7 +247,7 @@ def _build(cfg: dict, spec: dict, seed: int):
     ddp = DDP(model, bucket_cap_mb=bucket)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
     box = [0.0]
-    state = _install_hook(ddp, spec, box, opt, cfg.get("eager_fraction", 0.2))
+    state = _install_hook(ddp, spec, box, opt, cfg.get("eager_fraction"))
     return ddp, state, box, opt
 
 
@@ -677,6 +690,8 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["_worker"]:
         return _worker_main(argv[1:])
+    from approxdist.distributed.forward_overlap import EAGER_FRACTION
+
     p = argparse.ArgumentParser(prog="approxdist-bench comm", description=__doc__.split("\n\n")[0])
     p.add_argument("--testbed", action="store_true", help="run on the namespace testbed")
     p.add_argument("--models", default="resnet18,resnet50")
@@ -685,7 +700,8 @@ def main(argv=None) -> int:
                         f"testbed: {','.join(TESTBED_HOOKS)}; any name + '+step': the "
                         f"optimizer steps inside the hook, bucket by bucket "
                         f"(approxdist.distributed.optimizer_wrapper); + '+overlap': the next "
-                        f"forward overlaps the transfer (approxdist.distributed.forward_overlap)")
+                        f"forward overlaps the transfer (approxdist.distributed.forward_overlap), "
+                        f"'+overlapF' with eager fraction F (e.g. sparse0.33+overlap0.3)")
     p.add_argument("--nodes", default="2,4", help="testbed node counts")
     p.add_argument("--rates", default="1gbit,100mbit", help="testbed link rates")
     p.add_argument("--batch", type=int, default=16, help="per rank")
@@ -697,9 +713,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=2, help="interleaved rounds over all hooks")
     p.add_argument("--bucket-mb", type=float, default=DEFAULT_BUCKET_MB,
                    help="DDP bucket_cap_mb of every hook but PowerSGD (one bucket) (default: %(default)s)")
-    p.add_argument("--eager-fraction", type=float, default=0.2,
-                   help="+overlap: share of the bucket elements launched as DDP hands them over, the "
-                        "rest first-layers-first after backward (forward_overlap; default: 0.2)")
+    p.add_argument("--eager-fraction", type=float, default=EAGER_FRACTION,
+                   help="+overlap without F: share of the bucket elements launched as DDP hands them over, the "
+                        "rest first-layers-first after backward (forward_overlap; default: %(default)s)")
     p.add_argument("--json", default=None, help="write raw rows and the summary here "
                    "(rewritten after every testbed, so a cut-short run keeps what it measured)")
     p.add_argument("--plots", default=None, help="directory for the PNG plots")
@@ -747,8 +763,9 @@ def main(argv=None) -> int:
         p.error(f"--eager-fraction must be in (0, 1], got {a.eager_fraction}")
     configs = [{"model": m, "hook": h, "bucket_mb": a.bucket_mb} for m in models for h in hooks]
     for cfg in configs:
-        if parse_hook(cfg["hook"])["overlap"]:
-            cfg["eager_fraction"] = a.eager_fraction
+        spec = parse_hook(cfg["hook"])
+        if spec["overlap"]:
+            cfg["eager_fraction"] = spec["eager_fraction"] or a.eager_fraction
     plan = {"configs": configs, "batch": a.batch, "image_size": a.image_size,
             "steps": a.steps, "warmup": a.warmup, "repeats": a.repeats, "seed": 0,
             "compute_steps": 2, "compute_repeats": 1, "verbose": not a.quiet}

@@ -11,12 +11,19 @@ The order of the collectives decides how much: the forward needs the first layer
 parameters first, which DDP reduces last. So a step launches the first buckets as DDP
 hands them over (the deep layers, "eager"; they keep the link busy during backward),
 holds the others, and launches those at the last bucket in reverse order: the first
-layers' bucket first. The plan depends only on the bucket sizes (this step's, and the
-previous step's total), so every rank issues the same collectives in the same order.
+layers' bucket first. The eager share is exact: the bucket that crosses it is split in
+two collectives, one launched as DDP hands the bucket over and one held, for hooks whose
+reduction is one sum of a flat tensor (payload_of: approxdist's sparse hook, torch's
+allreduce and fp16 hooks). It keeps the link busy for as long as the backward runs
+without moving a whole deep bucket ahead of the held ones. The plan depends only on the
+bucket sizes (this step's, and the previous step's total), so every rank issues the
+same collectives in the same order.
 
 The parameters equal those of the usual loop bit for bit: the same reductions, the same
 optimizer steps, with the settings (learning rate, ...) of the user's `optimizer.step()`
-call that follows the backward. What changes: after backward a parameter's .grad holds
+call that follows the backward. One exception: on three or more ranks a split bucket's
+sums may differ in the last bit, since a collective's summation order depends on the
+length of the tensor (as it does on DDP's bucket size). What changes: after backward a parameter's .grad holds
 zeros (DDP copies the hook's placeholder result), and a parameter is updated only when
 its module runs forward next, when `finish_steps` is called, or when a state_dict is
 taken.
@@ -24,11 +31,50 @@ taken.
 import weakref
 
 import torch
+import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from .buckets import parameter_views
 from .overlap import _stepper_of, hyperparameters
 
 __all__ = ["forward_overlap", "finish_steps"]
+
+EAGER_FRACTION = 0.3  # the default share of elements launched during backward
+# A piece of a split bucket is at least this share of the bucket's payload; a bucket
+# that would give a smaller one goes whole, eager.
+MIN_PIECE = 0.05
+
+
+def _group_of(state):
+    return state if isinstance(state, dist.ProcessGroup) else dist.group.WORLD
+
+
+def _allreduce_payload(state, bucket):
+    """torch's allreduce_hook as (payload, group, finish); state: its process group."""
+    group = _group_of(state)
+    return bucket.buffer().div_(group.size()), group, lambda summed: summed
+
+
+def _fp16_payload(state, bucket):
+    """torch's fp16_compress_hook as (payload, group, finish)."""
+    group = _group_of(state)
+    buffer = bucket.buffer()
+    compressed = buffer.to(torch.float16).div_(group.size())
+
+    def decompress(summed):
+        buffer.copy_(summed)
+        return buffer
+
+    return compressed, group, decompress
+
+
+def payload_of(hook):
+    """hook's (payload, group, finish) form, when its reduction is one sum of a flat
+    tensor: the `payload` attribute (approxdist's sparse hook, or a wrapper passing it
+    on), or torch's allreduce_hook and fp16_compress_hook; None for other hooks."""
+    known = {default_hooks.allreduce_hook: _allreduce_payload,
+             default_hooks.fp16_compress_hook: _fp16_payload}
+    return getattr(hook, "payload", None) or known.get(hook)
 
 
 class _Reduction:
@@ -71,11 +117,12 @@ class ForwardOverlap:
         if not 0 < eager_fraction <= 1:
             raise ValueError(f"eager_fraction must be in (0, 1], got {eager_fraction!r}")
         self.hook = hook
+        self.payload = payload_of(hook)
         self.stepper = _stepper_of(optimizer)
         self.eager_fraction = eager_fraction
         self.pending = {}  # id(parameter) -> its bucket's _Reduction, until stepped
         self.open = set()  # the _Reductions not stepped yet
-        self.held = []  # (reduction, state, bucket) launched at the step's last bucket
+        self.held = []  # (reduction, launch) launched at the step's last bucket, in reverse
         self.total = None  # bucket elements of the previous synchronised backward
         self._seen = 0  # of this one, so far
         self._zeros = {}  # (numel, dtype, device) -> the placeholder result DDP copies
@@ -122,20 +169,39 @@ class ForwardOverlap:
             zeros = self._placeholder(buffer)
             out = reduction.future.then(lambda f: zeros)
         else:
-            # Eager while the buckets before it hold less than eager_fraction of the
-            # elements: the same on every rank, whatever DDP's layout.
-            if seen < self.eager_fraction * self.total:
+            # The first eager_fraction of the elements (of the previous step's total) go
+            # out as DDP hands them over, the rest is held: the same plan on every rank,
+            # whatever DDP's layout. A bucket straddling the boundary is split in two
+            # collectives when the hook's payload allows (payload_of), else eager.
+            budget = self.eager_fraction * self.total - seen
+            share = budget / max(buffer.numel(), 1)
+            if budget <= 0:
+                self.held.append((reduction, lambda: self.hook(state, bucket)))
+            elif share >= 1 - MIN_PIECE or self.payload is None or share < MIN_PIECE:
                 reduction.future = self.hook(state, bucket)
             else:
-                self.held.append((reduction, state, bucket))
+                self._split(reduction, state, bucket, share)
             out = torch.futures.Future()
             out.set_result(self._placeholder(buffer))
         if bucket.is_last():
-            for held, held_state, held_bucket in reversed(self.held):
-                held.future = self.hook(held_state, held_bucket)
+            for held, launch in reversed(self.held):
+                held.future = launch()
             self.held = []
             self.total = self._seen
         return out
+
+    def _split(self, reduction, state, bucket, share) -> None:
+        """Launch the first `share` of the bucket's payload now and hold the rest."""
+        payload, group, finish = self.payload(state, bucket)
+        flat = payload.view(-1)
+        cut = int(flat.numel() * share)
+        head = dist.all_reduce(flat[:cut], group=group, async_op=True).get_future()
+
+        def launch_tail():
+            tail = dist.all_reduce(flat[cut:], group=group, async_op=True).get_future()
+            return torch.futures.collect_all([head, tail]).then(lambda f: finish(payload))
+
+        self.held.append((reduction, launch_tail))
 
     def _placeholder(self, buffer):
         key = (buffer.numel(), buffer.dtype, buffer.device)
@@ -188,7 +254,7 @@ class ForwardOverlap:
                 del self.pending[id(p)]
 
 
-def forward_overlap(ddp, hook, optimizer, *, eager_fraction=0.2):
+def forward_overlap(ddp, hook, optimizer, *, eager_fraction=EAGER_FRACTION):
     """A comm hook that lets the next forward overlap this step's transfer.
 
     Wraps `hook` (any hook whose future holds the reduced bucket: DDP's allreduce_hook,
@@ -196,12 +262,14 @@ def forward_overlap(ddp, hook, optimizer, *, eager_fraction=0.2):
     ``ddp.register_comm_hook(state, ...)``. Backward returns once every collective is
     launched; each module's parameters are stepped by `optimizer` (with the settings of
     the `optimizer.step()` call after backward, which steps only what no bucket holds)
-    when the module next runs forward. eager_fraction (0 < f <= 1, default 0.2): the
+    when the module next runs forward. eager_fraction (0 < f <= 1, default 0.3): the
     share of the bucket elements launched as soon as DDP hands them over, deepest layers
-    first (at least the first bucket); the rest is launched at the last bucket, first
-    layers first. Enough to keep the link busy while backward runs on is best: on a slow
-    link, where the transfer takes several times the backward, a small share
-    (docs/benchmarks.md).
+    first (at least part of the first bucket); the rest is launched at the last bucket,
+    first layers first. The bucket crossing the share goes in two collectives when the
+    hook allows (a `payload` attribute, as approxdist's sparse hook has, or torch's
+    allreduce_hook / fp16_compress_hook), else whole and eager. Enough to keep the link
+    busy while backward runs on is best: on a slow link, where the transfer takes
+    several times the backward, a small share (docs/benchmarks.md).
 
     After backward, DDP's parameters' .grad hold zeros: not for gradient clipping or a
     GradScaler. Not with gradient_as_bucket_view=True or find_unused_parameters=True.

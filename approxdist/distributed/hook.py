@@ -16,7 +16,7 @@ from .. import kernels
 from ..nn import sampled_layer_of
 from .agreement import check_indices, install_broadcast
 from .buckets import sampling_views
-from .forward_overlap import forward_overlap
+from .forward_overlap import EAGER_FRACTION, forward_overlap
 from .overlap import optimizer_wrapper
 from .state import SparseAllReduceState
 
@@ -49,6 +49,16 @@ def sparse_allreduce_hook(state: SparseAllReduceState, bucket: dist.GradBucket) 
     ``approxdist.distributed.register(ddp)``. Works on NCCL and gloo, with several
     buckets: the one collective is issued here, never from a callback.
     """
+    sent, group, finish = sparse_payload(state, bucket)
+    fut = dist.all_reduce(sent, group=group, async_op=True).get_future()
+    return fut.then(lambda f: finish(f.value()[0]))
+
+
+def sparse_payload(state: SparseAllReduceState, bucket: dist.GradBucket):
+    """The sparse hook's work but the collective: (payload, group, finish). payload is
+    the flat tensor to sum across ranks in `group` (already divided by the world size),
+    finish(summed payload) scatters it back and returns the reduced bucket buffer.
+    forward_overlap uses it to launch one bucket's payload in two collectives."""
     group = state.process_group if state.process_group is not None else dist.group.WORLD
     world = dist.get_world_size(group)
     buffer = bucket.buffer()
@@ -82,20 +92,23 @@ def sparse_allreduce_hook(state: SparseAllReduceState, bucket: dist.GradBucket) 
         state.release_unused_buffers()
         state.steps += 1
     state.payload_bytes += sent.numel() * sent.element_size()
-    fut = dist.all_reduce(sent, group=group, async_op=True).get_future()
     if dense:
-        return fut.then(lambda f: f.value()[0])
+        return sent, group, lambda summed: summed
 
-    def scatter(f):
+    def scatter(summed):
         t1 = time.perf_counter()
-        kernels.unpack(f.value()[0], views, indices, validate=False)
+        kernels.unpack(summed, views, indices, validate=False)
         state.unpack_seconds += time.perf_counter() - t1
         return buffer
 
-    return fut.then(scatter)
+    return sent, group, scatter
 
 
-def register(ddp_model, state=None, *, optimizer=None, overlap_forward=False, eager_fraction=0.2):
+sparse_allreduce_hook.payload = sparse_payload
+
+
+def register(ddp_model, state=None, *, optimizer=None, overlap_forward=False,
+             eager_fraction=EAGER_FRACTION):
     """Register the sparse hook on a DistributedDataParallel model; returns its state.
 
     Also records the sampled layers' names (for error messages) and, for agreement='broadcast',
