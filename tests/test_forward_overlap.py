@@ -40,6 +40,13 @@ def _logged(hook, order, sizes, splits):
     return logged
 
 
+def _counted(fn, calls):
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return fn(*args, **kwargs)
+    return counted
+
+
 def worker(rank, world, name, hook, opt_name, ddp_kw, ratio=0.5, steps=5, finish="state_dict",
            eager_fraction=1 / 3, accum=1):
     base = make_model(name)
@@ -51,7 +58,7 @@ def worker(rank, world, name, hook, opt_name, ddp_kw, ratio=0.5, steps=5, finish
         extra = nn.Parameter(torch.ones(()))  # only the user's step() can step it
         opt = make_optimizer(opt_name, [{"params": list(model.parameters())}, {"params": [extra], "lr": 0.01}])
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
-        order, sizes, splits = [], [], []
+        order, sizes, splits, prepared = [], [], [], []
         if hook == "sparse":
             state = ad.distributed.SparseAllReduceState(agreement="check", check_every=1)
             if overlapped:
@@ -61,6 +68,9 @@ def worker(rank, world, name, hook, opt_name, ddp_kw, ratio=0.5, steps=5, finish
                 logged = _logged(h, order, sizes, splits)
                 model._approxdist_forward_overlap.hook = logged
                 model._approxdist_forward_overlap.payload = logged.payload
+                for m in model.modules():  # count the layers prepared ahead of their forward
+                    if isinstance(m, ad.nn.WeightSampled):
+                        m.prepare_next = _counted(m.prepare_next, prepared)
             else:
                 ad.distributed.register(model, state)
         else:
@@ -102,7 +112,7 @@ def worker(rank, world, name, hook, opt_name, ddp_kw, ratio=0.5, steps=5, finish
                    for k in sorted(opt.state[p]) if torch.is_tensor(opt.state[p][k])]
         out["overlap" if overlapped else "usual"] = {
             "params": params, "extra": extra.detach().clone(), "moments": moments,
-            "grads_zero": grads_zero, "untouched": untouched, "orders": orders, "splits": split_log,
+            "grads_zero": grads_zero, "untouched": untouched, "orders": orders, "splits": split_log, "prepared": len(prepared),
             "buckets": len(orders[-1]),
             "layouts": layouts}
     return out
@@ -149,6 +159,8 @@ def test_overlapped_training_equals_the_usual_loop(opt_name):
         assert splits[i] == ([m - 1] if MIN_PIECE <= share < 1 - MIN_PIECE else []), (splits[i], share)
     assert len(layouts[-1]) >= 4 and 1 <= m < n - 1  # the test reorders something
     assert any(splits), "the test splits no bucket"
+    # buckets reduced ahead of their layers' forward had those layers prepare it
+    assert overlap["prepared"] > 0
 
 
 @pytest.mark.parametrize("finish,hook", [("optimizer", "allreduce"), ("explicit", "fp16_compress")])

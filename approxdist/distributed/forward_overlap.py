@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
+from ..nn import sampled_layer_of
 from .buckets import parameter_views
 from .overlap import _stepper_of, hyperparameters
 
@@ -222,7 +223,8 @@ class ForwardOverlap:
     def finish(self, params=None) -> None:
         """Wait for the reductions of `params` (all pending ones: None) and step them;
         first step every bucket whose reduction has already completed, so that its step
-        is not left for the end of the forward."""
+        is not left for the end of the forward, and let its weight-sampled layers select
+        and gather for their forward (WeightSampled.prepare_next) while this one waits."""
         if not self.open:
             return
         if params is None:
@@ -232,11 +234,11 @@ class ForwardOverlap:
             if not needed:
                 return
         for reduction in [r for r in self.open - needed if r.future is not None and r.future.done()]:
-            self._finish(reduction)
+            self._finish(reduction, prepare=True)
         for reduction in needed:
             self._finish(reduction)
 
-    def _finish(self, reduction) -> None:
+    def _finish(self, reduction, prepare=False) -> None:
         if reduction not in self.open:
             return
         if reduction.future is None:
@@ -248,6 +250,11 @@ class ForwardOverlap:
         grads = parameter_views(reduced, params)
         grads = [g if g.dtype == p.dtype else g.to(p.dtype) for p, g in zip(params, grads)]
         self.stepper.step_bucket(params, grads, claimed=True, hyper=reduction.hyper)
+        if prepare:
+            for p in params:
+                layer = sampled_layer_of(p)
+                if layer is not None:
+                    layer.prepare_next()
         self.open.discard(reduction)
         for p in params:
             if self.pending.get(id(p)) is reduction:
