@@ -23,10 +23,10 @@ The parameters equal those of the usual loop bit for bit: the same reductions, t
 optimizer steps, with the settings (learning rate, ...) of the user's `optimizer.step()`
 call that follows the backward. One exception: on three or more ranks a split bucket's
 sums may differ in the last bit, since a collective's summation order depends on the
-length of the tensor (as it does on DDP's bucket size). What changes: after backward a parameter's .grad holds
-zeros (DDP copies the hook's placeholder result), and a parameter is updated only when
-its module runs forward next, when `finish_steps` is called, or when a state_dict is
-taken.
+length of the tensor (as it does on DDP's bucket size). What changes: after backward a
+parameter's .grad holds zeros (DDP copies the hook's placeholder result), and a
+parameter is updated only when its module runs forward next, when `finish_steps` is
+called, or when a state_dict is taken.
 """
 import weakref
 
