@@ -15,7 +15,7 @@ import sys
 import time
 
 
-def worker(ratio, bucket_mb, model_name, step_in_hook=False, overlap_forward=False, eager_fraction=0.3):
+def worker(ratio, bucket_mb, model_name, step_in_hook, overlap_forward, eager_fraction):
     import torch
     import torch.distributed as dist
     import torchvision
@@ -95,6 +95,8 @@ def worker(ratio, bucket_mb, model_name, step_in_hook=False, overlap_forward=Fal
 
 
 def main():
+    from approxdist.distributed.forward_overlap import EAGER_FRACTION
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ratio", type=float, default=0.33)
     p.add_argument("--bucket-mb", type=float, default=25.0)
@@ -104,7 +106,8 @@ def main():
                    help="step the optimizer per bucket inside the hook (optimizer_wrapper)")
     p.add_argument("--overlap-forward", action="store_true",
                    help="let the next forward overlap the transfer (forward_overlap)")
-    p.add_argument("--eager-fraction", type=float, default=0.3, help="with --overlap-forward")
+    p.add_argument("--eager-fraction", type=float, default=EAGER_FRACTION,
+                   help="with --overlap-forward (default: %(default)s)")
     p.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a._worker:
