@@ -78,6 +78,15 @@ def payload_of(hook):
     return getattr(hook, "payload", None) or known.get(hook)
 
 
+def _summed(collected, payload):
+    """payload, once both its collectives are done: waiting on each (done already)
+    makes the current CUDA stream wait for it, which the collected future alone does
+    not (NCCL; a no-op on gloo)."""
+    for part in collected.value():
+        part.wait()
+    return payload
+
+
 class _Reduction:
     """One bucket of the last synchronised backward: its collective and deferred step."""
     __slots__ = ("params", "future", "hyper")
@@ -200,7 +209,7 @@ class ForwardOverlap:
 
         def launch_tail():
             tail = dist.all_reduce(flat[cut:], group=group, async_op=True).get_future()
-            return torch.futures.collect_all([head, tail]).then(lambda f: finish(payload))
+            return torch.futures.collect_all([head, tail]).then(lambda f: finish(_summed(f, payload)))
 
         self.held.append((reduction, launch_tail))
 
