@@ -24,17 +24,19 @@ from models import batch_for, make_model, make_optimizer
 def _logged(hook, order, sizes, splits):
     """hook, logging each bucket's index and size when it is handed over for its
     reduction; also through its payload form (a bucket forward_overlap splits: `splits`)."""
-    def logged(state, bucket):
+    def log(bucket):
         order.append(bucket.index())
         sizes.append(bucket.buffer().numel())
+
+    def logged(state, bucket):
+        log(bucket)
         return hook(state, bucket)
 
     payload = payload_of(hook)
     if payload is not None:
         def logged_payload(state, bucket):
             splits.append(bucket.index())
-            order.append(bucket.index())
-            sizes.append(bucket.buffer().numel())
+            log(bucket)
             return payload(state, bucket)
         logged.payload = logged_payload
     return logged
