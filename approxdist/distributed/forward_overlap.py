@@ -34,8 +34,6 @@ import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-from ..nn import sampled_layer_of
-from .buckets import parameter_views
 from .overlap import _stepper_of, hyperparameters
 
 __all__ = ["forward_overlap", "finish_steps"]
@@ -253,19 +251,10 @@ class ForwardOverlap:
         if reduction.future is None:
             raise RuntimeError("approxdist: a bucket's reduction was never launched (did the "
                                "synchronised backward stop early?)")
-        value = reduction.future.wait()
-        reduced = value[0] if isinstance(value, (list, tuple)) else value
-        params = reduction.params
-        grads = parameter_views(reduced, params)
-        grads = [g if g.dtype == p.dtype else g.to(p.dtype) for p, g in zip(params, grads)]
-        self.stepper.step_bucket(params, grads, claimed=True, hyper=reduction.hyper)
-        if prepare:
-            for p in params:
-                layer = sampled_layer_of(p)
-                if layer is not None:
-                    layer.prepare_next()
+        self.stepper.step_reduced(reduction.params, reduction.future.wait(), claimed=True,
+                                  hyper=reduction.hyper, prepare=prepare)
         self.open.discard(reduction)
-        for p in params:
+        for p in reduction.params:
             if self.pending.get(id(p)) is reduction:
                 del self.pending[id(p)]
 

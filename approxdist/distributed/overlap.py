@@ -147,6 +147,23 @@ class BucketStepper:
                     p.grad = grad
             self.buckets += 1
 
+    def step_reduced(self, params, value, *, claimed=False, hyper=None, prepare=False):
+        """step_bucket with a hook future's value (the reduced bucket, or a list holding
+        it) as the gradients of `params`; then (prepare=True) the bucket's weight-sampled
+        layers prepare their next forward. Returns the reduced bucket."""
+        reduced = value[0] if isinstance(value, (list, tuple)) else value
+        grads = parameter_views(reduced, params)
+        # A compressing wrapper (fp16_compress_wrapper) may leave the bucket in its own
+        # dtype; DDP casts it into the gradients, and so does this step.
+        grads = [g if g.dtype == p.dtype else g.to(p.dtype) for p, g in zip(params, grads)]
+        self.step_bucket(params, grads, claimed=claimed, hyper=hyper)
+        if prepare:
+            for p in params:
+                layer = sampled_layer_of(p)
+                if layer is not None:
+                    layer.prepare_next()
+        return reduced
+
     def _before_user_step(self, optimizer, args, kwargs):
         if self._in_bucket or not self._claimed:
             return
@@ -192,22 +209,7 @@ def optimizer_wrapper(hook, optimizer, *, prepare=True):
         fut = hook(state, bucket)
         params = bucket.parameters()
 
-        def step(f):
-            value = f.value()
-            reduced = value[0] if isinstance(value, (list, tuple)) else value
-            grads = parameter_views(reduced, params)
-            # A compressing wrapper (fp16_compress_wrapper) may leave the bucket in its
-            # own dtype; DDP casts it into the gradients, and so does this step.
-            grads = [g if g.dtype == p.dtype else g.to(p.dtype) for p, g in zip(params, grads)]
-            stepper.step_bucket(params, grads)
-            if prepare:
-                for p in params:
-                    layer = sampled_layer_of(p)
-                    if layer is not None:
-                        layer.prepare_next()
-            return reduced
-
-        return fut.then(step)
+        return fut.then(lambda f: stepper.step_reduced(params, f.value(), prepare=prepare))
 
     hook_then_step.__name__ = f"{getattr(hook, '__name__', 'hook')}_then_step"
     return hook_then_step
