@@ -8,6 +8,7 @@ import inspect
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -301,6 +302,34 @@ def test_summary_speedup_and_physical_limit():
     assert s["sparse0.5"]["ddp_bound_s"] == pytest.approx(0.45)
     assert s["sparse0.5"]["of_ddp_bound"] == pytest.approx(0.5 / 0.45)
     assert s["sparse0.5"]["pack_unpack_share"] == pytest.approx(0.025 / 0.5)
+
+
+def test_summary_pairs_the_rounds_for_the_speedup_range():
+    from approxdist.bench.comm import format_table, summarize
+
+    def row(hook, kind, repeat, steps):
+        return {"rank": 0, "world_size": 2, "nodes": 2, "rate": "1gbit", "model": "m", "hook": hook,
+                "kind": kind, "ratio": 1.0, "fp16": False, "step_s": steps, "repeat": repeat,
+                "compute_s": [0.1], "payload_bytes": 5e7, "dense_bytes": 1e8, "wire_tx_bytes": 5e7,
+                "hook_body_s": 0.0, "link_bits_per_s": 1e9, "forward_s": [0.03], "optimizer_s": [0.02]}
+
+    # Round 1 is a slow spell for both: paired, the ratio stays 2 there; round 2 has no
+    # baseline, so it gives no paired speedup.
+    rows = [row("allreduce", "allreduce", 0, [1.0, 1.0, 1.2]), row("sparse0.5", "sparse", 0, [0.5, 0.5, 0.9]),
+            row("allreduce", "allreduce", 1, [2.0, 2.0, 2.0]), row("sparse0.5", "sparse", 1, [1.0, 1.1, 0.9]),
+            row("sparse0.5", "sparse", 2, [0.4, 0.4, 0.4])]
+    s = {x["hook"]: x for x in summarize(rows)}
+    assert s["sparse0.5"]["round_step_s"] == [[0, 0.5], [1, 1.0], [2, 0.4]]
+    assert s["sparse0.5"]["speedup_rounds"] == [2.0, 2.0]
+    assert s["allreduce"]["speedup_rounds"] == [1.0, 1.0]
+    # the whole-run figure stays the ratio of the medians over every step
+    assert s["sparse0.5"]["speedup"] == pytest.approx(statistics.median([1.0, 1.0, 1.2, 2.0, 2.0, 2.0])
+                                                      / statistics.median([0.5, 0.5, 0.9, 1.0, 1.1, 0.9, 0.4, 0.4, 0.4]))
+    table = format_table(list(s.values()), testbed=True)
+    assert f"| {s['sparse0.5']['speedup']:.2f}x (2.00-2.00) |" in table
+    assert "| allreduce | 1.600 | 1.00x |" in table  # the baseline's own row: no range
+    one = summarize([row("allreduce", "allreduce", 0, [1.0]), row("sparse0.5", "sparse", 0, [0.5])])
+    assert "| 2.00x |" in format_table(one, testbed=True)  # a single round: no range
 
 
 def test_torchrun_args_pick_the_rendezvous_this_torch_can_do_across_namespaces(monkeypatch):

@@ -463,7 +463,11 @@ def run_on_testbed(tb, plan: dict, *, port: int = 29510, timeout: float = 3600) 
 # -- summaries ----------------------------------------------------------------------------
 def summarize(rows: list[dict]) -> list[dict]:
     """Median over every timed step of every repeat, rank 0's clock (all ranks wait on the
-    same collective, so their step times agree to within the barrier's skew)."""
+    same collective, so their step times agree to within the barrier's skew).
+
+    The rounds interleave the hooks, so each round also gives a paired speedup (the
+    baseline's median step in that round over the row's): `speedup_rounds`, in round
+    order. Their spread says how far a slow spell of the machine moved the ratio."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if r["rank"] == 0:
@@ -472,6 +476,7 @@ def summarize(rows: list[dict]) -> list[dict]:
     out = []
     for (nodes, rate, model, hook), rs in groups.items():
         steps = [t for r in rs for t in r["step_s"]]
+        rounds = sorted((r.get("repeat", i), statistics.median(r["step_s"])) for i, r in enumerate(rs))
         compute = [t for r in rs for t in r["compute_s"]] or [float("nan")]
         spec = parse_hook(hook)  # the loop from the name: rows of older runs lack it
         s = {"nodes": nodes, "rate": rate, "model": model, "hook": hook, "kind": rs[0]["kind"],
@@ -479,7 +484,8 @@ def summarize(rows: list[dict]) -> list[dict]:
              "ratio": rs[0]["ratio"], "fp16": rs[0]["fp16"], "repeats": len(rs),
              "step_s": statistics.median(steps), "compute_s": statistics.median(compute),
              "payload_bytes": statistics.median(r["payload_bytes"] for r in rs),
-             "dense_bytes": rs[0]["dense_bytes"]}
+             "dense_bytes": rs[0]["dense_bytes"],
+             "round_step_s": [[rep, t] for rep, t in rounds]}
         wire = [r["wire_tx_bytes"] for r in rs if r.get("wire_tx_bytes") is not None]
         s["wire_tx_bytes"] = statistics.median(wire) if wire else None
         if "analytic_bytes" in rs[0]:
@@ -517,16 +523,29 @@ def summarize(rows: list[dict]) -> list[dict]:
     # Against DDP's all-reduce in the same loop: "allreduce" for the usual step after
     # backward, "allreduce+step" for the rows that step inside the hook, "allreduce+overlap"
     # for those that overlap the next forward.
-    base = {(s["nodes"], s["rate"], s["model"], s["loop"]): s["step_s"] for s in out
+    base = {(s["nodes"], s["rate"], s["model"], s["loop"]): s for s in out
             if s["kind"] == "allreduce"}
     for s in out:
         b = base.get((s["nodes"], s["rate"], s["model"], s["loop"]))
-        s["speedup"] = b / s["step_s"] if b else None
+        s["speedup"] = b["step_s"] / s["step_s"] if b else None
+        b_rounds = dict(map(tuple, b["round_step_s"])) if b else {}
+        s["speedup_rounds"] = [b_rounds[rep] / t for rep, t in s["round_step_s"] if rep in b_rounds]
     return out
 
 
 def _ring_bytes(nbytes: float, world: int) -> float:
     return 2.0 * (world - 1) / world * nbytes
+
+
+def _speedup_cell(s: dict) -> str:
+    """The speedup cell: 2.51x, followed by the range of the paired per-round speedups
+    when there are several rounds, as in 2.51x (2.40-2.63)."""
+    if not s.get("speedup"):
+        return "-"
+    rounds = s.get("speedup_rounds") or []
+    if len(rounds) < 2 or s["kind"] == "allreduce":  # (the baseline: 1 in every round)
+        return f"{s['speedup']:.2f}x"
+    return f"{s['speedup']:.2f}x ({min(rounds):.2f}-{max(rounds):.2f})"
 
 
 def format_table(summary: list[dict], testbed: bool) -> str:
@@ -538,7 +557,7 @@ def format_table(summary: list[dict], testbed: bool) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summary:
         cells = [str(s["nodes"]), s["rate"], s["model"], s["hook"], f"{s['step_s']:.3f}",
-                 f"{s['speedup']:.2f}x" if s.get("speedup") else "-",
+                 _speedup_cell(s),
                  f"{s['payload_bytes'] / 1e6:.2f}", f"{s['payload_bytes'] / s['dense_bytes']:.3f}"]
         if testbed:
             cells += [f"{s['wire_tx_bytes'] / 1e6:.2f}" if s.get("wire_tx_bytes") else "-",
