@@ -1,42 +1,84 @@
-"""Per-bucket timeline of DDP steps with the sparse hook on the 2-node namespace testbed.
+"""Per-bucket timeline of DDP steps on the 2-node namespace testbed.
 
     python tools/ddp_timeline.py [--ratio 0.33] [--bucket-mb 25] [--rate 1gbit] [--model resnet18]
-                                 [--step-in-hook | --overlap-forward]
+                                 [--hook sparse|fp16] [--steps 7] [--summary]
+                                 [--step-in-hook | --overlap-forward [--eager-fraction F]]
 
-Rank 0 prints, for steps 3-6, the end of the forward, of backward, of the step and the
-start of the next step (ms from the step's start) and, per bucket, [index, hook called,
-collective launched, collective done, elements]. With --overlap-forward a collective
-may complete after the next step started. A diagnostic for docs/benchmarks.md (where the
-time of a step goes), not a benchmark. Needs root and `ip` (see launch/testbed/).
+Rank 0 prints, for steps 2 to steps-2, the end of the forward, of backward, of the step
+and the start of the next step (ms from the step's start) and, per bucket, [index, hook
+called, collective launched, collective done, elements]; with --overlap-forward a
+collective may complete after the next step started. It also times every collective the
+hook launches (a bucket split in two is two collectives) and prints, per step:
+  gap   ms the link stood idle between the previous step's last collective and this
+        step's first (what the next forward and backward do before a gradient is ready),
+  busy  ms from this step's first launch to its last completion,
+  hole  ms inside `busy` with no collective in flight.
+--summary prints only the medians of these over the steps. --hook fp16 runs the exact
+model with torch's fp16_compress_hook instead of the sampled one with the sparse hook
+(--ratio is then ignored). A diagnostic for docs/benchmarks.md (where the time of a step
+goes), not a benchmark. Needs root and `ip` (see launch/testbed/).
 """
 import argparse
 import json
+import statistics
 import sys
 import time
 
 
-def worker(ratio, bucket_mb, model_name, step_in_hook, overlap_forward, eager_fraction):
+def _idle_inside(spans):
+    """ms with nothing in flight between the first start and the last end of spans."""
+    spans = sorted(spans)
+    hole, end = 0.0, spans[0][1]
+    for lo, hi in spans[1:]:
+        hole += max(0.0, lo - end)
+        end = max(end, hi)
+    return hole
+
+
+def worker(a):
     import torch
     import torch.distributed as dist
     import torchvision
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
     import approxdist as ad
+    from approxdist.distributed.forward_overlap import _fp16_payload
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.manual_seed(0)
-    model = getattr(torchvision.models, model_name)(num_classes=10)
-    ad.convert_model(model, ratio, distributed=True)
-    ddp = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=bucket_mb)
-    events, starts = [], []
+    model = getattr(torchvision.models, a.model)(num_classes=10)
+    fp16 = a.hook == "fp16"
+    if not fp16:
+        ad.convert_model(model, a.ratio, distributed=True)
+    ddp = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=a.bucket_mb)
+    events, starts, collectives = [], [], []
 
     def now():
         return time.perf_counter()
 
+    all_reduce = dist.all_reduce
+
+    def timed_all_reduce(tensor, *args, **kwargs):  # every collective the hook launches
+        launched = now()
+        work = all_reduce(tensor, *args, **kwargs)
+        if kwargs.get("async_op"):
+            record = [len(starts) - 1, launched, None]
+            collectives.append(record)
+            work.get_future().add_done_callback(lambda f: record.__setitem__(2, now()))
+        return work
+
+    dist.all_reduce = timed_all_reduce
+    state = ad.distributed.SparseAllReduceState()
+    if a.overlap_forward:  # a step's transfer runs on into the next forward
+        state.process_group = dist.new_group()
+    group = state.process_group  # fp16: torch's hook takes the process group as its state
+
     def hook(state, bucket):
         called, step = now(), len(starts) - 1
-        fut = ad.distributed.sparse_allreduce_hook(state, bucket)
+        fut = default_hooks.fp16_compress_hook(group, bucket) if fp16 \
+            else ad.distributed.sparse_allreduce_hook(state, bucket)
         launched = now()
 
         def done(f):
@@ -46,28 +88,26 @@ def worker(ratio, bucket_mb, model_name, step_in_hook, overlap_forward, eager_fr
 
     def payload(state, bucket):  # forward_overlap may split a bucket in two collectives
         called, step = now(), len(starts) - 1
-        sent, group, finish = ad.distributed.sparse_allreduce_hook.payload(state, bucket)
+        sent, group_, finish = _fp16_payload(group, bucket) if fp16 \
+            else ad.distributed.sparse_allreduce_hook.payload(state, bucket)
 
         def finished(summed):  # "launched": the first collective's launch
             events.append((step, bucket.index(), called, called, now(), bucket.buffer().numel()))
             return finish(summed)
-        return sent, group, finished
+        return sent, group_, finished
 
     hook.payload = payload
     opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
-    state = ad.distributed.SparseAllReduceState()
-    if overlap_forward:  # a step's transfer runs on into the next forward
-        state.process_group = dist.new_group()
-        hook = ad.distributed.forward_overlap(ddp, hook, opt, eager_fraction=eager_fraction)
-    elif step_in_hook:  # the optimizer steps each bucket after its collective (and "done")
+    if a.overlap_forward:
+        hook = ad.distributed.forward_overlap(ddp, hook, opt, eager_fraction=a.eager_fraction)
+    elif a.step_in_hook:  # the optimizer steps each bucket after its collective (and "done")
         hook = ad.distributed.optimizer_wrapper(hook, opt)
     ddp.register_comm_hook(state, hook)
     g = torch.Generator().manual_seed(rank)
     x, y = torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g)
     marks = []
-    steps = 7
-    for step in range(steps):
-        if not overlap_forward or step == 0:
+    for step in range(a.steps):
+        if not a.overlap_forward or step == 0:
             dist.barrier()
         starts.append(now())
         opt.zero_grad(set_to_none=True)
@@ -79,17 +119,30 @@ def worker(ratio, bucket_mb, model_name, step_in_hook, overlap_forward, eager_fr
         marks.append((forward, backward, now()))
     ad.distributed.finish_steps(ddp)
     starts.append(now())
+    dist.all_reduce = all_reduce
     if rank == 0:
         def ms(t, step):
             return round((t - starts[step]) * 1e3)
 
-        for step in range(2, steps - 1):
+        per_step = []
+        for step in range(2, a.steps - 1):
             forward, backward, end = marks[step]
-            buckets = sorted([index, ms(c, step), ms(la, step), ms(d, step), n]
-                             for s, index, c, la, d, n in events if s == step)
-            print(json.dumps({"forward_end": ms(forward, step), "backward_end": ms(backward, step),
-                              "step_end": ms(end, step), "next_step": ms(starts[step + 1], step),
-                              "buckets": buckets}))
+            done = [(s, t0, t1) for s, t0, t1 in collectives if t1 is not None]
+            mine = [(ms(t0, step), ms(t1, step)) for s, t0, t1 in done if s == step]
+            last_before = max(t1 for s, t0, t1 in done if s == step - 1)
+            row = {"step": ms(starts[step + 1], step), "forward_end": ms(forward, step),
+                   "backward_end": ms(backward, step),
+                   "gap": min(lo for lo, hi in mine) - ms(last_before, step),
+                   "busy": max(hi for lo, hi in mine) - min(lo for lo, hi in mine),
+                   "hole": _idle_inside(mine)}
+            per_step.append(row)
+            if not a.summary:
+                buckets = sorted([index, ms(c, step), ms(la, step), ms(d, step), n]
+                                 for s, index, c, la, d, n in events if s == step)
+                print(json.dumps({**row, "step_end": ms(end, step), "buckets": buckets,
+                                  "collectives": sorted(mine)}))
+        print(json.dumps({"median_ms": {k: statistics.median(r[k] for r in per_step)
+                                        for k in per_step[0]}, "steps": len(per_step)}))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -102,6 +155,10 @@ def main():
     p.add_argument("--bucket-mb", type=float, default=25.0)
     p.add_argument("--rate", default="1gbit")
     p.add_argument("--model", default="resnet18")
+    p.add_argument("--hook", choices=("sparse", "fp16"), default="sparse")
+    p.add_argument("--steps", type=int, default=7,
+                   help="steps to run; steps 2 to steps-2 are reported (at least 4)")
+    p.add_argument("--summary", action="store_true", help="print only the medians over the steps")
     p.add_argument("--step-in-hook", action="store_true",
                    help="step the optimizer per bucket inside the hook (optimizer_wrapper)")
     p.add_argument("--overlap-forward", action="store_true",
@@ -110,13 +167,13 @@ def main():
                    help="with --overlap-forward (default: %(default)s)")
     p.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.steps < 4:
+        p.error(f"--steps must be at least 4, got {a.steps}")
     if a._worker:
-        return worker(a.ratio, a.bucket_mb, a.model, a.step_in_hook, a.overlap_forward, a.eager_fraction)
+        return worker(a)
     from approxdist.bench.testbed import Testbed
 
-    argv = [sys.executable, __file__, "--_worker", "--ratio", str(a.ratio), "--bucket-mb",
-            str(a.bucket_mb), "--model", a.model] + (["--step-in-hook"] if a.step_in_hook else []) \
-        + (["--overlap-forward", "--eager-fraction", str(a.eager_fraction)] if a.overlap_forward else [])
+    argv = [sys.executable, __file__, "--_worker"] + sys.argv[1:]
     with Testbed(2, a.rate) as tb:
         res = tb.run_all(lambda i: argv, env_of=lambda i: tb.env(i, port=29577), timeout=600)
     for i, r in enumerate(res):
