@@ -54,6 +54,7 @@ def worker(a):
         ad.convert_model(model, a.ratio, distributed=True)
     ddp = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=a.bucket_mb)
     events, starts, collectives = [], [], []
+    backward_of = [0]  # the step whose hook ran last: held collectives may launch later
 
     def now():
         return time.perf_counter()
@@ -64,7 +65,7 @@ def worker(a):
         launched = now()
         work = all_reduce(tensor, *args, **kwargs)
         if kwargs.get("async_op"):
-            record = [len(starts) - 1, launched, None]
+            record = [backward_of[0], launched, None]
             collectives.append(record)
             work.get_future().add_done_callback(lambda f: record.__setitem__(2, now()))
         return work
@@ -77,6 +78,7 @@ def worker(a):
 
     def hook(state, bucket):
         called, step = now(), len(starts) - 1
+        backward_of[0] = step
         fut = default_hooks.fp16_compress_hook(group, bucket) if fp16 \
             else ad.distributed.sparse_allreduce_hook(state, bucket)
         launched = now()
@@ -88,6 +90,7 @@ def worker(a):
 
     def payload(state, bucket):  # forward_overlap may split a bucket in two collectives
         called, step = now(), len(starts) - 1
+        backward_of[0] = step
         sent, group_, finish = _fp16_payload(group, bucket) if fp16 \
             else ad.distributed.sparse_allreduce_hook.payload(state, bucket)
 
