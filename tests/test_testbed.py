@@ -332,6 +332,45 @@ def test_summary_pairs_the_rounds_for_the_speedup_range():
     assert "| 2.00x |" in format_table(one, testbed=True)  # a single round: no range
 
 
+def _frees_worker(rank, world):
+    import gc
+    import weakref
+
+    import approxdist.bench.comm as comm
+
+    made, alive = [], []
+    real_make, real_run = comm.make_model, comm._run_config
+
+    def make(name):
+        model = real_make(name)
+        made.append(weakref.ref(model))
+        return model
+
+    def run(*args, **kwargs):
+        alive.append(sum(ref() is not None for ref in made))
+        return real_run(*args, **kwargs)
+
+    comm.make_model, comm._run_config = make, run
+    plan = {"configs": [{"model": "tiny", "hook": h, "bucket_mb": 25}
+                        for h in ("allreduce", "sparse0.5", "sparse0.5+overlap", "fp16")],
+            "batch": 4, "image_size": 8, "steps": 2, "warmup": 1, "repeats": 2, "compute_steps": 0}
+    gc.disable()  # no automatic collection to free them by chance: run_plan must
+    try:
+        comm.run_plan(plan)
+    finally:
+        gc.enable()
+    return alive
+
+
+def test_run_plan_frees_each_config_before_the_next():
+    # DDP, its model and optimizer sit in reference cycles; left to the collector they
+    # would be freed at some point of the next config's steps (docs/benchmarks.md).
+    from distharness import run_ranks
+
+    for alive in run_ranks(_frees_worker, 2):
+        assert alive == [0] * 8, alive
+
+
 def test_torchrun_args_pick_the_rendezvous_this_torch_can_do_across_namespaces(monkeypatch):
     tb = Testbed(3, "1gbit", tag="argsonly")  # never brought up: only its addresses are read
     from torch.distributed.elastic.rendezvous.api import RendezvousStoreInfo

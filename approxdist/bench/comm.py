@@ -381,6 +381,9 @@ def run_plan(plan: dict) -> list[dict]:
         for j, cfg in enumerate(plan["configs"]):
             spec = parse_hook(cfg["hook"])
             seed = cfg.get("seed", plan.get("seed", 0) + j)  # a config may pin its own
+            # The previous config's DDP, model and optimizer sit in reference cycles: free
+            # them now, not in a collection during this config's timed steps.
+            gc.collect()
             row = _run_config(cfg, spec, plan, seed=seed,
                               measure_compute=rep < plan.get("compute_repeats", 1))
             row["repeat"] = rep
