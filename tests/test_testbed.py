@@ -332,6 +332,19 @@ def test_summary_pairs_the_rounds_for_the_speedup_range():
     assert "| 2.00x |" in format_table(one, testbed=True)  # a single round: no range
 
 
+def test_check_results_names_the_first_failing_node():
+    from approxdist.bench.testbed import check_results
+
+    ok = {"returncode": 0, "stdout": "", "stderr": ""}
+    fine = [ok, ok]
+    assert check_results(fine) is fine
+    failed = [ok, {"returncode": 3, "stdout": "", "stderr": "x" * 5000 + "boom"},
+              {"returncode": 1, "stdout": "", "stderr": "later"}]
+    with pytest.raises(RuntimeError, match=r"^the probe failed on node 1 \(exit code 3\):") as err:
+        check_results(failed, "the probe")
+    assert str(err.value).endswith("boom") and len(str(err.value)) < 3100
+
+
 def _frees_worker(rank, world):
     import gc
     import weakref

@@ -178,11 +178,7 @@ def main():
 
     argv = [sys.executable, __file__, "--_worker"] + sys.argv[1:]
     with Testbed(2, a.rate) as tb:
-        res = tb.run_all(lambda i: argv, env_of=lambda i: tb.env(i, port=29577), timeout=600)
-    for i, r in enumerate(res):
-        if r["returncode"] != 0:
-            sys.stderr.write(f"node {i} exited with {r['returncode']}:\n{r['stderr'][-3000:]}\n")
-            return 1
+        res = tb.run_checked(lambda i: argv, env_of=lambda i: tb.env(i, port=29577), timeout=600)
     print(res[0]["stdout"], end="")
     return 0
 

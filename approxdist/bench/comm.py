@@ -447,6 +447,8 @@ def run_loopback(plan: dict, world: int = 2) -> list[dict]:
 
 def run_on_testbed(tb, plan: dict, *, port: int = 29510, timeout: float = 3600) -> list[dict]:
     """Run a plan with one rank in every node of an open Testbed."""
+    from .testbed import check_results
+
     with tempfile.TemporaryDirectory(prefix="adcomm-") as tmp:
         os.chmod(tmp, 0o755)
         plan_path, out_path = os.path.join(tmp, "plan.json"), os.path.join(tmp, "out.json")
@@ -456,10 +458,7 @@ def run_on_testbed(tb, plan: dict, *, port: int = 29510, timeout: float = 3600) 
         res = tb.run_all(lambda i: argv, env_of=lambda i: tb.env(i, port=port), timeout=timeout)
         if plan.get("verbose"):
             sys.stderr.write(res[0]["stderr"])
-        bad = [(i, r) for i, r in enumerate(res) if r["returncode"] != 0]
-        if bad:
-            i, r = bad[0]
-            raise RuntimeError(f"node {i} exited with {r['returncode']}:\n{r['stderr'][-3000:]}")
+        check_results(res, "a benchmark rank")
         return json.loads(Path(out_path).read_text())
 
 

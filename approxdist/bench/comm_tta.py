@@ -67,18 +67,13 @@ def run_tta(tb, hooks: list[str], *, repeats: int, model: str, epochs: int, batc
                 run += 1
                 args = train_argv(hook, out, model=model, epochs=epochs, batch=batch, seed=rep)
                 t0 = time.time()
-                res = tb.run_all(
+                tb.run_checked(
                     lambda i: [sys.executable, "-m", "torch.distributed.run",
                                *tb.torchrun_args(i, port=port), *args],
                     env_of=lambda i: {**os.environ, "GLOO_SOCKET_IFNAME": "eth0",
                                       "OMP_NUM_THREADS": "1"},
-                    timeout=1800)
+                    timeout=1800, what=f"approxdist-train ({hook})")
                 wall = time.time() - t0
-                bad = [(i, r) for i, r in enumerate(res) if r["returncode"] != 0]
-                if bad:
-                    i, r = bad[0]
-                    raise RuntimeError(f"approxdist-train ({hook}) failed on node {i}:\n"
-                                       f"{r['stderr'][-3000:]}")
                 recs = [json.loads(line) for line in
                         (Path(out) / "metrics.jsonl").read_text().splitlines()]
                 last = [r for r in recs if r.get("kind") == "epoch"][-1]

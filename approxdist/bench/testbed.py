@@ -275,6 +275,11 @@ class Testbed:
             self._procs = [p for p in self._procs if p not in procs]
             return results
 
+    def run_checked(self, argv_of, *, env_of=None, timeout: float = 600.0,
+                    what: str = "a process") -> list[dict]:
+        """run_all, then check_results."""
+        return check_results(self.run_all(argv_of, env_of=env_of, timeout=timeout), what)
+
     def stop_all(self, grace: float = 5.0) -> None:
         """SIGTERM, then SIGKILL, the process groups this testbed started (and only those)."""
         live = [p for p in self._procs if p.poll() is None]
@@ -307,17 +312,25 @@ class Testbed:
                           port: int = 29500) -> dict:
         """Median seconds of a gloo all-reduce of nbytes float32 across all nodes."""
         script = str(Path(__file__).resolve())
-        res = self.run_all(lambda i: [sys.executable, script, "_allreduce-worker",
-                                      "--numel", str(nbytes // 4), "--iters", str(iters)],
-                           env_of=lambda i: self.env(i, port=port), timeout=300)
-        bad = [r for r in res if r["returncode"] != 0]
-        if bad:
-            raise RuntimeError(f"all-reduce probe failed: {bad[0]['stderr'][-2000:]}")
+        res = self.run_checked(lambda i: [sys.executable, script, "_allreduce-worker",
+                                          "--numel", str(nbytes // 4), "--iters", str(iters)],
+                               env_of=lambda i: self.env(i, port=port), timeout=300,
+                               what="the all-reduce probe")
         seconds = json.loads(res[0]["stdout"].strip().splitlines()[-1])["seconds"]
         med = sorted(seconds)[len(seconds) // 2]
         moved = ring_allreduce_bytes(nbytes, self.nodes)
         return {"bytes": nbytes, "seconds": seconds, "median_s": med,
                 "link_bits_per_s": 8.0 * moved / med}
+
+
+def check_results(results: list[dict], what: str = "a process") -> list[dict]:
+    """results of Testbed.run_all, unless a node failed: then RuntimeError with the first
+    failing node's exit code and the end of its stderr, `what` naming what ran there."""
+    for i, r in enumerate(results):
+        if r["returncode"] != 0:
+            raise RuntimeError(f"{what} failed on node {i} (exit code {r['returncode']}):\n"
+                               f"{r['stderr'][-3000:]}")
+    return results
 
 
 def _signal_group(pid: int, sig: int) -> None:
