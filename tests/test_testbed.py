@@ -345,6 +345,19 @@ def test_check_results_names_the_first_failing_node():
     assert str(err.value).endswith("boom") and len(str(err.value)) < 3100
 
 
+@needs_netns
+def test_run_on_fresh_testbed_returns_node_0s_output_and_names_a_failing_node():
+    from approxdist.bench.testbed import run_on_fresh_testbed
+
+    show = "import os; print(os.environ['RANK'], os.environ['MASTER_ADDR'])"
+    assert run_on_fresh_testbed([sys.executable, "-c", show], port=29583) == "0 10.77.0.1\n"
+    fail = "import os, sys; sys.exit(7 if os.environ['RANK'] == '1' else 0)"
+    with pytest.raises(RuntimeError, match=r"failed on node 1 \(exit code 7\)"):
+        run_on_fresh_testbed([sys.executable, "-c", fail], port=29584)
+    # (a Testbed's default tag is p<pid>)
+    assert not _netns_with_prefix(f"adtb-p{os.getpid() % 10_000_000}-"), "the testbed is still up"
+
+
 def _frees_worker(rank, world):
     import gc
     import weakref

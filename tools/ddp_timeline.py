@@ -174,12 +174,10 @@ def main():
         p.error(f"--steps must be at least 4, got {a.steps}")
     if a._worker:
         return worker(a)
-    from approxdist.bench.testbed import Testbed
+    from approxdist.bench.testbed import run_on_fresh_testbed
 
-    argv = [sys.executable, __file__, "--_worker"] + sys.argv[1:]
-    with Testbed(2, a.rate) as tb:
-        res = tb.run_checked(lambda i: argv, env_of=lambda i: tb.env(i, port=29577), timeout=600)
-    print(res[0]["stdout"], end="")
+    print(run_on_fresh_testbed([sys.executable, __file__, "--_worker"] + sys.argv[1:],
+                               rate=a.rate, port=29577), end="")
     return 0
 
 

@@ -323,6 +323,16 @@ class Testbed:
                 "link_bits_per_s": 8.0 * moved / med}
 
 
+def run_on_fresh_testbed(argv: list[str], *, nodes: int = 2, rate: str = "1gbit",
+                         port: int = 29500, timeout: float = 600.0) -> str:
+    """Bring a testbed up, run argv as the one rank of every node (env:// rendezvous at
+    node 0, see Testbed.env), take the testbed down again; node 0's stdout."""
+    with Testbed(nodes, rate) as tb:
+        res = tb.run_checked(lambda i: argv, env_of=lambda i: tb.env(i, port=port),
+                             timeout=timeout, what=" ".join(argv[1:3]))
+    return res[0]["stdout"]
+
+
 def check_results(results: list[dict], what: str = "a process") -> list[dict]:
     """results of Testbed.run_all, unless a node failed: then RuntimeError with the first
     failing node's exit code and the end of its stderr, `what` naming what ran there."""
