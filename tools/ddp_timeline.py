@@ -42,7 +42,7 @@ def worker(a):
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
     import approxdist as ad
-    from approxdist.distributed.forward_overlap import _fp16_payload
+    from approxdist.distributed.forward_overlap import payload_of
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -75,6 +75,7 @@ def worker(a):
     if a.overlap_forward:  # a step's transfer runs on into the next forward
         state.process_group = dist.new_group()
     group = state.process_group  # fp16: torch's hook takes the process group as its state
+    fp16_payload = payload_of(default_hooks.fp16_compress_hook)
 
     def hook(state, bucket):
         called, step = now(), len(starts) - 1
@@ -91,7 +92,7 @@ def worker(a):
     def payload(state, bucket):  # forward_overlap may split a bucket in two collectives
         called, step = now(), len(starts) - 1
         backward_of[0] = step
-        sent, group_, finish = _fp16_payload(group, bucket) if fp16 \
+        sent, group_, finish = fp16_payload(group, bucket) if fp16 \
             else ad.distributed.sparse_allreduce_hook.payload(state, bucket)
 
         def finished(summed):  # "launched": the first collective's launch
@@ -177,7 +178,7 @@ def main():
     from approxdist.bench.testbed import run_on_fresh_testbed
 
     print(run_on_fresh_testbed([sys.executable, __file__, "--_worker"] + sys.argv[1:],
-                               rate=a.rate, port=29577), end="")
+                               rate=a.rate, port=29577, what="ddp_timeline"), end="")
     return 0
 
 

@@ -80,7 +80,7 @@ def main():
     from approxdist.bench.testbed import run_on_fresh_testbed
 
     print(run_on_fresh_testbed([sys.executable, __file__, "--_worker"] + sys.argv[1:],
-                               rate=a.rate, port=29579), end="")
+                               rate=a.rate, port=29579, what="loaded_allreduce"), end="")
     return 0
 
 

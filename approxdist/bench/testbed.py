@@ -324,12 +324,13 @@ class Testbed:
 
 
 def run_on_fresh_testbed(argv: list[str], *, nodes: int = 2, rate: str = "1gbit",
-                         port: int = 29500, timeout: float = 600.0) -> str:
+                         port: int = 29500, timeout: float = 600.0, what: str = "a rank") -> str:
     """Bring a testbed up, run argv as the one rank of every node (env:// rendezvous at
-    node 0, see Testbed.env), take the testbed down again; node 0's stdout."""
+    node 0, see Testbed.env), take the testbed down again; node 0's stdout. A failed
+    node raises RuntimeError (check_results; `what` names the program there)."""
     with Testbed(nodes, rate) as tb:
         res = tb.run_checked(lambda i: argv, env_of=lambda i: tb.env(i, port=port),
-                             timeout=timeout, what=" ".join(argv[1:3]))
+                             timeout=timeout, what=what)
     return res[0]["stdout"]
 
 
