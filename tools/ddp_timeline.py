@@ -129,9 +129,9 @@ def worker(a):
             return round((t - starts[step]) * 1e3)
 
         per_step = []
+        done = [(s, t0, t1) for s, t0, t1 in collectives if t1 is not None]
         for step in range(2, a.steps - 1):
             forward, backward, end = marks[step]
-            done = [(s, t0, t1) for s, t0, t1 in collectives if t1 is not None]
             mine = [(ms(t0, step), ms(t1, step)) for s, t0, t1 in done if s == step]
             last_before = max(t1 for s, t0, t1 in done if s == step - 1)
             row = {"step": ms(starts[step + 1], step), "forward_end": ms(forward, step),
