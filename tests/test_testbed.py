@@ -120,8 +120,11 @@ def test_teardown_runs_when_the_body_raises():
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_teardown_runs_on_ctrl_c_and_sigterm(sig, tmp_path):
     tag = _tag("sig" + str(int(sig)))
+    # Ctrl-C as in a terminal: a test run started as a background job inherits SIGINT
+    # ignored, and Python then installs no KeyboardInterrupt handler of its own.
     code = textwrap.dedent(f"""
-        import sys, time
+        import signal, sys, time
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         sys.path.insert(0, {str(ROOT)!r})
         from approxdist.bench.testbed import Testbed
         with Testbed(2, "100mbit", tag={tag!r}) as tb:
@@ -138,6 +141,9 @@ def test_teardown_runs_on_ctrl_c_and_sigterm(sig, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait()
+            # killed without unwinding: take its testbed down here, then fail
+            subprocess.run([str(SCRIPTS / "teardown.sh"), "-t", tag], capture_output=True)
     assert proc.returncode != 0
     assert _netns_with_prefix(f"adtb-{tag}-") == []
 
