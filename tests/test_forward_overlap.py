@@ -114,8 +114,8 @@ def worker(rank, world, name, hook, opt_name, ddp_kw, ratio=0.5, steps=5, finish
                    for k in sorted(opt.state[p]) if torch.is_tensor(opt.state[p][k])]
         out["overlap" if overlapped else "usual"] = {
             "params": params, "extra": extra.detach().clone(), "moments": moments,
-            "grads_zero": grads_zero, "untouched": untouched, "orders": orders, "splits": split_log, "prepared": len(prepared),
-            "buckets": len(orders[-1]),
+            "grads_zero": grads_zero, "untouched": untouched, "orders": orders,
+            "splits": split_log, "prepared": len(prepared), "buckets": len(orders[-1]),
             "layouts": layouts}
     return out
 

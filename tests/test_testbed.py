@@ -394,6 +394,27 @@ def _frees_worker(rank, world):
     return alive
 
 
+def _share_worker(rank, world):
+    import approxdist.bench.comm as comm
+
+    shares = []
+    for cfg in ({"model": "tiny", "hook": "sparse0.5+overlap0.4"},
+                {"model": "tiny", "hook": "sparse0.5+overlap0.4", "eager_fraction": 0.6},
+                {"model": "tiny", "hook": "sparse0.5+overlap"}):
+        ddp, *_ = comm._build(cfg, comm.parse_hook(cfg["hook"]), seed=0)
+        shares.append(ddp._approxdist_forward_overlap.eager_fraction)
+    return shares
+
+
+def test_a_hand_written_plan_gets_the_eager_share_its_hook_names():
+    from distharness import run_ranks
+
+    from approxdist.distributed.forward_overlap import EAGER_FRACTION
+
+    # the hook's +overlapF, unless the config sets the share (as the command line does)
+    assert run_ranks(_share_worker, 1) == [[0.4, 0.6, EAGER_FRACTION]]
+
+
 def test_run_plan_frees_each_config_before_the_next():
     # DDP, its model and optimizer sit in reference cycles; left to the collector they
     # would be freed at some point of the next config's steps (docs/benchmarks.md).

@@ -247,7 +247,9 @@ def _build(cfg: dict, spec: dict, seed: int):
     ddp = DDP(model, bucket_cap_mb=bucket)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
     box = [0.0]
-    state = _install_hook(ddp, spec, box, opt, cfg.get("eager_fraction"))
+    # the command line puts the effective share in cfg; a plan written by hand may only
+    # name it in the hook (+overlapF)
+    state = _install_hook(ddp, spec, box, opt, cfg.get("eager_fraction") or spec["eager_fraction"])
     return ddp, state, box, opt
 
 
