@@ -2,6 +2,7 @@
 and recovery from a killed worker under --max-restarts 1."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -88,6 +89,33 @@ def test_step_in_hook_trains_the_same_model(tmp_path, hook, ratio):
             assert torch.equal(state["momentum_buffer"], in_hook["optimizer"]["state"][pid]["momentum_buffer"])
 
 
+def test_evaluating_every_few_steps_changes_no_parameter(tmp_path):
+    """--eval-every evaluates mid-epoch (here with --overlap-forward, whose transfers are
+    still in flight at the evaluation): the checkpointed model and momentum equal those of
+    the usual loop without it, bit for bit, and the eval records carry the training clock."""
+    common = ["--dataset", "digits", "--model", "cnn", "--epochs", "1", "--max-steps", "7", "--batch-size", "16",
+              "--comm-hook", "sparse", "--sample-ratio", "0.5", "--bucket-cap-mb", "0.01"]
+    plain, evaluated = str(tmp_path / "plain"), str(tmp_path / "evaluated")
+    torchrun(common + ["--output-dir", plain])
+    proc = torchrun(common + ["--output-dir", evaluated, "--overlap-forward", "--eval-every", "3"])
+    a, b = _checkpoint(plain), _checkpoint(evaluated)
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    for pid, state in a["optimizer"]["state"].items():
+        assert torch.equal(state["momentum_buffer"], b["optimizer"]["state"][pid]["momentum_buffer"])
+    with open(os.path.join(evaluated, "metrics.jsonl")) as f:
+        recs = [json.loads(line) for line in f]
+    evals = [r for r in recs if r.get("kind") == "eval"]
+    # at steps 3 and 6; the last step's evaluation is the epoch record's
+    assert [r["step"] for r in evals] == [3, 6] and [r["kind"] for r in recs] == ["eval", "eval", "epoch"]
+    assert all(0 <= r["top1"] <= 100 and r["val_samples"] > 0 for r in evals)
+    clock = [r["train_seconds"] for r in recs]
+    assert 0 < clock[0] < clock[1] < clock[2] == b["train_seconds"]
+    per_epoch = int(re.search(r"(\d+) steps/epoch", proc.stdout).group(1))
+    assert [r["epoch"] for r in evals] == [pytest.approx(3 / per_epoch), pytest.approx(6 / per_epoch)]
+    assert sum(line.startswith("eval at step ") for line in proc.stdout.splitlines()) == 2
+
+
 FAKE = [pytest.param(h, r, marks=() if h == "sparse" else pytest.mark.slow, id=h) for h, r in HOOKS]
 
 
@@ -131,9 +159,12 @@ def test_resume_mid_epoch_equals_uninterrupted(tmp_path, uninterrupted):
     torchrun(RESUMABLE + ["--max-steps", "13", "--output-dir", out])
     first = _checkpoint(out)
     assert (first["epoch"], first["step"], first["step_in_epoch"]) == (0, 13, 13)
+    assert first["train_seconds"] > 0
     proc = torchrun(RESUMABLE + ["--output-dir", out, "--resume", os.path.join(out, "checkpoint.pt")])
     assert "resumed from" in proc.stdout and "step 13" in proc.stdout
-    _assert_same_run(_checkpoint(out), uninterrupted)
+    last = _checkpoint(out)
+    _assert_same_run(last, uninterrupted)
+    assert last["train_seconds"] > first["train_seconds"]  # the resumed run's clock goes on
 
 
 def test_killed_worker_restarts_from_last_checkpoint(tmp_path, uninterrupted):

@@ -10,7 +10,8 @@ import torch
 from approxdist.train import checkpoint as ckpt
 from approxdist.train.args import build_parser, validate
 from approxdist.train.data import ResumableDistributedSampler, build_datasets, check_data_path
-from approxdist.train.logs import MetricsLogger, format_epoch_line, human_bytes
+from approxdist.train.clock import TrainClock
+from approxdist.train.logs import MetricsLogger, format_epoch_line, format_eval_line, human_bytes
 from approxdist.train.models import SmallCNN, build_model
 from approxdist.train.train import STRICT_CONFIG, Trainer
 
@@ -36,6 +37,7 @@ def _args(*flags):
         (["--resume", "/nonexistent.pt"], "--resume"),
         (["--powersgd-start-iter", "1"], "--powersgd-start-iter"),
         (["--bucket-cap-mb", "0"], "--bucket-cap-mb"),
+        (["--eval-every", "-1"], "--eval-every"),
         (["--step-in-hook", "--dist", "horovod"], "--step-in-hook"),
         (["--overlap-forward", "--dist", "horovod"], "--overlap-forward"),
         (["--overlap-forward", "--comm-hook", "powersgd"], "--overlap-forward"),
@@ -161,10 +163,12 @@ def test_checkpoint_round_trip_is_exact_and_weights_only(tmp_path):
     torch.manual_seed(0)
     t = _trainer(SmallCNN())
     _step(t)
+    t.clock = TrainClock(12.5)
     path = tmp_path / "c.pt"
     ckpt.save_atomic(t.checkpoint_payload(1, 7, 3), str(path))
     raw = torch.load(path, weights_only=True)  # must not need unpickling of arbitrary objects
     assert raw["format"] == ckpt.FORMAT and (raw["epoch"], raw["step"], raw["step_in_epoch"]) == (1, 7, 3)
+    assert raw["train_seconds"] == 12.5
     saved = _snapshot(t)
     torch.manual_seed(1)
     t2 = _trainer(SmallCNN())
@@ -172,7 +176,11 @@ def test_checkpoint_round_trip_is_exact_and_weights_only(tmp_path):
     assert not _same(_snapshot(t2), saved)
     assert t2.load(str(path), str(path)) == (1, 7, 3)
     assert _same(_snapshot(t2), saved)
+    assert t2.clock.seconds == 12.5 and not t2.clock.running  # the training clock goes on from there
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
+    del raw["train_seconds"]  # a checkpoint written before the training clock
+    ckpt.save_atomic(raw, str(path))
+    assert t2.load(str(path), str(path)) == (1, 7, 3) and t2.clock.seconds == 0.0
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "foreign"])
@@ -252,6 +260,49 @@ def test_logs_line_and_jsonl(tmp_path):
     silent = MetricsLogger(str(tmp_path / "other"), enabled=False)
     silent.epoch(m)
     assert not (tmp_path / "other").exists()
+
+
+def test_eval_records_and_lines(tmp_path):
+    m = {"step": 30, "epoch": 1.5, "val_loss": 0.25, "top1": 95.5, "top5": 100.0, "val_samples": 360,
+         "train_seconds": 12.34}
+    line = format_eval_line(m)
+    assert "step 30" in line and "epoch 1.50" in line and "top1 95.50" in line and "train 12.3 s" in line
+    shown = []
+    log = MetricsLogger(str(tmp_path))
+    log.evaluation(m, echo=shown.append)  # approxdist-train passes tqdm's write when a bar is up
+    log.close()
+    assert shown == [line]
+    rec = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert rec["kind"] == "eval" and rec["top1"] == 95.5 and rec["train_seconds"] == 12.34
+    MetricsLogger(str(tmp_path / "other"), enabled=False).evaluation(m, echo=shown.append)
+    assert len(shown) == 1 and not (tmp_path / "other").exists()
+
+
+def test_train_clock_counts_only_what_runs_outside_pauses():
+    now = [100.0]
+    clock = TrainClock(now=lambda: now[0])
+    assert clock.seconds == 0.0 and not clock.running
+    clock.start()
+    now[0] += 2.0
+    assert clock.seconds == 2.0
+    with clock.paused():  # an evaluation
+        now[0] += 5.0
+        assert clock.seconds == 2.0 and not clock.running
+    assert clock.running
+    now[0] += 1.0
+    clock.start()  # starting a running clock changes nothing
+    now[0] += 1.0
+    clock.stop()
+    now[0] += 7.0  # between epochs: stopped
+    with clock.paused():  # a checkpoint while stopped leaves it stopped
+        now[0] += 1.0
+    assert clock.seconds == 4.0 and not clock.running
+    resumed = TrainClock(4.0, now=lambda: now[0])  # from a checkpoint
+    resumed.start()
+    now[0] += 0.5
+    assert resumed.seconds == 4.5
+    with pytest.raises(ValueError, match="seconds"):
+        TrainClock(-1.0)
 
 
 def test_imagefolder_layout(tmp_path):

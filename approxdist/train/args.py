@@ -67,6 +67,9 @@ def build_parser(prog="approxdist-train"):
     p.add_argument("--output-dir", default=None, help="checkpoints, metrics.jsonl and TensorBoard events")
     p.add_argument("--resume", default=None, help="checkpoint path, or 'auto' for OUTPUT_DIR/checkpoint.pt if present")
     p.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (0: per epoch only)")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="also evaluate every N steps (0: at each epoch's end only); logged to metrics.jsonl as "
+                        "kind 'eval' with train_seconds, the training time so far without evaluations and checkpoints")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps in total (0: no cap); "
                    "the learning-rate schedule still spans --epochs, so a capped run is a prefix of the full one")
@@ -88,7 +91,8 @@ def validate(args):
     if not args.lr > 0:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
     for flag, value in {"--momentum": args.momentum, "--weight-decay": args.weight_decay, "--workers": args.workers,
-                        "--max-steps": args.max_steps, "--checkpoint-every": args.checkpoint_every}.items():
+                        "--max-steps": args.max_steps, "--checkpoint-every": args.checkpoint_every,
+                        "--eval-every": args.eval_every}.items():
         if value < 0:
             raise ValueError(f"{flag} must be >= 0, got {value}")
     if not args.bucket_cap_mb > 0:

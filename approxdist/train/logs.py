@@ -33,6 +33,11 @@ def format_epoch_line(m):
     )
 
 
+def format_eval_line(m):
+    return (f"eval at step {m['step']} (epoch {m['epoch']:.2f}) val_loss {m['val_loss']:.4f} "
+            f"top1 {m['top1']:.2f} top5 {m['top5']:.2f} train {m['train_seconds']:.1f} s")
+
+
 class MetricsLogger:
     def __init__(self, output_dir, enabled=True):
         self.enabled = enabled
@@ -58,6 +63,14 @@ class MetricsLogger:
         self.info(format_epoch_line(metrics))
         self.write(dict(metrics, kind="epoch"))
 
+    def evaluation(self, metrics, echo=None):
+        """A mid-epoch evaluation (--eval-every): one line (through echo, e.g. tqdm's write,
+        else print) and a JSON record of kind 'eval'."""
+        if not self.enabled:
+            return
+        (echo or self.info)(format_eval_line(metrics))
+        self.write(dict(metrics, kind="eval"))
+
     def write(self, record):
         if not self.enabled:
             return
@@ -79,4 +92,4 @@ class MetricsLogger:
             self.tb.close()
 
 
-__all__ = ["MetricsLogger", "format_epoch_line", "human_bytes"]
+__all__ = ["MetricsLogger", "format_epoch_line", "format_eval_line", "human_bytes"]

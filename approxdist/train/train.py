@@ -23,10 +23,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import checkpoint as ckpt
 from .args import validate
+from .clock import TrainClock
 from .comm import build_comm
 from .data import build_datasets, build_loaders
 from .logs import MetricsLogger
-from ..distributed import in_hook_steps
+from ..distributed import finish_steps, in_hook_steps
 
 # Test hook for the elastic-restart test: "RANK:STEP" makes that rank SIGKILL itself after
 # completing global step STEP, on the first attempt only (TORCHELASTIC_RESTART_COUNT == 0).
@@ -172,6 +173,7 @@ class Trainer:
         self.args, self.model, self.ddp = args, model, ddp
         self.optimizer, self.scheduler, self.scaler, self.comm = optimizer, scheduler, scaler, comm
         self.config, self.rank = config, rank
+        self.clock = TrainClock()
 
     def checkpoint_payload(self, epoch, step, step_in_epoch):
         uses_layers = self.args.sample_ratio < 1.0 or self.args.comm_hook == "sparse"
@@ -188,13 +190,15 @@ class Trainer:
             "comm": self.comm.state_dict(),
             "sampler_state": _sampler_state(self.model) if uses_layers else {},
             "rng": {"torch": torch.get_rng_state()},
+            "train_seconds": self.clock.seconds,
         }
 
     def save(self, epoch, step, step_in_epoch):
         if self.rank != 0 or not self.args.output_dir:
             return
         path = os.path.join(self.args.output_dir, ckpt.LATEST)
-        ckpt.save_atomic(self.checkpoint_payload(epoch, step, step_in_epoch), path)
+        with self.clock.paused():
+            ckpt.save_atomic(self.checkpoint_payload(epoch, step, step_in_epoch), path)
 
     def load(self, data, path):
         """Validate everything, then load everything: a bad file changes nothing."""
@@ -217,6 +221,8 @@ class Trainer:
         _load_sampler_state(self.model, data.get("sampler_state") or {})
         if "rng" in data:
             torch.set_rng_state(data["rng"]["torch"])
+        # a checkpoint from before the training clock: count from here
+        self.clock = TrainClock(float(data.get("train_seconds", 0.0)))
         return int(data["epoch"]), int(data["step"]), int(data["step_in_epoch"])
 
 
@@ -337,29 +343,38 @@ def _run(args, model, train_set, val_set, info, rank, world_size, local_rank, re
 
     fail_step = _fault_injection(rank)
     net = ddp if ddp is not None else model
+    clock = trainer.clock
     metrics = None
     while epoch < args.epochs and not (args.max_steps and step >= args.max_steps):
         sampler.set_epoch(epoch, step_in_epoch)
         epoch_first_step = step - step_in_epoch
         before = comm.stats()
         buckets_before = in_hook_steps(optimizer)
+        progress = _progress(rank, args, steps_per_epoch, step_in_epoch, epoch)
 
-        def on_step(s, _epoch=epoch, _first=epoch_first_step):
+        def on_step(s, _epoch=epoch, _first=epoch_first_step, _progress=progress):
             in_epoch = s - _first
+            last = in_epoch >= steps_per_epoch or (args.max_steps and s >= args.max_steps)
+            if args.eval_every and s % args.eval_every == 0 and not last:  # the epoch's end evaluates anyway
+                _evaluate_mid_epoch(net, model, ddp, val_loader, device, args, clock, log, _progress,
+                                    step=s, epoch=_epoch + in_epoch / steps_per_epoch)
             if args.checkpoint_every and s % args.checkpoint_every == 0 and in_epoch < steps_per_epoch:
                 trainer.save(_epoch, s, in_epoch)
             if fail_step is not None and s == fail_step:
                 os.kill(os.getpid(), signal.SIGKILL)
 
-        progress = _progress(rank, args, steps_per_epoch, step_in_epoch, epoch)
+        epoch_start = clock.seconds
+        clock.start()
         out = train_one_epoch(net, train_loader, optimizer, scheduler, scaler, device=device, amp=args.amp,
                               step=step, max_steps=args.max_steps, on_step=on_step, progress=progress)
+        finish_steps(ddp)  # --overlap-forward: the last step's transfer is training time too
+        clock.stop()
         if progress is not None:
             progress.close()
         step = out["step"]
         step_in_epoch = step - epoch_first_step
         loss_sum, samples, rate = _sum_across_ranks(
-            [out["loss_sum"], out["samples"], out["samples"] / max(out["seconds"], 1e-9)], device)
+            [out["loss_sum"], out["samples"], out["samples"] / max(clock.seconds - epoch_start, 1e-9)], device)
         metrics = evaluate(model, val_loader, device, amp=args.amp)
         after = comm.stats()
         finished_epoch = step_in_epoch >= steps_per_epoch
@@ -369,7 +384,7 @@ def _run(args, model, train_set, val_set, info, rank, world_size, local_rank, re
             payload_bytes=_delta(after, before, "payload_bytes"), dense_bytes=_delta(after, before, "dense_bytes"),
             payload_bytes_total=after["payload_bytes"], dense_bytes_total=after["dense_bytes"],
             world_size=world_size, sample_ratio=args.sample_ratio, comm_hook=args.comm_hook,
-            in_hook_steps=in_hook_steps(optimizer) - buckets_before)
+            in_hook_steps=in_hook_steps(optimizer) - buckets_before, train_seconds=clock.seconds)
         log.epoch(metrics)
         if finished_epoch:
             epoch, step_in_epoch = epoch + 1, 0
@@ -380,6 +395,16 @@ def _run(args, model, train_set, val_set, info, rank, world_size, local_rank, re
                                                                        if k != "steps"})
     log.close()
     return metrics
+
+
+def _evaluate_mid_epoch(net, model, ddp, val_loader, device, args, clock, log, progress, *, step, epoch):
+    """--eval-every: evaluate after `step`, on the clock's pause, then train on."""
+    finish_steps(ddp)  # --overlap-forward: this step's transfer belongs to the training time
+    with clock.paused():
+        metrics = evaluate(model, val_loader, device, amp=args.amp)
+        net.train()
+    metrics.update(step=step, epoch=epoch, train_seconds=clock.seconds)
+    log.evaluation(metrics, echo=progress.write if progress is not None else None)  # above the bar
 
 
 def _delta(after, before, key):
