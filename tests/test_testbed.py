@@ -481,20 +481,72 @@ def test_time_to_accuracy_bookkeeping():
 
     curve = [(10.0, 90.0), (20.0, 96.9), (30.0, 97.0), (40.0, 99.0)]
     assert time_to_target(curve, 97.0) == 30.0 and time_to_target(curve, 99.5) is None
-    rows = [{"hook": "allreduce", "curve": curve, "wall_s": 45.0, "final_top1": 99.0,
-             "payload_bytes_total": 100, "dense_bytes_total": 100},
-            {"hook": "sparse0.5", "curve": [(12.0, 97.5)], "wall_s": 20.0, "final_top1": 97.5,
-             "payload_bytes_total": 50, "dense_bytes_total": 100},
-            {"hook": "powersgd1", "curve": [(5.0, 80.0)], "wall_s": 9.0, "final_top1": 80.0,
-             "payload_bytes_total": None, "dense_bytes_total": 100}]  # as approxdist-train reports it
+
+    def row(hook, train_curve, launch_offset, final, payload, steps_at):
+        return {"hook": hook, "train_curve": train_curve,
+                "curve": [(t + launch_offset, a) for t, a in train_curve],
+                "step_curve": [(s, a) for s, (_, a) in zip(steps_at, train_curve)],
+                "wall_s": 45.0, "final_top1": final, "train_s": train_curve[-1][0], "steps": steps_at[-1],
+                "payload_bytes_total": payload, "dense_bytes_total": 100}
+
+    rows = [row("allreduce", curve, 10.0, 99.0, 100, [10, 20, 30, 40]),
+            row("allreduce", [(8.0, 97.5)], 11.0, 97.5, 100, [8]),
+            row("sparse0.5", [(5.0, 96.0), (7.6, 97.5)], 10.0, 97.5, 50, [10, 20]),
+            # as approxdist-train reports PowerSGD: no payload count
+            row("powersgd1", [(5.0, 80.0)], 10.0, 80.0, None, [10])]
     s = {x["hook"]: x for x in summarize_tta(rows, 97.0)}
+    # medians over the runs that reached it: training clock (30, 8) -> 19, launch (40, 19) -> 29.5
+    assert s["allreduce"]["train_time_to_target_s"] == 19.0 and s["allreduce"]["time_to_target_s"] == 29.5
+    assert s["allreduce"]["steps_to_target"] == 19 and s["allreduce"]["train_s_per_step"] == 1.0
+    # the speedup is on the training clock, not on the time from launch (which would say 29.5/17.6)
     assert s["sparse0.5"]["speedup"] == 2.5 and s["sparse0.5"]["payload_per_dense"] == 0.5
     assert s["powersgd1"]["reached"] == 0 and s["powersgd1"]["speedup"] is None
-    assert s["powersgd1"]["payload_per_dense"] is None
-    argv = train_argv("sparse0.33", "/tmp/x", model="cnn", epochs=3, batch=8, seed=1)
+    assert s["powersgd1"]["payload_per_dense"] is None and s["powersgd1"]["train_time_to_target_s"] is None
+    # rows saved before the training clock (the launch curve only) still summarise
+    old = [{"hook": "allreduce", "curve": curve, "wall_s": 45.0, "final_top1": 99.0,
+            "payload_bytes_total": 100, "dense_bytes_total": 100},
+           {"hook": "sparse0.5", "curve": [(12.0, 97.5)], "wall_s": 20.0, "final_top1": 97.5,
+            "payload_bytes_total": 50, "dense_bytes_total": 100}]
+    o = {x["hook"]: x for x in summarize_tta(old, 97.0)}
+    assert o["sparse0.5"]["speedup"] == 2.5 and o["sparse0.5"]["reached"] == 1
+    assert o["sparse0.5"]["train_time_to_target_s"] is None
+    argv = train_argv("sparse0.33", "/tmp/x", model="cnn", epochs=3, batch=8, seed=1, eval_every=4)
     assert argv[argv.index("--sample-ratio") + 1] == "0.33" and "--dataset" in argv
+    assert argv[argv.index("--eval-every") + 1] == "4"
     with pytest.raises(ValueError, match="hook"):
         train_argv("topk", "/tmp/x", model="cnn", epochs=1, batch=1, seed=0)
+    with pytest.raises(ValueError, match="eval_every"):
+        train_argv("allreduce", "/tmp/x", model="cnn", epochs=1, batch=1, seed=0, eval_every=0)
+
+
+def test_time_to_accuracy_curves_come_from_every_evaluation():
+    from approxdist.bench.comm_tta import curves
+
+    t0 = 1000.0
+    recs = [{"kind": "eval", "step": 2, "top1": 50.0, "train_seconds": 0.4, "time": 1011.0},
+            {"kind": "train", "step": 3, "time": 1011.2},  # no accuracy: not a point
+            {"kind": "eval", "step": 4, "top1": 70.0, "train_seconds": 0.9, "time": 1011.5},
+            {"kind": "epoch", "step": 5, "top1": 75.0, "train_seconds": 1.1, "time": 1011.8},
+            {"kind": "eval", "step": 7, "top1": 97.0, "train_seconds": 1.6, "time": 1012.4}]
+    c = curves(list(reversed(recs)), t0)  # in step order whatever the file order
+    assert c["train_curve"] == [(0.4, 50.0), (0.9, 70.0), (1.1, 75.0), (1.6, 97.0)]
+    assert c["step_curve"] == [(2, 50.0), (4, 70.0), (5, 75.0), (7, 97.0)]
+    assert c["curve"] == [(11.0, 50.0), (pytest.approx(11.5), 70.0), (pytest.approx(11.8), 75.0),
+                          (pytest.approx(12.4), 97.0)]
+
+
+def test_time_to_accuracy_table_and_plot(tmp_path):
+    from approxdist.bench.comm_tta import format_tta_table, plot_tta, summarize_tta
+
+    rows = [{"hook": h, "train_curve": [(1.0, 90.0), (t, 97.5)], "curve": [(11.0, 90.0), (10 + t, 97.5)],
+             "step_curve": [(5, 90.0), (10, 97.5)], "wall_s": 20.0, "final_top1": 97.5, "train_s": t,
+             "steps": 10, "payload_bytes_total": 1, "dense_bytes_total": 2} for h, t in
+            (("allreduce", 3.0), ("sparse0.33", 2.0))]
+    table = format_tta_table(summarize_tta(rows, 97.0), 97.0)
+    assert "| training s to 97% | speedup | steps to 97% |" in table
+    assert "| sparse0.33 | 1/1 | 2.00 | 1.50x | 10 | 12.0 | 0.200 | 97.50 | 20.0 | 0.500 |" in table
+    png = plot_tta(rows, 97.0, tmp_path / "tta.png", title="cnn on digits")
+    assert png.stat().st_size > 1000
 
 
 @pytest.mark.parametrize("value", ["0", "-5", "nan"])
