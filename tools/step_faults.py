@@ -15,14 +15,7 @@ import argparse
 import json
 import os
 import resource
-import socket
 import sys
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def measure(model, hook, steps, batch, image_size, bucket_mb):
@@ -93,7 +86,7 @@ def main(argv=None):
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--bucket-mb", type=float, default=5.0)
     a = p.parse_args(argv)
-    from approxdist.bench.comm import make_model, parse_hook
+    from approxdist.bench.comm import _free_port, make_model, parse_hook
 
     try:
         make_model(a.model)
