@@ -275,6 +275,37 @@ def test_markdown_block_is_replaced_without_touching_other_sections(tmp_path):
     assert text.startswith("# Benchmarks\n\n## Compute\n\nkeep me\n\n## Kernels\n\nkeep me too\n")
 
 
+def test_link_rate_comes_from_the_fastest_probe_and_keeps_the_median():
+    from approxdist.bench.comm import _probe_detail
+    from approxdist.bench.testbed import link_rate
+
+    # 2 nodes: a ring all-reduce sends the bytes once per link; 4 nodes: 1.5 times
+    two = link_rate([0.30, 0.20, 0.25], 25_000_000, 2)
+    assert two["fastest_s"] == 0.20 and two["median_s"] == 0.25
+    assert two["link_bits_per_s"] == pytest.approx(8 * 25e6 / 0.20)
+    assert two["median_bits_per_s"] == pytest.approx(8 * 25e6 / 0.25)
+    assert two["seconds"] == [0.30, 0.20, 0.25]  # in the probe's order
+    four = link_rate([0.5, 0.3, 0.4, 0.6], 25_000_000, 4)
+    assert four["link_bits_per_s"] == pytest.approx(8 * 1.5 * 25e6 / 0.3)
+    assert four["median_s"] == 0.5  # the upper median of an even count
+    for bad in ([], [0.2, 0.0], [-1.0]):
+        with pytest.raises(ValueError, match="seconds"):
+            link_rate(bad, 25_000_000, 2)
+    detail = _probe_detail(two)
+    assert "fastest of 3" in detail and "25 MB" in detail and "0.800 Gbit/s" in detail
+    # a JSON file from before the fastest-of rule: its rate was the median, say nothing
+    assert _probe_detail({"bytes": 25_000_000, "seconds": [0.2], "median_s": 0.2,
+                          "link_bits_per_s": 1e9}) == ""
+
+
+def test_testbed_probe_needs_a_repetition(capsys):
+    with pytest.raises(SystemExit):
+        testbed_mod.main(["--iters", "0"])
+    assert "--iters must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="iters"):
+        Testbed(2, "1gbit").measure_allreduce(1000, iters=0)
+
+
 def test_summary_speedup_and_physical_limit():
     from approxdist.bench.comm import summarize
 

@@ -821,8 +821,7 @@ def main(argv=None) -> int:
             for nodes in (int(n) for n in _csv(a.nodes)):
                 plan["threads"] = max(1, (os.cpu_count() or 2) // nodes)
                 with Testbed(nodes, rate) as tb:
-                    link = tb.measure_allreduce(25_000_000 if rate != "none" else 100_000_000,
-                                                iters=3)
+                    link = tb.measure_allreduce(25_000_000 if rate != "none" else 100_000_000)
                     links[f"{nodes} nodes, {rate}"] = link
                     if not a.quiet:
                         print(f"testbed {nodes} nodes {rate}: gloo all-reduce carries "
@@ -864,7 +863,7 @@ def _main_tta(a, argv) -> int:
     command = "approxdist-bench comm " + " ".join(argv)
     env = _environment()
     with Testbed(2, a.tta_rate) as tb:
-        link = tb.measure_allreduce(5_000_000, iters=3)
+        link = tb.measure_allreduce(5_000_000)
         rows = run_tta(tb, hooks, repeats=a.repeats, model=a.tta_model, epochs=a.tta_epochs,
                        batch=a.tta_batch, eval_every=eval_every, verbose=not a.quiet)
     env["loadavg_end"] = list(os.getloadavg())
@@ -924,6 +923,16 @@ def _render(a) -> int:
     return 0
 
 
+def _probe_detail(link: dict) -> str:
+    """How a link rate was read: the fastest of the probe's all-reduces (testbed.link_rate);
+    older JSON files took the median, and say nothing more."""
+    if "fastest_s" not in link:
+        return ""
+    return (f" (the fastest of {len(link['seconds'])} all-reduces of "
+            f"{link['bytes'] / 1e6:g} MB; their median "
+            f"{link['median_bits_per_s'] / 1e9:.3f} Gbit/s)")
+
+
 def _markdown_body(command, plan, table, pngs, testbed, links, env, docdir,
                    load_end=None) -> str:
     where = ("the namespace testbed" if testbed else "loopback, 2 gloo ranks")
@@ -955,7 +964,7 @@ def _markdown_body(command, plan, table, pngs, testbed, links, env, docdir,
             "within the compute-alone steps) cannot overlap the transfer.", ""]
         for k, v in links.items():
             lines.append(f"- gloo all-reduce rate measured on the testbed, {k}: "
-                         f"{v['link_bits_per_s'] / 1e9:.3f} Gbit/s per link")
+                         f"{v['link_bits_per_s'] / 1e9:.3f} Gbit/s per link" + _probe_detail(v))
         lines.append("")
     else:
         lines += [common + " The link is loopback: the bytes are exact, the step times are "

@@ -308,19 +308,36 @@ class Testbed:
             raise RuntimeError(f"TCP probe failed with exit code {client.returncode}")
         return 8.0 * nbytes / float(out.strip())
 
-    def measure_allreduce(self, nbytes: int = 25_000_000, iters: int = 3,
+    def measure_allreduce(self, nbytes: int = 25_000_000, iters: int = 5,
                           port: int = 29500) -> dict:
-        """Median seconds of a gloo all-reduce of nbytes float32 across all nodes."""
+        """A gloo all-reduce of nbytes float32 across all nodes, iters times (after a
+        warm-up): link_rate of the seconds."""
+        if iters < 1:
+            raise ValueError(f"iters must be >= 1, got {iters!r}")
         script = str(Path(__file__).resolve())
         res = self.run_checked(lambda i: [sys.executable, script, "_allreduce-worker",
                                           "--numel", str(nbytes // 4), "--iters", str(iters)],
                                env_of=lambda i: self.env(i, port=port), timeout=300,
                                what="the all-reduce probe")
         seconds = json.loads(res[0]["stdout"].strip().splitlines()[-1])["seconds"]
-        med = sorted(seconds)[len(seconds) // 2]
-        moved = ring_allreduce_bytes(nbytes, self.nodes)
-        return {"bytes": nbytes, "seconds": seconds, "median_s": med,
-                "link_bits_per_s": 8.0 * moved / med}
+        return link_rate(seconds, nbytes, self.nodes)
+
+
+def link_rate(seconds: list[float], nbytes: int, nodes: int) -> dict:
+    """What a link carries, from the seconds of repeated all-reduces of nbytes on `nodes`.
+
+    link_bits_per_s comes from the fastest repetition: the link's rate is a ceiling, and
+    the machine's other work (the previous configuration's processes still exiting,
+    another tenant) only slows a repetition down, so the median understates it (a probe
+    read 0.79 Gbit/s on a 1gbit link whose other repetitions ran at 0.95). The median is
+    kept, as median_s and median_bits_per_s."""
+    if not seconds or min(seconds) <= 0:
+        raise ValueError(f"seconds must be positive and not empty, got {seconds!r}")
+    ordered = sorted(seconds)
+    med = ordered[len(ordered) // 2]
+    moved = 8.0 * ring_allreduce_bytes(nbytes, nodes)
+    return {"bytes": nbytes, "seconds": list(seconds), "fastest_s": ordered[0], "median_s": med,
+            "link_bits_per_s": moved / ordered[0], "median_bits_per_s": moved / med}
 
 
 def run_on_fresh_testbed(argv: list[str], *, nodes: int = 2, rate: str = "1gbit",
@@ -412,11 +429,13 @@ def main(argv=None) -> int:
     p.add_argument("--rate", default="1gbit", help="tc rate per link and direction, or none")
     p.add_argument("--burst", default=None)
     p.add_argument("--mb", type=float, default=25.0, help="megabytes per probe transfer")
-    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--iters", type=int, default=5)
     p.add_argument("--json", default=None, help="also write the figures to this file")
     a = p.parse_args(argv)
     if a.nodes < 2:
         p.error("--nodes must be >= 2")
+    if a.iters < 1:
+        p.error(f"--iters must be >= 1, got {a.iters}")
     ok, why = available()
     if not ok:
         print(f"approxdist-bench testbed: {why}", file=sys.stderr)
@@ -429,8 +448,9 @@ def main(argv=None) -> int:
               "tcp_bits_per_s": tcp, "allreduce": ar}
     print(f"TCP node0->node1: {tcp / 1e9:.3f} Gbit/s"
           + (f" ({tcp / tb.rate_bps:.0%} of {a.rate})" if tb.rate_bps else ""))
-    print(f"gloo all-reduce of {nbytes / 1e6:.1f} MB on {a.nodes} nodes: median "
-          f"{ar['median_s']:.3f} s = {ar['link_bits_per_s'] / 1e9:.3f} Gbit/s per link")
+    print(f"gloo all-reduce of {nbytes / 1e6:.1f} MB on {a.nodes} nodes: fastest "
+          f"{ar['fastest_s']:.3f} s = {ar['link_bits_per_s'] / 1e9:.3f} Gbit/s per link "
+          f"(median {ar['median_s']:.3f} s = {ar['median_bits_per_s'] / 1e9:.3f} Gbit/s)")
     if a.json:
         Path(a.json).write_text(json.dumps(report, indent=2))
     return 0
