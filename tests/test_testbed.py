@@ -580,6 +580,48 @@ def test_time_to_accuracy_table_and_plot(tmp_path):
     assert png.stat().st_size > 1000
 
 
+def test_time_to_accuracy_render_redoes_table_plot_and_markdown(tmp_path, capsys):
+    import json
+
+    from approxdist.bench.comm import main
+
+    rows = [{"hook": h, "train_curve": [(1.0, 95.5), (t, 97.5)], "curve": [(11.0, 95.5), (10 + t, 97.5)],
+             "step_curve": [(5, 95.5), (10, 97.5)], "wall_s": 20.0, "final_top1": 97.5, "train_s": t,
+             "steps": 10, "payload_bytes_total": 1, "dense_bytes_total": 2} for h, t in
+            (("allreduce", 3.0), ("sparse0.33", 2.0))]
+    env = {"date": "2026-12-02 05:00 UTC", "commit": "abc1234", "cpus": 2, "loadavg": [0.5],
+           "loadavg_end": [0.7]}
+    saved = {"command": "approxdist-bench comm --testbed --time-to-accuracy --tta-model mlp "
+                        "--tta-rate 1gbit --tta-eval-every 3 --target 97.5 --repeats 1",
+             "environment": env, "link": {"link_bits_per_s": 9.5e8}, "rows": rows}
+    old = tmp_path / "old.json"  # from before the plan was saved: read from the command
+    old.write_text(json.dumps(saved))
+    md = tmp_path / "benchmarks.md"
+    md.write_text("# Benchmarks\n\n## Compute\n\nkeep me\n")
+    assert main(["--render", str(old), "--plots", str(tmp_path), "--markdown", str(md)]) == 0
+    text = md.read_text()
+    assert "keep me" in text and "### Time to accuracy" in text
+    assert "`approxdist-train --model mlp --dataset digits --epochs 6 --batch-size 32 " \
+           "--eval-every 3` under torchrun on 2 testbed nodes at 1gbit" in text
+    assert "(gloo all-reduce measured at 950 Mbit/s), 1 interleaved rounds" in text
+    # at the run's own target (97.5): the 95.5 points do not count
+    assert "| sparse0.33 | 1/1 | 2.00 | 1.50x | 10 |" in text and "training s to 97.5%" in text
+    assert (tmp_path / "comm_tta_accuracy_vs_time.png").stat().st_size > 1000
+    assert "![comm_tta_accuracy_vs_time](comm_tta_accuracy_vs_time.png)" in text
+    # another target on request, from a file with its plan; the block is replaced
+    saved["plan"] = {"model": "cnn", "epochs": 2, "batch": 8, "rate": "100mbit", "eval_every": 2,
+                     "repeats": 1, "target": 97.5}
+    new = tmp_path / "new.json"
+    new.write_text(json.dumps(saved))
+    capsys.readouterr()
+    assert main(["--render", str(new), "--markdown", str(md), "--target", "95"]) == 0
+    assert "| sparse0.33 | 1/1 | 1.00 | 1.00x | 5 |" in capsys.readouterr().out
+    text = md.read_text()
+    assert text.count("### Time to accuracy") == 1 and "training s to 95%" in text
+    assert "--model cnn --dataset digits --epochs 2 --batch-size 8 --eval-every 2" in text
+    assert "training s to 97.5%" not in text and "![" not in text  # no --plots this time
+
+
 @pytest.mark.parametrize("value", ["0", "-5", "nan"])
 def test_bucket_mb_must_be_positive(value, capsys):
     from approxdist.bench.comm import main

@@ -23,6 +23,7 @@ import gc
 import json
 import os
 import re
+import shlex
 import socket
 import statistics
 import subprocess
@@ -709,10 +710,7 @@ def _environment() -> dict:
             "loadavg": list(os.getloadavg())}
 
 
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["_worker"]:
-        return _worker_main(argv[1:])
+def _parser() -> argparse.ArgumentParser:
     from approxdist.distributed.forward_overlap import EAGER_FRACTION
 
     p = argparse.ArgumentParser(prog="approxdist-bench comm", description=__doc__.split("\n\n")[0])
@@ -747,7 +745,8 @@ def main(argv=None) -> int:
     g = p.add_argument_group("time to accuracy (--testbed --time-to-accuracy)")
     g.add_argument("--time-to-accuracy", action="store_true",
                    help="instead of step times: approxdist-train on digits until --target")
-    g.add_argument("--target", type=float, default=97.0, help="test top-1 %% to reach")
+    g.add_argument("--target", type=float, default=None,
+                   help="test top-1 %% to reach (default: 97; with --render: the run's)")
     g.add_argument("--tta-hooks", default="allreduce,fp16,powersgd1,sparse0.5,sparse0.33")
     g.add_argument("--tta-model", default="cnn")
     g.add_argument("--tta-epochs", type=int, default=6)
@@ -756,8 +755,17 @@ def main(argv=None) -> int:
     g.add_argument("--tta-eval-every", type=int, default=None,
                    help="evaluate every N steps (approxdist-train --eval-every; default: 2)")
     p.add_argument("--render", default=None, metavar="JSON",
-                   help="measure nothing: redo the table, plots and markdown from a --json file")
+                   help="measure nothing: redo the table, plots and markdown from a --json file "
+                        "(of either mode; a time-to-accuracy file at --target if given)")
     p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["_worker"]:
+        return _worker_main(argv[1:])
+    p = _parser()
     a = p.parse_args(argv)
     if a.render:
         return _render(a)
@@ -845,8 +853,7 @@ def main(argv=None) -> int:
 
 
 def _main_tta(a, argv) -> int:
-    from .comm_tta import (EVAL_EVERY, TTA_HOOKS, format_tta_table, plot_tta, run_tta,
-                           summarize_tta)
+    from .comm_tta import EVAL_EVERY, TTA_HOOKS, TTA_TARGET, run_tta
     from .testbed import Testbed, available
 
     eval_every = EVAL_EVERY if a.tta_eval_every is None else a.tta_eval_every
@@ -862,51 +869,80 @@ def _main_tta(a, argv) -> int:
         return 2
     command = "approxdist-bench comm " + " ".join(argv)
     env = _environment()
+    target = TTA_TARGET if a.target is None else a.target
+    plan = {"model": a.tta_model, "epochs": a.tta_epochs, "batch": a.tta_batch,
+            "rate": a.tta_rate, "eval_every": eval_every, "repeats": a.repeats, "target": target}
     with Testbed(2, a.tta_rate) as tb:
         link = tb.measure_allreduce(5_000_000)
         rows = run_tta(tb, hooks, repeats=a.repeats, model=a.tta_model, epochs=a.tta_epochs,
                        batch=a.tta_batch, eval_every=eval_every, verbose=not a.quiet)
     env["loadavg_end"] = list(os.getloadavg())
+    saved = {"command": command, "environment": env, "plan": plan, "link": link, "rows": rows}
     if a.json:  # the raw rows first: a failure below must not lose the measurements
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps({"command": command, "environment": env,
-                                            "link": link, "rows": rows}, indent=1))
-    summary = summarize_tta(rows, a.target)
-    table = format_tta_table(summary, a.target)
-    print(table)
+        Path(a.json).write_text(json.dumps(saved, indent=1))
+    saved["summary"] = _tta_outputs(saved, target, a.plots, a.markdown)
     if a.json:
-        Path(a.json).write_text(json.dumps({"command": command, "environment": env,
-                                            "link": link, "summary": summary, "rows": rows},
-                                           indent=1))
-    png = plot_tta(rows, a.target, Path(a.plots) / "comm_tta_accuracy_vs_time.png",
-                   title=f"{a.tta_model} on digits, 2 nodes at {a.tta_rate}") if a.plots else None
-    if a.markdown:
-        docdir = Path(a.markdown).parent
+        Path(a.json).write_text(json.dumps(saved, indent=1))
+    return 0
+
+
+def _tta_plan(saved: dict) -> dict:
+    """A time-to-accuracy run's settings: its saved plan, or, for a file from before the
+    plan was saved, its command read with this parser (the defaults of that time)."""
+    if "plan" in saved:
+        return saved["plan"]
+    from .comm_tta import EVAL_EVERY, TTA_TARGET
+
+    a, _ = _parser().parse_known_args(shlex.split(saved["command"])[2:])
+    return {"model": a.tta_model, "epochs": a.tta_epochs, "batch": a.tta_batch, "rate": a.tta_rate,
+            "eval_every": EVAL_EVERY if a.tta_eval_every is None else a.tta_eval_every,
+            "repeats": a.repeats, "target": TTA_TARGET if a.target is None else a.target}
+
+
+def _tta_outputs(saved: dict, target: float, plots, markdown) -> list[dict]:
+    """Print a time-to-accuracy run's table; its plot into `plots` and its markdown block
+    into `markdown` when given. Returns the summary at `target`."""
+    from .comm_tta import format_tta_table, plot_tta, summarize_tta
+
+    plan, env, link, command = _tta_plan(saved), saved["environment"], saved["link"], saved["command"]
+    summary = summarize_tta(saved["rows"], target)
+    table = format_tta_table(summary, target)
+    print(table)
+    png = plot_tta(saved["rows"], target, Path(plots) / "comm_tta_accuracy_vs_time.png",
+                   title=f"{plan['model']} on digits, 2 nodes at {plan['rate']}") if plots else None
+    if markdown:
+        docdir = Path(markdown).parent
+        load_end = env.get("loadavg_end", [float("nan")])[0]
         lines = [
             "### Time to accuracy", "",
             f"Command: `{command}` ({env['date']}, commit {env['commit']}, {env['cpus']} CPUs, "
             f"load average {env['loadavg'][0]:.1f} at the start, "
-            f"{env['loadavg_end'][0]:.1f} at the end)", "",
-            f"`approxdist-train --model {a.tta_model} --dataset digits --epochs {a.tta_epochs} "
-            f"--batch-size {a.tta_batch} --eval-every {eval_every}` under torchrun on 2 testbed "
-            f"nodes at {a.tta_rate} (gloo all-reduce measured at "
-            f"{link['link_bits_per_s'] / 1e6:.0f} Mbit/s), {a.repeats} interleaved rounds. "
-            f"`training s to {a.target:g}%` is approxdist-train's training clock (the steps "
+            f"{load_end:.1f} at the end)", "",
+            f"`approxdist-train --model {plan['model']} --dataset digits --epochs {plan['epochs']} "
+            f"--batch-size {plan['batch']} --eval-every {plan['eval_every']}` under torchrun on 2 testbed "
+            f"nodes at {plan['rate']} (gloo all-reduce measured at "
+            f"{link['link_bits_per_s'] / 1e6:.0f} Mbit/s), {plan['repeats']} interleaved rounds. "
+            f"`training s to {target:g}%` is approxdist-train's training clock (the steps "
             "with their transfers, without the evaluations and checkpoints) at the first "
-            f"evaluation (every {eval_every} steps and at each epoch's end) whose test top-1 "
-            f"reaches {a.target:g}%, median over the runs that reached it; `speedup` compares "
+            f"evaluation (every {plan['eval_every']} steps and at each epoch's end) whose test top-1 "
+            f"reaches {target:g}%, median over the runs that reached it; `speedup` compares "
             "it with DDP's all-reduce. `s from launch` also counts process start, dataset "
             "load, rendezvous and the evaluations, alike for every hook. PowerSGD: rank 1, "
             "2 warm-up steps of plain all-reduce.", "",
             table, ""]
         if png:
             lines.append(f"![{png.stem}]({os.path.relpath(png, docdir)})")
-        write_markdown_section(Path(a.markdown), "\n".join(lines), "time-to-accuracy")
-    return 0
+        write_markdown_section(Path(markdown), "\n".join(lines), "time-to-accuracy")
+    return summary
 
 
 def _render(a) -> int:
     saved = json.loads(Path(a.render).read_text())
+    if "link" in saved and "links" not in saved:  # a time-to-accuracy run
+        _tta_outputs(saved, _tta_plan(saved)["target"] if a.target is None else a.target,
+                     a.plots, a.markdown)
+        return 0
     testbed = bool(saved["links"]) or "--testbed" in saved["command"].split()
     summary = summarize(saved["rows"])
     table = format_table(summary, testbed)
