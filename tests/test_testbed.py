@@ -544,6 +544,11 @@ def test_time_to_accuracy_bookkeeping():
     argv = train_argv("sparse0.33", "/tmp/x", model="cnn", epochs=3, batch=8, seed=1, eval_every=4)
     assert argv[argv.index("--sample-ratio") + 1] == "0.33" and "--dataset" in argv
     assert argv[argv.index("--eval-every") + 1] == "4"
+    assert "--width" not in argv
+    wide = train_argv("allreduce", "/tmp/x", model="cnn", epochs=1, batch=1, seed=0, width=128)
+    assert wide[wide.index("--width") + 1] == "128"
+    with pytest.raises(ValueError, match="width"):
+        train_argv("allreduce", "/tmp/x", model="cnn", epochs=1, batch=1, seed=0, width=0)
     with pytest.raises(ValueError, match="hook"):
         train_argv("topk", "/tmp/x", model="cnn", epochs=1, batch=1, seed=0)
     with pytest.raises(ValueError, match="eval_every"):
@@ -620,6 +625,16 @@ def test_time_to_accuracy_render_redoes_table_plot_and_markdown(tmp_path, capsys
     assert text.count("### Time to accuracy") == 1 and "training s to 95%" in text
     assert "--model cnn --dataset digits --epochs 2 --batch-size 8 --eval-every 2" in text
     assert "training s to 97.5%" not in text and "![" not in text  # no --plots this time
+    # a wider built-in model: its own block and plot beside the default one's
+    saved["plan"]["width"] = 128
+    new.write_text(json.dumps(saved))
+    assert main(["--render", str(new), "--plots", str(tmp_path), "--markdown", str(md)]) == 0
+    text = md.read_text()
+    assert text.count("### Time to accuracy") == 2 and "### Time to accuracy, cnn width 128" in text
+    assert "`approxdist-train --model cnn --width 128 --dataset digits" in text
+    assert "training s to 95%" in text  # the default block is left as it was
+    assert "![comm_tta_accuracy_vs_time_cnn128](comm_tta_accuracy_vs_time_cnn128.png)" in text
+    assert (tmp_path / "comm_tta_accuracy_vs_time_cnn128.png").is_file()
 
 
 @pytest.mark.parametrize("value", ["0", "-5", "nan"])

@@ -38,6 +38,8 @@ def _args(*flags):
         (["--powersgd-start-iter", "1"], "--powersgd-start-iter"),
         (["--bucket-cap-mb", "0"], "--bucket-cap-mb"),
         (["--eval-every", "-1"], "--eval-every"),
+        (["--width", "0"], "--width"),
+        (["--model", "resnet18", "--dataset", "fake", "--width", "64"], "--width"),
         (["--step-in-hook", "--dist", "horovod"], "--step-in-hook"),
         (["--overlap-forward", "--dist", "horovod"], "--overlap-forward"),
         (["--overlap-forward", "--comm-hook", "powersgd"], "--overlap-forward"),
@@ -120,6 +122,27 @@ def test_models_by_name():
         build_model("resnet_nope", num_classes=10)
     with pytest.raises(ValueError, match="3-channel"):
         build_model("resnet18", num_classes=10, in_channels=1)
+
+
+def test_width_sizes_the_built_in_models():
+    def count(net):
+        return sum(p.numel() for p in net.parameters())
+
+    # SmallCNN: 1 -> w -> 2w -> 2w channels of 3x3, then a head on 2w x 4 x 4 features
+    for w in (32, 128):
+        cnn = build_model("cnn", num_classes=10, in_channels=1, image_size=8, width=w)
+        assert count(cnn) == (9 * w + w) + (9 * w * 2 * w + 2 * w) + (9 * 4 * w * w + 2 * w) \
+            + (2 * w * 16 * 10 + 10)
+        assert cnn(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+    assert count(build_model("cnn", num_classes=10, in_channels=1)) == count(SmallCNN(1, 10, 32))
+    mlp = build_model("mlp", num_classes=10, in_channels=1, image_size=8, width=512)
+    assert count(mlp) == (64 * 512 + 512) + (512 * 512 + 512) + (512 * 10 + 10)
+    assert _args().width is None  # the built-ins' own defaults
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match="width"):
+            build_model("cnn", num_classes=10, in_channels=1, width=bad)
+    with pytest.raises(ValueError, match="width"):
+        build_model("resnet18", num_classes=10, width=64)
 
 
 # -- checkpoints -----------------------------------------------------------------------

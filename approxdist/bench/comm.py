@@ -749,6 +749,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="test top-1 %% to reach (default: 97; with --render: the run's)")
     g.add_argument("--tta-hooks", default="allreduce,fp16,powersgd1,sparse0.5,sparse0.33")
     g.add_argument("--tta-model", default="cnn")
+    g.add_argument("--tta-width", type=int, default=None,
+                   help="the built-in model's size (approxdist-train --width; default: its own)")
     g.add_argument("--tta-epochs", type=int, default=6)
     g.add_argument("--tta-batch", type=int, default=32, help="per rank")
     g.add_argument("--tta-rate", default="100mbit")
@@ -859,6 +861,8 @@ def _main_tta(a, argv) -> int:
     eval_every = EVAL_EVERY if a.tta_eval_every is None else a.tta_eval_every
     if eval_every < 1:
         raise ValueError(f"--tta-eval-every must be >= 1, got {eval_every}")
+    if a.tta_width is not None and a.tta_width < 1:
+        raise ValueError(f"--tta-width must be >= 1, got {a.tta_width}")
     hooks = _csv(a.tta_hooks)
     for h in hooks:
         if h not in TTA_HOOKS:
@@ -870,12 +874,13 @@ def _main_tta(a, argv) -> int:
     command = "approxdist-bench comm " + " ".join(argv)
     env = _environment()
     target = TTA_TARGET if a.target is None else a.target
-    plan = {"model": a.tta_model, "epochs": a.tta_epochs, "batch": a.tta_batch,
+    plan = {"model": a.tta_model, "width": a.tta_width, "epochs": a.tta_epochs, "batch": a.tta_batch,
             "rate": a.tta_rate, "eval_every": eval_every, "repeats": a.repeats, "target": target}
     with Testbed(2, a.tta_rate) as tb:
         link = tb.measure_allreduce(5_000_000)
         rows = run_tta(tb, hooks, repeats=a.repeats, model=a.tta_model, epochs=a.tta_epochs,
-                       batch=a.tta_batch, eval_every=eval_every, verbose=not a.quiet)
+                       batch=a.tta_batch, eval_every=eval_every, width=a.tta_width,
+                       verbose=not a.quiet)
     env["loadavg_end"] = list(os.getloadavg())
     saved = {"command": command, "environment": env, "plan": plan, "link": link, "rows": rows}
     if a.json:  # the raw rows first: a failure below must not lose the measurements
@@ -895,31 +900,37 @@ def _tta_plan(saved: dict) -> dict:
     from .comm_tta import EVAL_EVERY, TTA_TARGET
 
     a, _ = _parser().parse_known_args(shlex.split(saved["command"])[2:])
-    return {"model": a.tta_model, "epochs": a.tta_epochs, "batch": a.tta_batch, "rate": a.tta_rate,
+    return {"model": a.tta_model, "width": a.tta_width, "epochs": a.tta_epochs, "batch": a.tta_batch, "rate": a.tta_rate,
             "eval_every": EVAL_EVERY if a.tta_eval_every is None else a.tta_eval_every,
             "repeats": a.repeats, "target": TTA_TARGET if a.target is None else a.target}
 
 
 def _tta_outputs(saved: dict, target: float, plots, markdown) -> list[dict]:
     """Print a time-to-accuracy run's table; its plot into `plots` and its markdown block
-    into `markdown` when given. Returns the summary at `target`."""
+    into `markdown` when given. Returns the summary at `target`. A run of a built-in model
+    at another --tta-width gets its own plot and block, beside the default one's."""
     from .comm_tta import format_tta_table, plot_tta, summarize_tta
 
     plan, env, link, command = _tta_plan(saved), saved["environment"], saved["link"], saved["command"]
+    width = plan.get("width")
+    name = plan["model"] if width is None else f"{plan['model']} width {width}"
+    suffix = "" if width is None else f"-{plan['model']}{width}"
     summary = summarize_tta(saved["rows"], target)
     table = format_tta_table(summary, target)
     print(table)
-    png = plot_tta(saved["rows"], target, Path(plots) / "comm_tta_accuracy_vs_time.png",
-                   title=f"{plan['model']} on digits, 2 nodes at {plan['rate']}") if plots else None
+    png = plot_tta(saved["rows"], target,
+                   Path(plots) / f"comm_tta_accuracy_vs_time{suffix.replace('-', '_')}.png",
+                   title=f"{name} on digits, 2 nodes at {plan['rate']}") if plots else None
     if markdown:
         docdir = Path(markdown).parent
         load_end = env.get("loadavg_end", [float("nan")])[0]
+        flag = "" if width is None else f" --width {width}"
         lines = [
-            "### Time to accuracy", "",
+            "### Time to accuracy" + ("" if width is None else f", {name}"), "",
             f"Command: `{command}` ({env['date']}, commit {env['commit']}, {env['cpus']} CPUs, "
             f"load average {env['loadavg'][0]:.1f} at the start, "
             f"{load_end:.1f} at the end)", "",
-            f"`approxdist-train --model {plan['model']} --dataset digits --epochs {plan['epochs']} "
+            f"`approxdist-train --model {plan['model']}{flag} --dataset digits --epochs {plan['epochs']} "
             f"--batch-size {plan['batch']} --eval-every {plan['eval_every']}` under torchrun on 2 testbed "
             f"nodes at {plan['rate']} (gloo all-reduce measured at "
             f"{link['link_bits_per_s'] / 1e6:.0f} Mbit/s), {plan['repeats']} interleaved rounds. "
@@ -933,7 +944,7 @@ def _tta_outputs(saved: dict, target: float, plots, markdown) -> list[dict]:
             table, ""]
         if png:
             lines.append(f"![{png.stem}]({os.path.relpath(png, docdir)})")
-        write_markdown_section(Path(markdown), "\n".join(lines), "time-to-accuracy")
+        write_markdown_section(Path(markdown), "\n".join(lines), "time-to-accuracy" + suffix)
     return summary
 
 

@@ -39,12 +39,16 @@ EVAL_EVERY = 2  # steps between evaluations (digits at batch 32 on 2 ranks: 22 s
 
 
 def train_argv(hook: str, out_dir: str, *, model: str, epochs: int, batch: int, seed: int,
-               eval_every: int = EVAL_EVERY) -> list[str]:
+               eval_every: int = EVAL_EVERY, width: int | None = None) -> list[str]:
+    """approxdist-train's arguments for one run; width: the built-in model's (--width)."""
     if hook not in TTA_HOOKS:
         raise ValueError(f"hook must be one of {', '.join(TTA_HOOKS)}, got {hook!r}")
     if eval_every < 1:
         raise ValueError(f"eval_every must be >= 1, got {eval_every}")
+    if width is not None and width < 1:
+        raise ValueError(f"width must be >= 1, got {width}")
     return ["-m", "approxdist.train", "--model", model, "--dataset", "digits",
+            *([] if width is None else ["--width", str(width)]),
             "--epochs", str(epochs), "--batch-size", str(batch), "--backend", "gloo",
             "--seed", str(seed), "--output-dir", out_dir, "--no-progress",
             "--eval-every", str(eval_every), *TTA_HOOKS[hook]]
@@ -67,7 +71,8 @@ def curves(records: list[dict], t0: float) -> dict:
 
 
 def run_tta(tb, hooks: list[str], *, repeats: int, model: str, epochs: int, batch: int,
-            eval_every: int = EVAL_EVERY, verbose: bool = True) -> list[dict]:
+            eval_every: int = EVAL_EVERY, width: int | None = None,
+            verbose: bool = True) -> list[dict]:
     """Every hook `repeats` times, interleaved; each row holds its curves (see `curves`)."""
     rows = []
     with tempfile.TemporaryDirectory(prefix="adtta-") as tmp:
@@ -79,7 +84,7 @@ def run_tta(tb, hooks: list[str], *, repeats: int, model: str, epochs: int, batc
                 port = 29400 + run % 50
                 run += 1
                 args = train_argv(hook, out, model=model, epochs=epochs, batch=batch, seed=rep,
-                                  eval_every=eval_every)
+                                  eval_every=eval_every, width=width)
                 t0 = time.time()
                 tb.run_checked(
                     lambda i: [sys.executable, "-m", "torch.distributed.run",

@@ -8,7 +8,7 @@ import os
 import sys
 
 from .data import DATASETS, check_data_path
-from .models import check_model_name
+from .models import BUILTIN, check_model_name
 
 COMM_HOOKS = ("allreduce", "fp16", "bf16", "powersgd", "sparse")
 # Policies of the distributed sampled layers: both pick the same channels on every rank
@@ -29,6 +29,9 @@ class OneLineParser(argparse.ArgumentParser):
 def build_parser(prog="approxdist-train"):
     p = OneLineParser(prog=prog, description="Data-parallel training with approximate layers and a sparse all-reduce hook.")
     p.add_argument("--model", default="cnn", help="cnn, mlp, or any torchvision classification model (resnet50, ...)")
+    p.add_argument("--width", type=int, default=None,
+                   help="built-in models only: cnn's first convolution's channels (default 32, the others twice "
+                        "that), mlp's hidden units (default 256)")
     p.add_argument("--dataset", default="digits", choices=DATASETS)
     p.add_argument("--data-path", default=None, help="ImageFolder root (train/, val/) or CIFAR-10 python batches")
     p.add_argument("--image-size", type=int, default=None, help="crop size for imagefolder (224) and fake data (32)")
@@ -127,6 +130,11 @@ def validate(args):
 
         check_args(args)
     check_model_name(args.model)
+    if args.width is not None:
+        if args.model not in BUILTIN:
+            raise ValueError(f"--width sizes the built-in models ({', '.join(BUILTIN)}), not {args.model!r}")
+        if args.width < 1:
+            raise ValueError(f"--width must be >= 1, got {args.width}")
     check_data_path(args.dataset, args.data_path)
     if args.resume not in (None, "auto"):
         if not os.path.isfile(args.resume):

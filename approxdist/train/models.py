@@ -71,13 +71,18 @@ def check_model_name(name):
         )
 
 
-def build_model(name, *, num_classes, in_channels=3, image_size=32):
-    """Build an untrained model; torchvision weights are never fetched (no network)."""
+def build_model(name, *, num_classes, in_channels=3, image_size=32, width=None):
+    """Build an untrained model; torchvision weights are never fetched (no network).
+    width: the built-ins' size (SmallCNN's width, MLP's hidden units; None: their default)."""
     check_model_name(name)
+    if width is not None and (name not in BUILTIN or width < 1):
+        raise ValueError(f"width: a positive size for the built-in models ({', '.join(BUILTIN)}), "
+                         f"got {width!r} for {name!r}")
     if name == "cnn":
-        return SmallCNN(in_channels, num_classes)
+        return SmallCNN(in_channels, num_classes, **({} if width is None else {"width": width}))
     if name == "mlp":
-        return MLP(in_channels * image_size * image_size, num_classes)
+        return MLP(in_channels * image_size * image_size, num_classes,
+                   **({} if width is None else {"hidden": width}))
     import torchvision
 
     if in_channels != 3:

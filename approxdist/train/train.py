@@ -67,7 +67,7 @@ def build_training_model(args, info):
 
     torch.manual_seed(args.seed)
     model = build_model(args.model, num_classes=info.num_classes, in_channels=info.in_channels,
-                        image_size=info.image_size)
+                        image_size=info.image_size, width=getattr(args, "width", None))
     # The exact dense baseline keeps torch's own layers; everything else gets the sampled
     # distributed forms, which also tell the sparse hook which slices are non-zero.
     if args.sample_ratio < 1.0 or args.comm_hook == "sparse":
