@@ -52,7 +52,9 @@ def _counted(fn, calls):
 def worker(rank, world, name, hook, opt_name, ddp_kw, ratio=0.5, steps=5, finish="state_dict",
            eager_fraction=1 / 3, accum=1):
     base = make_model(name)
-    if hook == "sparse":
+    sparse = hook.startswith("sparse")
+    compress = hook.partition("-")[2] or None  # "sparse-fp16": register(compress="fp16")
+    if sparse:
         ad.convert_model(base, ratio, distributed=True)
     out = {}
     for overlapped in (True, False):
@@ -61,11 +63,11 @@ def worker(rank, world, name, hook, opt_name, ddp_kw, ratio=0.5, steps=5, finish
         opt = make_optimizer(opt_name, [{"params": list(model.parameters())}, {"params": [extra], "lr": 0.01}])
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
         order, sizes, splits, prepared = [], [], [], []
-        if hook == "sparse":
+        if sparse:
             state = ad.distributed.SparseAllReduceState(agreement="check", check_every=1)
             if overlapped:
                 ad.distributed.register(model, state, optimizer=opt, overlap_forward=True,
-                                        eager_fraction=eager_fraction)
+                                        eager_fraction=eager_fraction, compress=compress)
                 h = model._approxdist_forward_overlap.hook
                 logged = _logged(h, order, sizes, splits)
                 model._approxdist_forward_overlap.hook = logged
@@ -74,7 +76,7 @@ def worker(rank, world, name, hook, opt_name, ddp_kw, ratio=0.5, steps=5, finish
                     if isinstance(m, ad.nn.WeightSampled):
                         m.prepare_next = _counted(m.prepare_next, prepared)
             else:
-                ad.distributed.register(model, state)
+                ad.distributed.register(model, state, compress=compress)
         else:
             h = _logged(getattr(default_hooks, f"{hook}_hook"), order, sizes, splits)
             state = dist.new_group() if overlapped else None
@@ -163,6 +165,14 @@ def test_overlapped_training_equals_the_usual_loop(opt_name):
     assert any(splits), "the test splits no bucket"
     # buckets reduced ahead of their layers' forward had those layers prepare it
     assert overlap["prepared"] > 0
+
+
+def test_overlap_splits_a_compressed_sparse_bucket_and_equals_the_usual_loop():
+    # register(compress="fp16") keeps the payload form: a bucket still splits in two
+    results = run_ranks(worker, 2, "cnn", "sparse-fp16", "sgd", {"bucket_cap_mb": 0.003}, 0.5, 4,
+                        "explicit")
+    _check(results)
+    assert any(results[0]["overlap"]["splits"]), "the test splits no bucket"
 
 
 @pytest.mark.parametrize("finish,hook", [("optimizer", "allreduce"), ("explicit", "fp16_compress")])

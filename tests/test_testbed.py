@@ -545,6 +545,9 @@ def test_time_to_accuracy_bookkeeping():
     assert argv[argv.index("--sample-ratio") + 1] == "0.33" and "--dataset" in argv
     assert argv[argv.index("--eval-every") + 1] == "4"
     assert "--width" not in argv
+    both = train_argv("sparse0.33+fp16", "/tmp/x", model="cnn", epochs=1, batch=1, seed=0)
+    assert both[both.index("--comm-hook") + 1] == "sparse-fp16"
+    assert both[both.index("--sample-ratio") + 1] == "0.33"
     wide = train_argv("allreduce", "/tmp/x", model="cnn", epochs=1, batch=1, seed=0, width=128)
     assert wide[wide.index("--width") + 1] == "128"
     with pytest.raises(ValueError, match="width"):

@@ -31,6 +31,7 @@ TTA_HOOKS = {
     "powersgd1": ["--comm-hook", "powersgd", "--powersgd-rank", "1"],
     "sparse0.5": ["--comm-hook", "sparse", "--sample-ratio", "0.5"],
     "sparse0.33": ["--comm-hook", "sparse", "--sample-ratio", "0.33"],
+    "sparse0.33+fp16": ["--comm-hook", "sparse-fp16", "--sample-ratio", "0.33"],
 }
 
 

@@ -10,7 +10,7 @@ import sys
 from .data import DATASETS, check_data_path
 from .models import BUILTIN, check_model_name
 
-COMM_HOOKS = ("allreduce", "fp16", "bf16", "powersgd", "sparse")
+COMM_HOOKS = ("allreduce", "fp16", "bf16", "powersgd", "sparse", "sparse-fp16", "sparse-bf16")
 # Policies of the distributed sampled layers: both pick the same channels on every rank
 # without communication (from the weights, or from a generator seeded alike everywhere).
 POLICIES = ("topk_weight", "bernoulli_weight")
@@ -44,7 +44,8 @@ def build_parser(prog="approxdist-train"):
     p.add_argument("--sample-ratio", type=float, default=1.0, help="fraction of channels kept by sampled layers, in (0, 1]")
     p.add_argument("--minimal-k", type=int, default=1, help="keep at least this many channels per layer")
     p.add_argument("--policy", default="topk_weight", choices=POLICIES)
-    p.add_argument("--comm-hook", default="allreduce", choices=COMM_HOOKS)
+    p.add_argument("--comm-hook", default="allreduce", choices=COMM_HOOKS,
+                   help="sparse-fp16 / sparse-bf16: the sparse hook's sampled slices sent in 16 bits")
     p.add_argument("--agreement", default="local", choices=AGREEMENTS, help="index agreement of the sparse hook")
     p.add_argument("--powersgd-rank", type=int, default=1, help="matrix approximation rank for --comm-hook powersgd")
     p.add_argument("--powersgd-start-iter", type=int, default=2, help="steps of plain all-reduce before PowerSGD")

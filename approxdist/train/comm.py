@@ -114,9 +114,10 @@ def build_comm(ddp_model, name, *, agreement="local", powersgd_rank=1, powersgd_
             return add.forward_overlap(ddp_model, hook, optimizer)
         return add.optimizer_wrapper(hook, optimizer)
 
-    if name == "sparse":
+    if name in ("sparse", "sparse-fp16", "sparse-bf16"):
         state = add.SparseAllReduceState(agreement=agreement)
-        state = add.register(ddp_model, state, optimizer=optimizer, overlap_forward=overlap_forward) or state
+        state = add.register(ddp_model, state, optimizer=optimizer, overlap_forward=overlap_forward,
+                             compress=name.partition("-")[2] or None) or state
         return Comm(name, state, "sparse")
     if name == "powersgd":
         inner = psgd.PowerSGDState(
@@ -135,7 +136,8 @@ def build_comm(ddp_model, name, *, agreement="local", powersgd_rank=1, powersgd_
         "bf16": (default_hooks.bf16_compress_hook, _half_bytes),
     }
     if name not in hooks:
-        raise ValueError(f"comm hook must be one of sparse, powersgd, {', '.join(hooks)}; got {name!r}")
+        raise ValueError(f"comm hook must be one of sparse, sparse-fp16, sparse-bf16, powersgd, "
+                         f"{', '.join(hooks)}; got {name!r}")
     hook, size = hooks[name]
     group = dist.new_group() if overlap_forward else None  # None: the default process group
     state = _Counting(group, size)

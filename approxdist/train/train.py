@@ -70,7 +70,7 @@ def build_training_model(args, info):
                         image_size=info.image_size, width=getattr(args, "width", None))
     # The exact dense baseline keeps torch's own layers; everything else gets the sampled
     # distributed forms, which also tell the sparse hook which slices are non-zero.
-    if args.sample_ratio < 1.0 or args.comm_hook == "sparse":
+    if args.sample_ratio < 1.0 or args.comm_hook.startswith("sparse"):
         import approxdist
 
         # Horovod's broadcast and all-reduce need contiguous weights.
@@ -176,7 +176,7 @@ class Trainer:
         self.clock = TrainClock()
 
     def checkpoint_payload(self, epoch, step, step_in_epoch):
-        uses_layers = self.args.sample_ratio < 1.0 or self.args.comm_hook == "sparse"
+        uses_layers = self.args.sample_ratio < 1.0 or self.args.comm_hook.startswith("sparse")
         return {
             "format": ckpt.FORMAT,
             "config": self.config,
