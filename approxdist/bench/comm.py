@@ -900,7 +900,8 @@ def _tta_plan(saved: dict) -> dict:
     from .comm_tta import EVAL_EVERY, TTA_TARGET
 
     a, _ = _parser().parse_known_args(shlex.split(saved["command"])[2:])
-    return {"model": a.tta_model, "width": a.tta_width, "epochs": a.tta_epochs, "batch": a.tta_batch, "rate": a.tta_rate,
+    return {"model": a.tta_model, "width": a.tta_width, "epochs": a.tta_epochs,
+            "batch": a.tta_batch, "rate": a.tta_rate,
             "eval_every": EVAL_EVERY if a.tta_eval_every is None else a.tta_eval_every,
             "repeats": a.repeats, "target": TTA_TARGET if a.target is None else a.target}
 
