@@ -9,7 +9,8 @@
 #      hook with the optimizer stepping inside it (register(optimizer=), on the NCCL
 #      future's stream), and with the next forward overlapping the transfer
 #      (register(overlap_forward=True)), must equal the sparse hook with the usual step,
-#      bit for bit;
+#      bit for bit; and register(compress="fp16") must equal torch's fp16_compress_hook on
+#      the same sampled model, bit for bit, at a quarter of the float32 bytes (ratio 0.5);
 #   4. `approxdist-bench kernels` on the GPU (figures for docs/benchmarks.md);
 #   5. tools/hook_share.py: pack+unpack as a share of a one-rank resnet50 step, at 224 and 32 px.
 # Usage: tests/gpu/run.sh [OUTDIR]   (PYTHON=... picks the interpreter; default: .venv's, else python3)
@@ -75,11 +76,15 @@ def build():  # built from one seed each time
     torch.manual_seed(0)
     net = ad.convert_model(torchvision.models.resnet18(num_classes=10), 0.5, distributed=True)
     return DDP(net.to(dev), device_ids=[0], bucket_cap_mb=5)
-models = {"default": build(), "sparse": build(), "step": build(), "overlap": build()}
+models = {"default": build(), "sparse": build(), "step": build(), "overlap": build(),
+          "fp16": build(), "sparse_fp16": build()}
 opts = {k: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for k, m in models.items()}
 state = ad.distributed.register(models["sparse"])
 ad.distributed.register(models["step"], optimizer=opts["step"])
 ad.distributed.register(models["overlap"], optimizer=opts["overlap"], overlap_forward=True)
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+models["fp16"].register_comm_hook(None, default_hooks.fp16_compress_hook)
+state16 = ad.distributed.register(models["sparse_fp16"], compress="fp16")
 gen = torch.Generator().manual_seed(1)
 batches = [(torch.randn(16, 3, 64, 64, generator=gen), torch.randint(10, (16,), generator=gen)) for _ in range(6)]
 for x, y in batches:
@@ -111,6 +116,12 @@ print(f"forward overlap: {ad.distributed.in_hook_steps(opts['overlap'])} bucket 
       f"the usual step: {same}")
 assert ad.distributed.in_hook_steps(opts["overlap"]) > 0
 assert same, "the forward overlap changed the result on CUDA"
+same = all(torch.equal(a, b) for a, b in zip(models["fp16"].module.parameters(), models["sparse_fp16"].module.parameters()))
+ratio16 = state16.stats["payload_bytes"] / state16.stats["dense_bytes"]
+print(f"register(compress='fp16'): params bitwise equal to torch's fp16 hook: {same}; payload/dense {ratio16:.3f} "
+      f"(sparse fp32 {stats['payload_bytes'] / stats['dense_bytes']:.3f})")
+assert same, "the sparse hook in fp16 differs from torch's fp16 hook on CUDA"
+assert state16.stats["payload_bytes"] * 2 == stats["payload_bytes"], "fp16 payload is not half the fp32 one"
 dist.destroy_process_group()
 EOF
 
