@@ -855,10 +855,11 @@ def main(argv=None) -> int:
 
 
 def _main_tta(a, argv) -> int:
-    from .comm_tta import EVAL_EVERY, TTA_HOOKS, TTA_TARGET, run_tta
+    from .comm_tta import TTA_HOOKS, run_tta
     from .testbed import Testbed, available
 
-    eval_every = EVAL_EVERY if a.tta_eval_every is None else a.tta_eval_every
+    plan = _tta_plan_of(a)
+    eval_every, target = plan["eval_every"], plan["target"]
     if eval_every < 1:
         raise ValueError(f"--tta-eval-every must be >= 1, got {eval_every}")
     if a.tta_width is not None and a.tta_width < 1:
@@ -873,9 +874,6 @@ def _main_tta(a, argv) -> int:
         return 2
     command = "approxdist-bench comm " + " ".join(argv)
     env = _environment()
-    target = TTA_TARGET if a.target is None else a.target
-    plan = {"model": a.tta_model, "width": a.tta_width, "epochs": a.tta_epochs, "batch": a.tta_batch,
-            "rate": a.tta_rate, "eval_every": eval_every, "repeats": a.repeats, "target": target}
     with Testbed(2, a.tta_rate) as tb:
         link = tb.measure_allreduce(5_000_000)
         rows = run_tta(tb, hooks, repeats=a.repeats, model=a.tta_model, epochs=a.tta_epochs,
@@ -892,18 +890,22 @@ def _main_tta(a, argv) -> int:
     return 0
 
 
+def _tta_plan_of(a) -> dict:
+    """The settings of a time-to-accuracy run, from its parsed options (defaults resolved)."""
+    from .comm_tta import EVAL_EVERY, TTA_TARGET
+
+    return {"model": a.tta_model, "width": a.tta_width, "epochs": a.tta_epochs,
+            "batch": a.tta_batch, "rate": a.tta_rate,
+            "eval_every": EVAL_EVERY if a.tta_eval_every is None else a.tta_eval_every,
+            "repeats": a.repeats, "target": TTA_TARGET if a.target is None else a.target}
+
+
 def _tta_plan(saved: dict) -> dict:
     """A time-to-accuracy run's settings: its saved plan, or, for a file from before the
     plan was saved, its command read with this parser (the defaults of that time)."""
     if "plan" in saved:
         return saved["plan"]
-    from .comm_tta import EVAL_EVERY, TTA_TARGET
-
-    a, _ = _parser().parse_known_args(shlex.split(saved["command"])[2:])
-    return {"model": a.tta_model, "width": a.tta_width, "epochs": a.tta_epochs,
-            "batch": a.tta_batch, "rate": a.tta_rate,
-            "eval_every": EVAL_EVERY if a.tta_eval_every is None else a.tta_eval_every,
-            "repeats": a.repeats, "target": TTA_TARGET if a.target is None else a.target}
+    return _tta_plan_of(_parser().parse_known_args(shlex.split(saved["command"])[2:])[0])
 
 
 def _tta_outputs(saved: dict, target: float, plots, markdown) -> list[dict]:

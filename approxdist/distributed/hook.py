@@ -16,7 +16,7 @@ from .. import kernels
 from ..nn import sampled_layer_of
 from .agreement import check_indices, install_broadcast
 from .buckets import sampling_views
-from .compress import COMPRESS, compress_wrapper
+from .compress import compress_wrapper
 from .forward_overlap import EAGER_FRACTION, forward_overlap
 from .overlap import optimizer_wrapper
 from .state import SparseAllReduceState
@@ -134,9 +134,8 @@ def register(ddp_model, state=None, *, optimizer=None, overlap_forward=False,
     rounded as torch's fp16 hook rounds)."""
     from ..nn import WeightSampled
 
-    if compress is not None and compress not in COMPRESS:
-        raise ValueError(f"compress must be None or one of {', '.join(map(repr, COMPRESS))}, got {compress!r}")
-
+    # (first: compress_wrapper refuses a bad `compress` before anything is changed)
+    hook = sparse_allreduce_hook if compress is None else compress_wrapper(sparse_allreduce_hook, compress)
     state = state if state is not None else SparseAllReduceState()
     module = ddp_model.module
     state.param_names = {id(m.weight): name for name, m in module.named_modules()
@@ -147,7 +146,6 @@ def register(ddp_model, state=None, *, optimizer=None, overlap_forward=False,
             if isinstance(m, WeightSampled):
                 install_broadcast(m, group)
                 state._synced_layers.add(id(m))
-    hook = sparse_allreduce_hook if compress is None else compress_wrapper(sparse_allreduce_hook, compress)
     if overlap_forward:
         if optimizer is None:
             raise ValueError("overlap_forward: needs optimizer= (the forward steps each bucket)")

@@ -7,10 +7,11 @@ import argparse
 import os
 import sys
 
+from .comm import SPARSE_HOOKS
 from .data import DATASETS, check_data_path
 from .models import BUILTIN, check_model_name
 
-COMM_HOOKS = ("allreduce", "fp16", "bf16", "powersgd", "sparse", "sparse-fp16", "sparse-bf16")
+COMM_HOOKS = ("allreduce", "fp16", "bf16", "powersgd", *SPARSE_HOOKS)
 # Policies of the distributed sampled layers: both pick the same channels on every rank
 # without communication (from the weights, or from a generator seeded alike everywhere).
 POLICIES = ("topk_weight", "bernoulli_weight")

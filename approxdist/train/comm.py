@@ -12,7 +12,11 @@ import torch
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
 
+from ..distributed.compress import COMPRESS
 from .checkpoint import to_plain
+
+# the sparse hook, plain or with its slices cast (register(compress=...))
+SPARSE_HOOKS = ("sparse", *(f"sparse-{c}" for c in COMPRESS))
 
 
 class _Counting:
@@ -114,7 +118,7 @@ def build_comm(ddp_model, name, *, agreement="local", powersgd_rank=1, powersgd_
             return add.forward_overlap(ddp_model, hook, optimizer)
         return add.optimizer_wrapper(hook, optimizer)
 
-    if name in ("sparse", "sparse-fp16", "sparse-bf16"):
+    if name in SPARSE_HOOKS:
         state = add.SparseAllReduceState(agreement=agreement)
         state = add.register(ddp_model, state, optimizer=optimizer, overlap_forward=overlap_forward,
                              compress=name.partition("-")[2] or None) or state
@@ -136,7 +140,7 @@ def build_comm(ddp_model, name, *, agreement="local", powersgd_rank=1, powersgd_
         "bf16": (default_hooks.bf16_compress_hook, _half_bytes),
     }
     if name not in hooks:
-        raise ValueError(f"comm hook must be one of sparse, sparse-fp16, sparse-bf16, powersgd, "
+        raise ValueError(f"comm hook must be one of {', '.join(SPARSE_HOOKS)}, powersgd, "
                          f"{', '.join(hooks)}; got {name!r}")
     hook, size = hooks[name]
     group = dist.new_group() if overlap_forward else None  # None: the default process group
@@ -184,4 +188,4 @@ def _load_powersgd_state(state, data):
     state.rng.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
-__all__ = ["Comm", "build_comm"]
+__all__ = ["Comm", "build_comm", "SPARSE_HOOKS"]
