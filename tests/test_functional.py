@@ -474,3 +474,71 @@ def test_dim1_major_weight_gives_the_row_major_results(geometry, scaled):
     assert (results[1][2][:, rest] == 0).all()
     for row_major, dim1 in zip(*results):
         torch.testing.assert_close(dim1, row_major, rtol=1e-12, atol=1e-12)
+
+
+# (stride, padding, dilation, kernel, the tap that reads a one-pixel image or None)
+ONE_PIXEL_GEOMETRIES = [(1, 1, 1, 3, (1, 1)), (2, 1, 1, 3, (1, 1)), (1, 2, 1, 5, (2, 2)), (1, 2, 2, 3, (1, 1)),
+                        ((2, 1), (1, 0), 1, (3, 1), (1, 0)), (2, 1, 1, 2, (1, 1)), (1, 1, 1, 2, None),
+                        (1, 2, 1, 3, None)]  # the last two: 2x2 and 3x3 outputs
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+@pytest.mark.parametrize("layout", ["row_major", "dim1_major"])
+@pytest.mark.parametrize("geometry", ONE_PIXEL_GEOMETRIES)
+def test_one_pixel_image_is_a_product_with_one_tap(geometry, layout, scaled):
+    """On a one-pixel image every tap but one reads padding: the sampled convolution is
+    then a matrix product with that tap, equal to the convolution over the selected
+    channels in value and gradient, its weight gradient zero outside the selection and
+    at every other tap. Geometries without such a tap take the convolution."""
+    from approxdist.functional._layout import to_dim1_major
+    from approxdist.functional._products import Conv2dProduct
+
+    stride, padding, dilation, kernel, tap = geometry
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    g = _gen(41)
+    x = torch.randn(5, 11, 1, 1, generator=g, dtype=D)
+    w = torch.randn(7, 11, kh, kw, generator=g, dtype=D)
+    b = torch.randn(7, generator=g, dtype=D)
+    product = Conv2dProduct(*(torch.nn.modules.utils._pair(v) for v in (stride, padding, dilation)))
+    assert product._one_tap((1, 1), w) == tap
+    assert product._one_tap((2, 1), w) is None
+    if layout == "dim1_major":
+        w = to_dim1_major(w)
+    idx = torch.tensor([0, 3, 4, 9])
+    scale = torch.rand(4, generator=_gen(5), dtype=D) + 0.5 if scaled else None
+    xs, ws, bs = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    out = sampled_conv2d(xs, ws, bs, idx, scale, stride, padding, dilation)
+    gy = torch.randn(out.shape, generator=_gen(6), dtype=D)
+    got = (out,) + torch.autograd.grad(out, (xs, ws, bs), gy)
+    assert got[2].stride() == ws.stride()
+    xr, wr, br = (t.detach().clone().requires_grad_() for t in (x, w.contiguous(), b))
+    w_sel = wr.index_select(1, idx) * (scale.view(1, -1, 1, 1) if scaled else 1)
+    ref = F.conv2d(xr.index_select(1, idx), w_sel, br, stride, padding, dilation)
+    want = (ref,) + torch.autograd.grad(ref, (xr, wr, br), gy)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+    rest = [i for i in range(11) if i not in idx.tolist()]
+    assert (got[2][:, rest] == 0).all() and (got[1][:, rest] == 0).all()
+    if tap is not None:
+        others = torch.ones(kh, kw, dtype=torch.bool)
+        others[tap] = False
+        assert (got[2][:, :, others] == 0).all()
+
+
+def test_one_pixel_prepared_weight_is_not_copied():
+    """sampled_conv2d_weight told of a one-pixel input keeps the gathered (dim-1-major)
+    weight, which the product reads at its one tap; without input_size it is row-major."""
+    from approxdist.functional import sampled_conv2d_weight
+    from approxdist.functional._layout import dim1_major, to_dim1_major
+
+    g = _gen(3)
+    w = to_dim1_major(torch.randn(8, 6, 3, 3, generator=g, dtype=D))
+    x = torch.randn(4, 6, 1, 1, generator=g, dtype=D)
+    idx = torch.tensor([1, 2, 5])
+    kept = sampled_conv2d_weight(w, idx, None, 1, 1, 1, input_size=(1, 1))
+    assert dim1_major(kept)
+    assert sampled_conv2d_weight(w, idx, None, 1).is_contiguous()
+    assert sampled_conv2d_weight(w, idx, None, 1, input_size=(2, 2)).is_contiguous()
+    for prepared in (kept, sampled_conv2d_weight(w, idx, None, 1)):
+        out = sampled_conv2d(x, w, None, idx, None, 1, 1, prepared_weight=prepared)
+        torch.testing.assert_close(out, F.conv2d(x[:, idx], w[:, idx], None, 1, 1), rtol=1e-12, atol=1e-12)

@@ -304,3 +304,24 @@ def test_a_second_reduction_before_the_step_raises_instead_of_stepping_twice():
     for message, stepped_once, unchanged in run_ranks(accumulate_without_no_sync_worker, 2):
         assert message is not None and "no_sync" in message
         assert stepped_once and unchanged
+
+
+def test_prepared_weight_of_a_one_pixel_layer_keeps_the_gathered_layout():
+    """After a training forward on a one-pixel image, prepare_next gathers the selected
+    blocks without the row-major copy (the forward reads one tap of them), and the
+    prepared forward equals a plain one."""
+    from approxdist.functional._layout import dim1_major
+
+    torch.manual_seed(0)
+    plain = ad.nn.ApproxConv2dDist(16, 32, 3, padding=1, sample_ratio=0.5)
+    prepared = copy.deepcopy(plain)
+    x = torch.randn(4, 16, 1, 1, generator=torch.Generator().manual_seed(2))
+    prepared(x)
+    prepared.prepare_next()
+    assert dim1_major(prepared._prepared[3])
+    _no_select(prepared)
+    out_p, out = prepared(x), plain(x)
+    assert torch.equal(out_p, out)
+    out_p.square().sum().backward()
+    out.square().sum().backward()
+    assert torch.equal(prepared.weight.grad, plain.weight.grad)

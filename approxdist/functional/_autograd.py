@@ -39,6 +39,7 @@ class ForwardSampled(torch.autograd.Function):
         if w_s is None:
             w_s = sampled_weight(w, idx, scale, product)
         if idx.numel():
+            w_s = product.fit(x_s.shape[2:], w_s)
             out = product.sampled(x_s, w_s, b)
         else:  # nothing drawn (possible under Bernoulli sampling): the estimate is the bias
             out = x.new_zeros(product.out_shape(x, w))

@@ -39,10 +39,12 @@ def sampled_conv2d(input, weight, bias, indices, scale=None, stride=1, padding=0
         return sampled_product(input, weight, bias, indices, scale, product, mode, prepared_weight)
 
 
-def sampled_conv2d_weight(weight, indices, scale=None, padding=0):
+def sampled_conv2d_weight(weight, indices, scale=None, padding=0, stride=1, dilation=1, input_size=None):
     """The sampled weight operand of ``sampled_conv2d``, made ahead of its forward: the
     selected input channels (scaled), row-major unless the convolution is a 1x1 one
-    without padding. No autograd graph; the forward's backward still reaches ``weight``."""
-    product = Conv2dProduct((1, 1), _pair(padding), (1, 1))
+    without padding or, given the spatial ``input_size`` the forward will see, one that
+    reduces to a single tap there (a one-pixel image). No autograd graph; the forward's
+    backward still reaches ``weight``."""
+    product = Conv2dProduct(_pair(stride), _pair(padding), _pair(dilation))
     with torch.no_grad():
-        return sampled_weight(weight, indices, scale, product)
+        return product.fit(input_size, sampled_weight(weight, indices, scale, product))

@@ -87,11 +87,13 @@ class ApproxConv2dDist(WeightSampled, _ApproxConvBase):
         if idx is None:
             return self._conv_forward(input, contiguous_weight(self.weight), self.bias)
         x, padding = self._padded(input)
+        self._input_size = tuple(x.shape[2:])  # for prepare_next: the form of the weight operand
         return sampled_conv2d(x, self.weight, self.bias, idx, scale, self.stride, padding,
                               self.dilation, self.mode, prepared_weight=prepared)
 
     def _sampled_weight(self, w, idx, scale):
-        return sampled_conv2d_weight(w, idx, scale, self._padding_plan()[1])
+        return sampled_conv2d_weight(w, idx, scale, self._padding_plan()[1], self.stride, self.dilation,
+                                     input_size=getattr(self, "_input_size", None))
 
     def extra_repr(self):
         return f"{super().extra_repr()}, seed={self.seed}"
