@@ -476,32 +476,41 @@ def test_dim1_major_weight_gives_the_row_major_results(geometry, scaled):
         torch.testing.assert_close(dim1, row_major, rtol=1e-12, atol=1e-12)
 
 
-# (stride, padding, dilation, kernel, the tap that reads a one-pixel image or None)
-ONE_PIXEL_GEOMETRIES = [(1, 1, 1, 3, (1, 1)), (2, 1, 1, 3, (1, 1)), (1, 2, 1, 5, (2, 2)), (1, 2, 2, 3, (1, 1)),
-                        ((2, 1), (1, 0), 1, (3, 1), (1, 0)), (2, 1, 1, 2, (1, 1)), (1, 1, 1, 2, None),
-                        (1, 2, 1, 3, None)]  # the last two: 2x2 and 3x3 outputs
+# (input size, stride, padding, dilation, kernel, (the one tap read, the pixel it reads) or None)
+TAP_GEOMETRIES = [
+    ((1, 1), 1, 1, 1, 3, ((1, 1), (0, 0))), ((1, 1), 2, 1, 1, 3, ((1, 1), (0, 0))),
+    ((1, 1), 1, 2, 1, 5, ((2, 2), (0, 0))), ((1, 1), 1, 2, 2, 3, ((1, 1), (0, 0))),
+    ((3, 3), 1, 1, 2, 3, ((1, 1), (1, 1))),  # a larger image of which one pixel is read
+    ((1, 1), (2, 1), (1, 0), 1, (3, 1), ((1, 0), (0, 0))), ((1, 1), 2, 1, 1, 2, ((1, 1), (0, 0))),
+    ((2, 2), 2, 1, 1, 3, None),  # resnet18's layer4.0.conv1 at 32 px: 4 of 9 taps read
+    ((1, 1), 1, 1, 1, 2, None), ((1, 1), 1, 2, 1, 3, None),  # 2x2 and 3x3 outputs
+    ((3, 3), 1, 0, 1, 3, None),  # one output pixel, but every tap is read
+]
 
 
 @pytest.mark.parametrize("scaled", [False, True])
 @pytest.mark.parametrize("layout", ["row_major", "dim1_major"])
-@pytest.mark.parametrize("geometry", ONE_PIXEL_GEOMETRIES)
-def test_one_pixel_image_is_a_product_with_one_tap(geometry, layout, scaled):
-    """On a one-pixel image every tap but one reads padding: the sampled convolution is
-    then a matrix product with that tap, equal to the convolution over the selected
-    channels in value and gradient, its weight gradient zero outside the selection and
-    at every other tap. Geometries without such a tap take the convolution."""
+@pytest.mark.parametrize("geometry", TAP_GEOMETRIES)
+def test_one_output_pixel_read_by_one_tap_is_a_product_with_that_tap(geometry, layout, scaled):
+    """Where the output is one pixel and a single tap reads the image (the others fall in
+    the padding), the sampled convolution runs as a 1x1 one of that pixel and that tap,
+    equal to the convolution over the selected channels in value and gradient; its
+    weight gradient comes in the weight's layout, zero outside the selection and at
+    every other tap. Other geometries take the convolution."""
+    from torch.nn.modules.utils import _pair
+
     from approxdist.functional._layout import to_dim1_major
     from approxdist.functional._products import Conv2dProduct
 
-    stride, padding, dilation, kernel, tap = geometry
-    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    size, stride, padding, dilation, kernel, tap = geometry
+    kh, kw = _pair(kernel)
     g = _gen(41)
-    x = torch.randn(5, 11, 1, 1, generator=g, dtype=D)
+    x = torch.randn((5, 11) + size, generator=g, dtype=D)
     w = torch.randn(7, 11, kh, kw, generator=g, dtype=D)
     b = torch.randn(7, generator=g, dtype=D)
-    product = Conv2dProduct(*(torch.nn.modules.utils._pair(v) for v in (stride, padding, dilation)))
-    assert product._one_tap((1, 1), w) == tap
-    assert product._one_tap((2, 1), w) is None
+    product = Conv2dProduct(_pair(stride), _pair(padding), _pair(dilation), (kh, kw))
+    assert product._tap(size) == tap
+    assert (product.reduce(size) is None) == (tap is None)
     if layout == "dim1_major":
         w = to_dim1_major(w)
     idx = torch.tensor([0, 3, 4, 9])
@@ -521,13 +530,15 @@ def test_one_pixel_image_is_a_product_with_one_tap(geometry, layout, scaled):
     assert (got[2][:, rest] == 0).all() and (got[1][:, rest] == 0).all()
     if tap is not None:
         others = torch.ones(kh, kw, dtype=torch.bool)
-        others[tap] = False
+        others[tap[0]] = False
         assert (got[2][:, :, others] == 0).all()
 
 
-def test_one_pixel_prepared_weight_is_not_copied():
-    """sampled_conv2d_weight told of a one-pixel input keeps the gathered (dim-1-major)
-    weight, which the product reads at its one tap; without input_size it is row-major."""
+def test_one_pixel_prepared_weight_is_the_tap():
+    """sampled_conv2d_weight told of a one-pixel input gathers only the tap that reads
+    it, as the forward does (dim-1-major blocks); without input_size, or for another
+    size, it is the row-major convolution weight, which a one-pixel forward does not
+    take (it gathers anew)."""
     from approxdist.functional import sampled_conv2d_weight
     from approxdist.functional._layout import dim1_major, to_dim1_major
 
@@ -536,9 +547,13 @@ def test_one_pixel_prepared_weight_is_not_copied():
     x = torch.randn(4, 6, 1, 1, generator=g, dtype=D)
     idx = torch.tensor([1, 2, 5])
     kept = sampled_conv2d_weight(w, idx, None, 1, 1, 1, input_size=(1, 1))
-    assert dim1_major(kept)
+    assert dim1_major(kept) and kept.shape == (8, 3, 1, 1)
+    assert torch.equal(kept, w[:, idx, 1:2, 1:2])
     assert sampled_conv2d_weight(w, idx, None, 1).is_contiguous()
     assert sampled_conv2d_weight(w, idx, None, 1, input_size=(2, 2)).is_contiguous()
-    for prepared in (kept, sampled_conv2d_weight(w, idx, None, 1)):
-        out = sampled_conv2d(x, w, None, idx, None, 1, 1, prepared_weight=prepared)
-        torch.testing.assert_close(out, F.conv2d(x[:, idx], w[:, idx], None, 1, 1), rtol=1e-12, atol=1e-12)
+    want = F.conv2d(x[:, idx], w[:, idx], None, 1, 1)
+    # (doubled, to see which is used) the tap is taken, the full-size weight gathered anew
+    out = sampled_conv2d(x, w, None, idx, None, 1, 1, prepared_weight=2 * kept)
+    torch.testing.assert_close(out, 2 * want, rtol=1e-12, atol=1e-12)
+    out = sampled_conv2d(x, w, None, idx, None, 1, 1, prepared_weight=2 * sampled_conv2d_weight(w, idx, None, 1))
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)

@@ -8,7 +8,7 @@ ones, so it also saves memory.
 """
 import torch
 
-from ._layout import dim1_major, select_dim1, zeros_like_layout
+from ._layout import dim1_major, dim1_major_strides, select_dim1, zeros_like_layout
 from ._products import _scatter
 from .sampling import select_columns
 
@@ -39,7 +39,6 @@ class ForwardSampled(torch.autograd.Function):
         if w_s is None:
             w_s = sampled_weight(w, idx, scale, product)
         if idx.numel():
-            w_s = product.fit(x_s.shape[2:], w_s)
             out = product.sampled(x_s, w_s, b)
         else:  # nothing drawn (possible under Bernoulli sampling): the estimate is the bias
             out = x.new_zeros(product.out_shape(x, w))
@@ -48,8 +47,11 @@ class ForwardSampled(torch.autograd.Function):
         ctx.product, ctx.dense_grad, ctx.has_bias = product, dense_grad, b is not None
         ctx.x_shape, ctx.w_shape = x.shape, w.shape
         # The weight gradient is built in the weight's own layout (a dim-1-major weight
-        # of the distributed layers), so AccumulateGrad and DDP take it without a copy.
-        ctx.w_stride = w.stride() if dim1_major(w) else None
+        # of the distributed layers), so AccumulateGrad and DDP take it without a copy;
+        # dim-1-major too for a weight whose dim 1 is outer (one tap of such a weight,
+        # Conv2dProduct.reduce), so its blocks are scattered whole.
+        ctx.w_stride = w.stride() if dim1_major(w) else \
+            dim1_major_strides(w.shape) if w.dim() >= 2 and w.stride(1) > w.stride(0) else None
         if dense_grad:
             ctx.save_for_backward(x, w)
         else:

@@ -36,12 +36,21 @@ def sampled_product(x, w, b, idx, scale, product, mode="forward", prepared_weigh
     Forward sampling works on a dim-1-major weight as it is (functional/_layout.py);
     'blackbox' runs torch's dense backward, which takes a row-major copy.
     prepared_weight: sampled_weight(w, idx, scale, product) made earlier from the same
-    weight values (forward mode only), so the forward does not gather it."""
-    if prepared_weight is not None:
-        if mode != "forward":
-            raise ValueError(f"prepared_weight is for mode 'forward' only, got mode {mode!r}")
-        if prepared_weight.dtype != w.dtype or prepared_weight.device != w.device:
-            prepared_weight = None  # made before an autocast cast: gather anew
+    weight values (forward mode only; after product.reduce where that applies), so the
+    forward does not gather it.
+
+    In forward mode a product that reduces to a smaller one for this input
+    (Conv2dProduct.reduce: one tap of a one-pixel output) runs as that one."""
+    if prepared_weight is not None and mode != "forward":
+        raise ValueError(f"prepared_weight is for mode 'forward' only, got mode {mode!r}")
+    reduced = product.reduce(x.shape[2:]) if mode == "forward" else None
+    if reduced is not None:
+        take_x, take_w, product = reduced
+        x, w = take_x(x), take_w(w)
+    if prepared_weight is not None and (
+            prepared_weight.dtype != w.dtype or prepared_weight.device != w.device
+            or prepared_weight.shape != (w.shape[0], idx.numel()) + tuple(w.shape[2:])):
+        prepared_weight = None  # made before an autocast cast or for another input size: gather anew
     if mode == "blackbox":
         w = contiguous_weight(w)
     return ForwardSampled.apply(x, w, b, idx, scale, product, mode == "blackbox", prepared_weight)

@@ -83,7 +83,9 @@ def contiguous_weight(w: torch.Tensor) -> torch.Tensor:
 
 def select_dim1(w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """w.index_select(1, idx), gathered as whole blocks when w is dim-1-major (the result
-    is then dim-1-major too); index_select along a non-contiguous dim copies w first."""
-    if dim1_major(w):
+    is then dim-1-major too), and along dim 0 of w.transpose(0, 1) whenever dim 1 is the
+    outer one in memory (one tap of a dim-1-major weight): index_select along a
+    non-contiguous dim copies w first."""
+    if dim1_major(w) or w.stride(1) > w.stride(0):
         return w.transpose(0, 1).index_select(0, idx).transpose(0, 1)
     return w.index_select(1, idx)

@@ -88,9 +88,6 @@ class LinearProduct:
         (dim-1-major) matrix as it is."""
         return w_s
 
-    def fit(self, size, w_s):
-        return w_s
-
     def take(self, x, idx, w=None):
         return x.index_select(1, idx)
 
@@ -99,12 +96,33 @@ class LinearProduct:
 
     sampled = __call__
 
+    def reduce(self, size):
+        return None
+
+
+class _TapWeight(torch.autograd.Function):
+    """w[:, :, i:i+1, j:j+1], whose gradient comes back in w's layout: zeros but at the
+    tap (autograd's own slice backward would build it row-major)."""
+
+    @staticmethod
+    def forward(ctx, w, i, j):
+        ctx.shape, ctx.stride, ctx.tap = w.shape, w.stride(), (i, j)
+        return w[:, :, i:i + 1, j:j + 1]
+
+    @staticmethod
+    def backward(ctx, g):
+        i, j = ctx.tap
+        gw = zeros_like_layout(ctx.shape, ctx.stride, g)
+        gw[:, :, i:i + 1, j:j + 1] = g
+        return gw, None, None
+
 
 class Conv2dProduct:
     """2-D cross-correlation with groups=1 (the sampled dim is the input channel)."""
 
-    def __init__(self, stride, padding, dilation):
+    def __init__(self, stride, padding, dilation, kernel=None):
         self.stride, self.padding, self.dilation = tuple(stride), tuple(padding), tuple(dilation)
+        self.kernel = None if kernel is None else tuple(kernel)  # (kh, kw), for reduce
 
     def __call__(self, x, w, b):
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, 1)
@@ -124,35 +142,44 @@ class Conv2dProduct:
         wd = size(x.shape[3], w.shape[3], self.stride[1], self.padding[1], self.dilation[1])
         return (x.shape[0], w.shape[0], h, wd)
 
+    def reduce(self, size):
+        """For inputs of spatial `size` whose output is one pixel read by a single tap
+        (every other tap falls in the padding): (take_input, take_weight, product) of the
+        same result as a 1x1 convolution of that pixel with that tap, else None. Resnet's
+        last 3x3 convolutions on 32 px images are such: a ninth of the work, and a ninth
+        of the weight gathered. Where several taps read the image, gathering them costs
+        more than the convolution saves (measured on resnet18's layer4.0.conv1)."""
+        tap = self._tap(size)
+        if tap is None:
+            return None
+        (i, j), (r, c) = tap
+        return (lambda x: x[:, :, r:r + 1, c:c + 1],
+                lambda w: _TapWeight.apply(w, i, j),
+                Conv2dProduct((1, 1), (0, 0), (1, 1)))
+
+    def _tap(self, size):
+        """((i, j) of the only tap that reads the image, (row, column) of the pixel it
+        reads) where the output is one pixel, else None."""
+        if self.kernel is None or self.kernel[0] * self.kernel[1] == 1:
+            return None
+        tap, pixel = [], []
+        for n, p, d, k, s in zip(size, self.padding, self.dilation, self.kernel, self.stride):
+            if (n + 2 * p - d * (k - 1) - 1) // s != 0:  # not one output pixel
+                return None
+            read = [i for i in range(k) if 0 <= i * d - p < n]
+            if len(read) != 1:
+                return None
+            tap.append(read[0])
+            pixel.append(read[0] * d - p)
+        return tuple(tap), tuple(pixel)
+
     # -- the k selected channels ----------------------------------------------------------
     def weight_operand(self, w_s):
-        """The sampled weight as gathered (made once, kept for the backward); fit gives
-        it the form the input needs."""
-        return w_s
-
-    def fit(self, size, w_s):
-        """The weight operand for inputs of spatial size `size` (None: any): as it is
-        for a 1x1 convolution (a matrix product, see sampled) and for a one-pixel image
-        (a product with one tap, see _one_tap), else row-major (oneDNN would copy a
-        dim-1-major weight to row-major in the forward and again in the backward)."""
-        if w_s.is_contiguous() or self._pointwise(w_s) \
-                or (size is not None and self._one_tap(size, w_s) is not None):
-            return w_s
-        return w_s.contiguous()
-
-    def _one_tap(self, size, w):
-        """(i, j) when the input's spatial `size` is one pixel and so is the output:
-        every tap but (i, j) then reads padding, and the convolution is a matrix product
-        with that tap (resnet's last 3x3 convolutions on 32 px images: a ninth of the
-        work, no weight copy)."""
-        if tuple(size) != (1, 1):
-            return None
-        tap = []
-        for p, d, k, s in zip(self.padding, self.dilation, w.shape[2:], self.stride):
-            if not 0 <= 2 * p - d * (k - 1) < s or p % d or p // d >= k:
-                return None
-            tap.append(p // d)
-        return tuple(tap)
+        """The sampled weight as the products take it, made once in the forward and kept
+        for the backward: a row-major copy for a convolution (oneDNN would copy a
+        dim-1-major weight to row-major in the forward and again in the backward), the
+        weight as it is for a 1x1 convolution (a matrix product, see sampled)."""
+        return w_s if self._pointwise(w_s) else w_s.contiguous()
 
     def _pointwise(self, w):
         return w.shape[2] == 1 and w.shape[3] == 1 and self.padding == (0, 0)
@@ -175,13 +202,7 @@ class Conv2dProduct:
         return _scatter(full_shape, idx, gx_s)
 
     def sampled(self, x, w, b):
-        """The product over taken operands (see take) and a fitted weight (see fit)."""
-        tap = self._one_tap(x.shape[2:], w)
-        if tap is not None:
-            out = x.reshape(x.shape[0], -1).mm(w[:, :, tap[0], tap[1]].t())
-            if b is not None:
-                out += b
-            return out.view(x.shape[0], w.shape[0], 1, 1)
+        """The product over taken operands (see take)."""
         if not self._pointwise(w):
             return self(x, w, b)
         n_b, k, h, wd = x.shape
@@ -196,21 +217,7 @@ class Conv2dProduct:
             out += b.view(1, -1, 1)
         return out.view(n_b, o, h, wd)
 
-    def _one_tap_backward(self, g, x, w, has_bias, mask, tap):
-        g2, x2 = g.reshape(g.shape[0], -1), x.reshape(x.shape[0], -1)
-        wt = w[:, :, tap[0], tap[1]]
-        gx = g2.mm(wt).view(x.shape) if mask[0] else None
-        gw = None
-        if mask[1]:  # zero but at the tap, in w's layout
-            gw = torch.zeros_like(w)
-            gw[:, :, tap[0], tap[1]] = g2.t().mm(x2)
-        gb = g2.sum(0) if (mask[2] and has_bias) else None
-        return gx, gw, gb
-
     def sampled_backward(self, g, x, w, has_bias, mask):
-        tap = self._one_tap(x.shape[2:], w)
-        if tap is not None:
-            return self._one_tap_backward(g, x, w, has_bias, mask, tap)
         if not self._pointwise(w):
             return self.backward(g, x, w, has_bias, mask)
         n_b, k, h, wd = x.shape

@@ -33,7 +33,7 @@ def sampled_conv2d(input, weight, bias, indices, scale=None, stride=1, padding=0
 
     ``prepared_weight``: what ``sampled_conv2d_weight`` returned for the same weight
     values, indices, scale and padding (mode 'forward'), so the forward skips the gather."""
-    product = Conv2dProduct(_pair(stride), _pair(padding), _pair(dilation))
+    product = Conv2dProduct(_pair(stride), _pair(padding), _pair(dilation), weight.shape[2:])
     (input, weight, bias), ctx = cast_for_autocast((input, weight, bias), input.device.type)
     with ctx:
         return sampled_product(input, weight, bias, indices, scale, product, mode, prepared_weight)
@@ -42,9 +42,14 @@ def sampled_conv2d(input, weight, bias, indices, scale=None, stride=1, padding=0
 def sampled_conv2d_weight(weight, indices, scale=None, padding=0, stride=1, dilation=1, input_size=None):
     """The sampled weight operand of ``sampled_conv2d``, made ahead of its forward: the
     selected input channels (scaled), row-major unless the convolution is a 1x1 one
-    without padding or, given the spatial ``input_size`` the forward will see, one that
-    reduces to a single tap there (a one-pixel image). No autograd graph; the forward's
-    backward still reaches ``weight``."""
-    product = Conv2dProduct(_pair(stride), _pair(padding), _pair(dilation))
+    without padding. Given the spatial ``input_size`` the forward will see, only the tap
+    that reads the image where one alone does (see Conv2dProduct.reduce); a forward on
+    another size gathers anew. No autograd graph; the forward's backward still reaches
+    ``weight``."""
+    product = Conv2dProduct(_pair(stride), _pair(padding), _pair(dilation), weight.shape[2:])
     with torch.no_grad():
-        return product.fit(input_size, sampled_weight(weight, indices, scale, product))
+        reduced = product.reduce(input_size) if input_size is not None else None
+        if reduced is not None:
+            _, take_w, product = reduced
+            weight = take_w(weight)
+        return sampled_weight(weight, indices, scale, product)
