@@ -275,6 +275,21 @@ def test_markdown_block_is_replaced_without_touching_other_sections(tmp_path):
     assert text.startswith("# Benchmarks\n\n## Compute\n\nkeep me\n\n## Kernels\n\nkeep me too\n")
 
 
+@pytest.mark.parametrize("hooks", [["allreduce", "sparse0.33"], ["allreduce", "powersgd1"]])
+def test_testbed_markdown_describes_powersgd_only_when_it_ran(hooks, tmp_path):
+    from approxdist.bench.comm import _markdown_body
+
+    plan = {"configs": [{"model": "resnet18", "hook": h, "bucket_mb": 5} for h in hooks], "batch": 16,
+            "image_size": 32, "steps": 7, "warmup": 2, "repeats": 3}
+    env = {"date": "2026-12-02 07:00 UTC", "commit": "abc1234", "torch": "2.14.1", "cpus": 2, "loadavg": [0.5]}
+    body = _markdown_body("approxdist-bench comm --testbed", plan, "| table |", [], True,
+                          {"2 nodes, 1gbit": {"link_bits_per_s": 9.5e8}}, env, tmp_path, load_end=0.6)
+    if "powersgd1" in hooks:
+        assert "PowerSGD runs in a single DDP bucket" in body and "the others use DDP buckets of 5 MB" in body
+    else:
+        assert "PowerSGD" not in body and "DDP buckets of 5 MB. `wire` is what" in body
+
+
 def test_link_rate_comes_from_the_fastest_probe_and_keeps_the_median():
     from approxdist.bench.comm import _probe_detail
     from approxdist.bench.testbed import link_rate
@@ -612,6 +627,7 @@ def test_time_to_accuracy_render_redoes_table_plot_and_markdown(tmp_path, capsys
     assert "`approxdist-train --model mlp --dataset digits --epochs 6 --batch-size 32 " \
            "--eval-every 3` under torchrun on 2 testbed nodes at 1gbit" in text
     assert "(gloo all-reduce measured at 950 Mbit/s), 1 interleaved rounds" in text
+    assert "PowerSGD" not in text  # not among the hooks: not described
     # at the run's own target (97.5): the 95.5 points do not count
     assert "| sparse0.33 | 1/1 | 2.00 | 1.50x | 10 |" in text and "training s to 97.5%" in text
     assert (tmp_path / "comm_tta_accuracy_vs_time.png").stat().st_size > 1000

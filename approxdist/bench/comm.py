@@ -942,8 +942,9 @@ def _tta_outputs(saved: dict, target: float, plots, markdown) -> list[dict]:
             f"evaluation (every {plan['eval_every']} steps and at each epoch's end) whose test top-1 "
             f"reaches {target:g}%, median over the runs that reached it; `speedup` compares "
             "it with DDP's all-reduce. `s from launch` also counts process start, dataset "
-            "load, rendezvous and the evaluations, alike for every hook. PowerSGD: rank 1, "
-            "2 warm-up steps of plain all-reduce.", "",
+            "load, rendezvous and the evaluations, alike for every hook."
+            + (" PowerSGD: rank 1, 2 warm-up steps of plain all-reduce."
+               if any(s["hook"].startswith("powersgd") for s in summary) else ""), "",
             table, ""]
         if png:
             lines.append(f"![{png.stem}]({os.path.relpath(png, docdir)})")
@@ -1000,13 +1001,15 @@ def _markdown_body(command, plan, table, pngs, testbed, links, env, docdir,
               "`torch.distributed.all_reduce` per step (DDP's built-in all-reduce: every "
               "gradient); `of dense` divides by the fp32 gradient bytes.")
     if testbed:
+        powersgd = any(c["hook"].startswith("powersgd") for c in plan.get("configs", []))
         lines += [
             "Links: `launch/testbed/` (a network namespace per node behind a bridge, tbf on "
             "both veth ends of every link; no added latency, netem is unavailable). " + common,
-            "PowerSGD runs in a single DDP bucket (PyTorch's PowerSGD hook issues its second "
-            "all-reduce from a callback, which crashes gloo with several buckets), "
-            "start_powerSGD_iter=2, error feedback and warm start on; the others use DDP "
-            f"buckets of {bucket_mb:g} MB. `wire` is what the node's eth0 sent per step (headers included). "
+            ("PowerSGD runs in a single DDP bucket (PyTorch's PowerSGD hook issues its second "
+             "all-reduce from a callback, which crashes gloo with several buckets), "
+             "start_powerSGD_iter=2, error feedback and warm start on; the others use DDP "
+             f"buckets of {bucket_mb:g} MB. " if powersgd else f"DDP buckets of {bucket_mb:g} MB. ")
+            + "`wire` is what the node's eth0 sent per step (headers included). "
             "`all-reduce s at link` = payload x 2(n-1)/n over the measured gloo rate below; "
             "`step / limit` = step time over max(compute alone, that). `step / DDP bound` = "
             "step time over max(compute alone, forward + all-reduce at link + optimizer step): "
