@@ -534,6 +534,32 @@ def test_one_output_pixel_read_by_one_tap_is_a_product_with_that_tap(geometry, l
         assert (got[2][:, :, others] == 0).all()
 
 
+@pytest.mark.parametrize("policy", ["topk", "bernoulli"])
+def test_approx_conv2d_on_one_pixel_equals_the_conv_of_its_selection(policy, monkeypatch):
+    """approx_conv2d chooses its channels from the whole input and weight, then runs the
+    one-tap product: the result is the convolution over those channels (scaled)."""
+    from approxdist.functional import _products
+    from approxdist.functional._core import select_pairs
+
+    taps = []
+    apply = _products._TapWeight.apply
+    monkeypatch.setattr(_products._TapWeight, "apply", lambda *a: taps.append(a[1:]) or apply(*a))
+    g = _gen(8)
+    x = torch.randn(6, 12, 1, 1, generator=g, dtype=D, requires_grad=True)
+    w = torch.randn(9, 12, 3, 3, generator=g, dtype=D, requires_grad=True)
+    out = approx_conv2d(x, w, None, 1, 1, sample_ratio=0.5, policy=policy, generator=_gen(3))
+    gx, gw = torch.autograd.grad(out.square().sum(), (x, w))
+    idx, scale = select_pairs(x.detach(), w.detach(), 6, policy, _gen(3))
+    xr, wr = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    w_sel = wr.index_select(1, idx) * (scale.view(1, -1, 1, 1) if scale is not None else 1)
+    ref = F.conv2d(xr.index_select(1, idx), w_sel, None, 1, 1)
+    rx, rw = torch.autograd.grad(ref.square().sum(), (xr, wr))
+    for a, e in ((out, ref), (gx, rx), (gw, rw)):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+    assert taps == [(1, 1)]  # the one-tap product ran
+    assert (gw[:, :, [0, 2]] == 0).all() and (gw[:, :, 1, [0, 2]] == 0).all()
+
+
 def test_one_pixel_prepared_weight_is_the_tap():
     """sampled_conv2d_weight told of a one-pixel input gathers only the tap that reads
     it, as the forward does (dim-1-major blocks); without input_size, or for another

@@ -20,7 +20,7 @@ def approx_conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, gro
     check_groups(groups)
     if isinstance(padding, str):
         raise ValueError(f"padding must be an int or a pair of ints here, got {padding!r}")
-    product = Conv2dProduct(_pair(stride), _pair(padding), _pair(dilation))
+    product = Conv2dProduct(_pair(stride), _pair(padding), _pair(dilation), weight.shape[2:])
     (input, weight, bias), ctx = cast_for_autocast((input, weight, bias), input.device.type)
     with ctx:
         return approx_product(input, weight, bias, product, sample_ratio, minimal_k, policy,
