@@ -306,10 +306,10 @@ def test_a_second_reduction_before_the_step_raises_instead_of_stepping_twice():
         assert stepped_once and unchanged
 
 
-def test_prepared_weight_of_a_one_pixel_layer_keeps_the_gathered_layout():
-    """After a training forward on a one-pixel image, prepare_next gathers the selected
-    blocks without the row-major copy (the forward reads one tap of them), and the
-    prepared forward equals a plain one."""
+def test_prepared_weight_of_a_one_pixel_layer_is_its_tap():
+    """After a training forward on a one-pixel image, prepare_next gathers only the tap
+    that reads it (dim-1-major, as the forward would; not a row-major copy of the whole
+    blocks), and the prepared forward equals a plain one."""
     from approxdist.functional._layout import dim1_major
 
     torch.manual_seed(0)
@@ -318,7 +318,7 @@ def test_prepared_weight_of_a_one_pixel_layer_keeps_the_gathered_layout():
     x = torch.randn(4, 16, 1, 1, generator=torch.Generator().manual_seed(2))
     prepared(x)
     prepared.prepare_next()
-    assert dim1_major(prepared._prepared[3])
+    assert dim1_major(prepared._prepared[3]) and prepared._prepared[3].shape == (32, 8, 1, 1)
     _no_select(prepared)
     out_p, out = prepared(x), plain(x)
     assert torch.equal(out_p, out)
