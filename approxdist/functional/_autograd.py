@@ -8,7 +8,7 @@ ones, so it also saves memory.
 """
 import torch
 
-from ._layout import dim1_major, dim1_major_strides, select_dim1, zeros_like_layout
+from ._layout import dim1_major, dim1_major_strides, dim1_outer, select_dim1, zeros_like_layout
 from ._products import _scatter
 from .sampling import select_columns
 
@@ -50,8 +50,7 @@ class ForwardSampled(torch.autograd.Function):
         # of the distributed layers), so AccumulateGrad and DDP take it without a copy;
         # dim-1-major too for a weight whose dim 1 is outer (one tap of such a weight,
         # Conv2dProduct.reduce), so its blocks are scattered whole.
-        ctx.w_stride = w.stride() if dim1_major(w) else \
-            dim1_major_strides(w.shape) if w.dim() >= 2 and w.stride(1) > w.stride(0) else None
+        ctx.w_stride = w.stride() if dim1_major(w) else dim1_major_strides(w.shape) if dim1_outer(w) else None
         if dense_grad:
             ctx.save_for_backward(x, w)
         else:

@@ -12,7 +12,7 @@ blocked transposes: torch's copy of a 4-D transposed 1x1 weight is ~6x slower.
 """
 import torch
 
-__all__ = ["dim1_major", "dim1_major_strides", "to_dim1_major", "zeros_like_layout", "contiguous_weight",
+__all__ = ["dim1_major", "dim1_major_strides", "to_dim1_major", "dim1_outer", "zeros_like_layout", "contiguous_weight",
            "select_dim1"]
 
 
@@ -81,11 +81,17 @@ def contiguous_weight(w: torch.Tensor) -> torch.Tensor:
     return _ContiguousWeight.apply(w)
 
 
+def dim1_outer(t: torch.Tensor) -> bool:
+    """True when dim 1 is the outer one in memory: t is dim-1-major, or a slice of such a
+    tensor (one tap of a dim-1-major conv weight), whose channels are strided blocks."""
+    return dim1_major(t) or (t.dim() >= 2 and t.stride(1) > t.stride(0))
+
+
 def select_dim1(w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """w.index_select(1, idx), gathered as whole blocks when w is dim-1-major (the result
     is then dim-1-major too), and along dim 0 of w.transpose(0, 1) whenever dim 1 is the
     outer one in memory (one tap of a dim-1-major weight): index_select along a
     non-contiguous dim copies w first."""
-    if dim1_major(w) or w.stride(1) > w.stride(0):
+    if dim1_outer(w):
         return w.transpose(0, 1).index_select(0, idx).transpose(0, 1)
     return w.index_select(1, idx)

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from . import checkpoint as ckpt
 from .args import validate
 from .clock import TrainClock
-from .comm import build_comm
+from .comm import SPARSE_HOOKS, build_comm
 from .data import build_datasets, build_loaders
 from .logs import MetricsLogger
 from ..distributed import finish_steps, in_hook_steps
@@ -61,6 +61,12 @@ def _restart_count():
         return 0
 
 
+def uses_sampled_layers(args) -> bool:
+    """The exact dense baseline keeps torch's own layers; every other run gets the sampled
+    distributed forms, which also tell the sparse hook which slices are non-zero."""
+    return args.sample_ratio < 1.0 or args.comm_hook in SPARSE_HOOKS
+
+
 def build_training_model(args, info):
     """Same seed on every rank, so the ranks start equal even before DDP's broadcast."""
     from .models import build_model
@@ -68,9 +74,7 @@ def build_training_model(args, info):
     torch.manual_seed(args.seed)
     model = build_model(args.model, num_classes=info.num_classes, in_channels=info.in_channels,
                         image_size=info.image_size, width=getattr(args, "width", None))
-    # The exact dense baseline keeps torch's own layers; everything else gets the sampled
-    # distributed forms, which also tell the sparse hook which slices are non-zero.
-    if args.sample_ratio < 1.0 or args.comm_hook.startswith("sparse"):
+    if uses_sampled_layers(args):
         import approxdist
 
         # Horovod's broadcast and all-reduce need contiguous weights.
@@ -176,7 +180,7 @@ class Trainer:
         self.clock = TrainClock()
 
     def checkpoint_payload(self, epoch, step, step_in_epoch):
-        uses_layers = self.args.sample_ratio < 1.0 or self.args.comm_hook.startswith("sparse")
+        uses_layers = uses_sampled_layers(self.args)
         return {
             "format": ckpt.FORMAT,
             "config": self.config,
