@@ -8,6 +8,7 @@ SUBCOMMANDS = {
     "kernels": "approxdist.bench.kernels",
     "comm": "approxdist.bench.comm",
     "testbed": "approxdist.bench.testbed",
+    "cpu": "approxdist.bench.cpu_reference",
 }
 
 

@@ -759,6 +759,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--render", default=None, metavar="JSON",
                    help="measure nothing: redo the table, plots and markdown from a --json file "
                         "(of either mode; a time-to-accuracy file at --target if given)")
+    p.add_argument("--no-cpu-reference", dest="cpu_reference", action="store_false",
+                   help="skip timing the CPU reference workload before the run "
+                        "(approxdist-bench cpu; about 15 s)")
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -806,6 +809,12 @@ def main(argv=None) -> int:
             "compute_steps": 2, "compute_repeats": 1, "verbose": not a.quiet}
     command = "approxdist-bench comm " + " ".join(argv)
     env = _environment()
+    if a.cpu_reference:
+        from .cpu_reference import describe, measure
+
+        env["cpu_reference"] = measure()
+        if not a.quiet:
+            print(describe(env["cpu_reference"]), file=sys.stderr, flush=True)
     rows: list[dict] = []
     links: dict = {}
 
@@ -994,6 +1003,11 @@ def _markdown_body(command, plan, table, pngs, testbed, links, env, docdir,
              f"{env['loadavg'][0]:.1f} at the start, "
              f"{os.getloadavg()[0] if load_end is None else load_end:.1f} at the end; the "
              "machine is shared, so the load says how much to trust the times)", ""]
+    if env.get("cpu_reference"):
+        from .cpu_reference import describe
+
+        lines += [describe(env["cpu_reference"]) + ", taken before the run: compare step "
+                  "times of different days only beside it.", ""]
     common = (f"Real DDP steps of torchvision models (10 classes), batch {plan['batch']} per "
               f"rank at {plan['image_size']} px, random data; {plan['steps']} timed steps "
               f"after {plan['warmup']} warm-up step(s), {plan['repeats']} interleaved rounds "

@@ -1,0 +1,77 @@
+"""approxdist-bench cpu: the machine's speed recorded beside a benchmark's times."""
+import os
+import statistics
+
+import pytest
+
+
+def test_measure_times_the_workload_alone_and_on_every_core():
+    from approxdist.bench.cpu_reference import WORKLOAD, measure
+
+    ref = measure(reps=2)
+    cores = len(os.sched_getaffinity(0))
+    assert ref["workload"] == WORKLOAD and ref["reps"] == 2 and ref["cores"] == cores
+    assert len(ref["per_core_ms"]) == cores
+    assert all(t > 0 for t in ref["per_core_ms"]) and ref["alone_ms"] > 0
+    assert ref["all_cores_ms"] == pytest.approx(statistics.median(ref["per_core_ms"]))
+    assert ref["slowdown"] == pytest.approx(ref["all_cores_ms"] / ref["alone_ms"])
+
+
+@pytest.mark.parametrize("reps", [0, -1, 1.5, "3", True])
+def test_measure_names_a_bad_reps(reps):
+    from approxdist.bench.cpu_reference import measure
+
+    with pytest.raises(ValueError, match="reps must be an integer >= 1"):
+        measure(reps=reps)
+
+
+def test_the_command_rejects_a_bad_reps(capsys):
+    from approxdist.bench.cpu_reference import main
+
+    with pytest.raises(SystemExit):
+        main(["--reps", "0"])
+    assert "--reps must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_the_command_prints_and_writes_the_figures(tmp_path, capsys):
+    import json
+
+    from approxdist.bench.__main__ import cli
+
+    out = tmp_path / "cpu.json"
+    assert cli(["cpu", "--reps", "1", "--json", str(out)]) == 0
+    ref = json.loads(out.read_text())
+    printed = capsys.readouterr().out
+    assert f"{ref['alone_ms']:.1f} ms alone, {ref['all_cores_ms']:.1f} ms with one copy on each " \
+           f"of the {ref['cores']} cores ({ref['slowdown']:.2f}x)" in printed
+
+
+def _env(**extra):
+    return {"date": "2026-12-02 07:00 UTC", "commit": "abc1234", "torch": "2.14.1", "cpus": 2,
+            "loadavg": [0.5], **extra}
+
+
+def test_comm_markdown_states_the_reference_when_the_run_took_one(tmp_path):
+    from approxdist.bench.comm import _markdown_body
+
+    plan = {"configs": [{"model": "resnet18", "hook": "allreduce", "bucket_mb": 5}], "batch": 16,
+            "image_size": 32, "steps": 7, "warmup": 2, "repeats": 3}
+    ref = {"workload": "w", "reps": 10, "cores": 2, "alone_ms": 101.04, "all_cores_ms": 120.06,
+           "per_core_ms": [119.0, 121.12], "slowdown": 120.06 / 101.04}
+    links = {"2 nodes, 1gbit": {"link_bits_per_s": 9.5e8}}
+    body = _markdown_body("approxdist-bench comm --testbed", plan, "| table |", [], True, links,
+                          _env(cpu_reference=ref), tmp_path, load_end=0.6)
+    assert ("CPU reference (w; `approxdist-bench cpu`): 101.0 ms alone, 120.1 ms with one copy on "
+            "each of the 2 cores (1.19x), taken before the run") in body
+    # a JSON file from before the reference (docs/comm_testbed.json) renders as it did
+    old = _markdown_body("approxdist-bench comm --testbed", plan, "| table |", [], True, links,
+                         _env(), tmp_path, load_end=0.6)
+    assert "CPU reference" not in old
+    assert old == body.replace(body[body.index("CPU reference"):body.index("\n\n", body.index("CPU reference")) + 2], "")
+
+
+def test_comm_takes_the_reference_unless_told_not_to():
+    from approxdist.bench.comm import _parser
+
+    assert _parser().parse_args([]).cpu_reference is True
+    assert _parser().parse_args(["--no-cpu-reference"]).cpu_reference is False
