@@ -13,7 +13,11 @@ hook launches (a bucket split in two is two collectives) and prints, per step:
         step's first (what the next forward and backward do before a gradient is ready),
   busy  ms from this step's first launch to its last completion,
   hole  ms inside `busy` with no collective in flight.
---summary prints only the medians of these over the steps. --hook fp16 runs the exact
+--summary prints only the medians of these over the steps. A last line gives rank 0's CPU
+time: its main thread's per phase (forward, backward, the optimizer step; medians over
+the same steps), the whole process's per step, and how the machine's cores spent those
+steps (/proc/stat: user, system, softirq, idle, ...): whether the step waits for the link
+or for a core. --hook fp16 runs the exact
 model with torch's fp16_compress_hook instead of the sampled one with the sparse hook
 (--ratio is then ignored). A diagnostic for docs/benchmarks.md (where the time of a step
 goes), not a benchmark. Needs root and `ip` (see launch/testbed/).
@@ -33,6 +37,14 @@ def _idle_inside(spans):
         hole += max(0.0, lo - end)
         end = max(end, hi)
     return hole
+
+
+def _machine_jiffies() -> dict:
+    """The machine's CPU time by kind so far (/proc/stat's first line)."""
+    with open("/proc/stat") as f:
+        values = f.readline().split()[1:9]
+    return dict(zip(("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal"),
+                    map(int, values)))
 
 
 def worker(a):
@@ -109,18 +121,25 @@ def worker(a):
     ddp.register_comm_hook(state, hook)
     g = torch.Generator().manual_seed(rank)
     x, y = torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g)
-    marks = []
+    marks, cpu = [], []
     for step in range(a.steps):
         if not a.overlap_forward or step == 0:
             dist.barrier()
         starts.append(now())
+        c0 = time.thread_time()
+        if step == 2:
+            machine0, process0 = _machine_jiffies(), time.process_time()
         opt.zero_grad(set_to_none=True)
         loss = torch.nn.functional.cross_entropy(ddp(x), y)
-        forward = now()
+        forward, c1 = now(), time.thread_time()
         loss.backward()
-        backward = now()
+        backward, c2 = now(), time.thread_time()
         opt.step()  # with --step-in-hook or --overlap-forward: nothing left to step
         marks.append((forward, backward, now()))
+        cpu.append((c1 - c0, c2 - c1, time.thread_time() - c2))
+        if step == a.steps - 2:  # the last reported step's end: the next one's start
+            machine1, process1 = _machine_jiffies(), time.process_time()
+            reported_s = now() - starts[2]
     ad.distributed.finish_steps(ddp)
     starts.append(now())
     dist.all_reduce = all_reduce
@@ -147,6 +166,15 @@ def worker(a):
                                   "collectives": sorted(mine)}))
         print(json.dumps({"median_ms": {k: statistics.median(r[k] for r in per_step)
                                         for k in per_step[0]}, "steps": len(per_step)}))
+        n = a.steps - 3
+        delta = {k: machine1[k] - machine0[k] for k in machine0}
+        total = sum(delta.values())
+        print(json.dumps({"cpu": {
+            "main_thread_ms": {name: round(statistics.median(c[i] for c in cpu[2:a.steps - 1]) * 1e3, 1)
+                               for i, name in enumerate(("forward", "backward", "step"))},
+            "process_ms_per_step": round((process1 - process0) / n * 1e3, 1),
+            "wall_ms_per_step": round(reported_s / n * 1e3, 1),
+            "machine_share": {k: round(v / total, 3) for k, v in delta.items() if v}}}))
     dist.barrier()
     dist.destroy_process_group()
 
