@@ -62,7 +62,8 @@ def test_comm_markdown_states_the_reference_when_the_run_took_one(tmp_path):
     body = _markdown_body("approxdist-bench comm --testbed", plan, "| table |", [], True, links,
                           _env(cpu_reference=ref), tmp_path, load_end=0.6)
     assert ("CPU reference (w; `approxdist-bench cpu`): 101.0 ms alone, 120.1 ms with one copy on "
-            "each of the 2 cores (1.19x), taken before the run") in body
+            "each of the 2 cores (1.19x), taken before the run: compare times of different days "
+            "only beside it.") in body
     # a JSON file from before the reference (docs/comm_testbed.json) renders as it did
     old = _markdown_body("approxdist-bench comm --testbed", plan, "| table |", [], True, links,
                          _env(), tmp_path, load_end=0.6)
@@ -75,3 +76,30 @@ def test_comm_takes_the_reference_unless_told_not_to():
 
     assert _parser().parse_args([]).cpu_reference is True
     assert _parser().parse_args(["--no-cpu-reference"]).cpu_reference is False
+
+
+def test_time_to_accuracy_markdown_states_the_reference_too(tmp_path):
+    import json
+
+    from approxdist.bench.comm import main
+
+    rows = [{"hook": h, "train_curve": [(1.0, 95.5), (t, 97.5)], "curve": [(11.0, 95.5), (10 + t, 97.5)],
+             "step_curve": [(5, 95.5), (10, 97.5)], "wall_s": 20.0, "final_top1": 97.5, "train_s": t,
+             "steps": 10, "payload_bytes_total": 1, "dense_bytes_total": 2}
+            for h, t in (("allreduce", 3.0), ("sparse0.33", 2.0))]
+    ref = {"workload": "w", "reps": 10, "cores": 2, "alone_ms": 90.0, "all_cores_ms": 99.0,
+           "per_core_ms": [98.0, 100.0], "slowdown": 1.1}
+    plan = {"model": "cnn", "epochs": 2, "batch": 8, "rate": "100mbit", "eval_every": 2,
+            "repeats": 1, "target": 97.0}
+    md = tmp_path / "benchmarks.md"
+    for env, stated in ((_env(cpu_reference=ref), True), (_env(), False)):
+        saved = tmp_path / "tta.json"
+        saved.write_text(json.dumps({"command": "approxdist-bench comm --testbed --time-to-accuracy",
+                                     "environment": env, "plan": plan,
+                                     "link": {"link_bits_per_s": 9e7}, "rows": rows}))
+        md.write_text("# Benchmarks\n")
+        assert main(["--render", str(saved), "--markdown", str(md)]) == 0
+        text = md.read_text()
+        assert ("CPU reference (w; `approxdist-bench cpu`): 90.0 ms alone, 99.0 ms with one copy "
+                "on each of the 2 cores (1.10x)" in text) is stated
+        assert "`approxdist-train --model cnn --dataset digits --epochs 2" in text

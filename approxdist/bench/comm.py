@@ -695,7 +695,9 @@ def _csv(s: str) -> list[str]:
     return [x for x in s.split(",") if x]
 
 
-def _environment() -> dict:
+def _environment(a=None) -> dict:
+    """Date, versions, commit and load of this run; with the parsed options `a`, also the
+    CPU reference (approxdist-bench cpu) unless --no-cpu-reference."""
     import platform
 
     import torch
@@ -705,9 +707,27 @@ def _environment() -> dict:
                                 text=True, cwd=Path(__file__).resolve().parent).stdout.strip()
     except OSError:
         commit = ""
-    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
-            "python": platform.python_version(), "cpus": os.cpu_count(), "commit": commit,
-            "loadavg": list(os.getloadavg())}
+    env = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
+           "python": platform.python_version(), "cpus": os.cpu_count(), "commit": commit,
+           "loadavg": list(os.getloadavg())}
+    if a is not None and a.cpu_reference:
+        from .cpu_reference import describe, measure
+
+        env["cpu_reference"] = measure()
+        if not a.quiet:
+            print(describe(env["cpu_reference"]), file=sys.stderr, flush=True)
+    return env
+
+
+def _cpu_reference_lines(env: dict) -> list[str]:
+    """The markdown paragraph stating the run's CPU reference; none for a run without one
+    (older JSON files render as they did)."""
+    if not env.get("cpu_reference"):
+        return []
+    from .cpu_reference import describe
+
+    return [describe(env["cpu_reference"]) + ", taken before the run: compare times of "
+            "different days only beside it.", ""]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -760,8 +780,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="measure nothing: redo the table, plots and markdown from a --json file "
                         "(of either mode; a time-to-accuracy file at --target if given)")
     p.add_argument("--no-cpu-reference", dest="cpu_reference", action="store_false",
-                   help="skip timing the CPU reference workload before the run "
-                        "(approxdist-bench cpu; about 15 s)")
+                   help="skip timing the CPU reference workload before the run, which the "
+                        "JSON and markdown record (approxdist-bench cpu; about 15 s)")
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -808,13 +828,7 @@ def main(argv=None) -> int:
             "steps": a.steps, "warmup": a.warmup, "repeats": a.repeats, "seed": 0,
             "compute_steps": 2, "compute_repeats": 1, "verbose": not a.quiet}
     command = "approxdist-bench comm " + " ".join(argv)
-    env = _environment()
-    if a.cpu_reference:
-        from .cpu_reference import describe, measure
-
-        env["cpu_reference"] = measure()
-        if not a.quiet:
-            print(describe(env["cpu_reference"]), file=sys.stderr, flush=True)
+    env = _environment(a)
     rows: list[dict] = []
     links: dict = {}
 
@@ -882,7 +896,7 @@ def _main_tta(a, argv) -> int:
         print(f"approxdist-bench comm --testbed: {why}", file=sys.stderr)
         return 2
     command = "approxdist-bench comm " + " ".join(argv)
-    env = _environment()
+    env = _environment(a)
     with Testbed(2, a.tta_rate) as tb:
         link = tb.measure_allreduce(5_000_000)
         rows = run_tta(tb, hooks, repeats=a.repeats, model=a.tta_model, epochs=a.tta_epochs,
@@ -941,7 +955,7 @@ def _tta_outputs(saved: dict, target: float, plots, markdown) -> list[dict]:
             "### Time to accuracy" + ("" if width is None else f", {name}"), "",
             f"Command: `{command}` ({env['date']}, commit {env['commit']}, {env['cpus']} CPUs, "
             f"load average {env['loadavg'][0]:.1f} at the start, "
-            f"{load_end:.1f} at the end)", "",
+            f"{load_end:.1f} at the end)", "", *_cpu_reference_lines(env),
             f"`approxdist-train --model {plan['model']}{flag} --dataset digits --epochs {plan['epochs']} "
             f"--batch-size {plan['batch']} --eval-every {plan['eval_every']}` under torchrun on 2 testbed "
             f"nodes at {plan['rate']} (gloo all-reduce measured at "
@@ -1003,11 +1017,7 @@ def _markdown_body(command, plan, table, pngs, testbed, links, env, docdir,
              f"{env['loadavg'][0]:.1f} at the start, "
              f"{os.getloadavg()[0] if load_end is None else load_end:.1f} at the end; the "
              "machine is shared, so the load says how much to trust the times)", ""]
-    if env.get("cpu_reference"):
-        from .cpu_reference import describe
-
-        lines += [describe(env["cpu_reference"]) + ", taken before the run: compare step "
-                  "times of different days only beside it.", ""]
+    lines += _cpu_reference_lines(env)
     common = (f"Real DDP steps of torchvision models (10 classes), batch {plan['batch']} per "
               f"rank at {plan['image_size']} px, random data; {plan['steps']} timed steps "
               f"after {plan['warmup']} warm-up step(s), {plan['repeats']} interleaved rounds "
