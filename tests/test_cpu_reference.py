@@ -25,6 +25,20 @@ def test_measure_names_a_bad_reps(reps):
         measure(reps=reps)
 
 
+def test_a_worker_that_never_gets_ready_is_stopped_not_waited_for():
+    import sys
+    import time
+
+    from approxdist.bench.cpu_reference import _run_together
+
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="not ready within 1 s"):
+        _run_together([None], 1, 1.0, cmd=[sys.executable, "-c", "import time; time.sleep(60)"])
+    assert time.monotonic() - t0 < 30
+    with pytest.raises(RuntimeError, match=r"failed \(exit code 3\)"):
+        _run_together([None], 1, 10.0, cmd=[sys.executable, "-c", "import sys; sys.exit(3)"])
+
+
 def test_the_command_rejects_a_bad_reps(capsys):
     from approxdist.bench.cpu_reference import main
 

@@ -17,9 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
 import statistics
 import subprocess
 import sys
+import time
 
 __all__ = ["WORKLOAD", "measure", "describe", "main"]
 
@@ -35,8 +37,6 @@ def _worker(argv: list[str]) -> int:
     a = p.parse_args(argv)
     if a.cpu is not None:
         os.sched_setaffinity(0, {a.cpu})
-    import time
-
     import torch
     import torch.nn.functional as F
     import torchvision
@@ -65,13 +65,19 @@ def _worker(argv: list[str]) -> int:
     return 0
 
 
-def _run_together(cpus: list, reps: int, timeout: float) -> list[float]:
-    """One worker per entry of cpus (None: not pinned), timing at the same time."""
-    cmd = [sys.executable, "-m", "approxdist.bench.cpu_reference", "_worker", "--reps", str(reps)]
+def _run_together(cpus: list, reps: int, timeout: float, cmd: list | None = None) -> list[float]:
+    """One worker per entry of cpus (None: not pinned), timing at the same time; each has
+    `timeout` seconds to get ready and as many to finish. cmd: the worker's command
+    (tests)."""
+    cmd = cmd or [sys.executable, "-m", "approxdist.bench.cpu_reference", "_worker", "--reps", str(reps)]
     procs = [subprocess.Popen(cmd + ([] if c is None else ["--cpu", str(c)]), stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True) for c in cpus]
     try:
+        deadline = time.monotonic() + timeout
         for proc in procs:  # every one built and warmed up before any starts timing
+            ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise RuntimeError(f"the CPU reference worker was not ready within {timeout:g} s")
             if proc.stdout.readline().strip() != "ready":
                 raise RuntimeError(f"the CPU reference worker failed (exit code {proc.wait(timeout)})")
         for proc in procs:
