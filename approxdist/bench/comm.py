@@ -695,9 +695,9 @@ def _csv(s: str) -> list[str]:
     return [x for x in s.split(",") if x]
 
 
-def _environment(a=None) -> dict:
-    """Date, versions, commit and load of this run; with the parsed options `a`, also the
-    CPU reference (approxdist-bench cpu) unless --no-cpu-reference."""
+def _environment(a) -> dict:
+    """Date, versions, commit and load of this run, and the CPU reference (approxdist-bench
+    cpu) unless the parsed options `a` say --no-cpu-reference."""
     import platform
 
     import torch
@@ -710,7 +710,7 @@ def _environment(a=None) -> dict:
     env = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
            "python": platform.python_version(), "cpus": os.cpu_count(), "commit": commit,
            "loadavg": list(os.getloadavg())}
-    if a is not None and a.cpu_reference:
+    if a.cpu_reference:
         from .cpu_reference import describe, measure
 
         env["cpu_reference"] = measure()
