@@ -92,6 +92,30 @@ def test_setup_builds_shaped_nodes_and_teardown_removes_them():
     assert not (STATE_DIR / f"{tag}.netns").exists()
 
 
+def _burst_bytes(tc_line):
+    """tbf's burst in bytes from `tc qdisc show` ("burst 98250b", "burst 96Kb")."""
+    word = tc_line.split("burst ")[1].split()[0]
+    for unit, mul in (("Kb", 1024), ("Mb", 1024 * 1024), ("b", 1)):
+        if word.endswith(unit):
+            return float(word[:-len(unit)]) * mul
+    raise AssertionError(tc_line)
+
+
+@needs_netns
+def test_the_default_burst_holds_a_gso_segment():
+    # A bucket under 64 KiB makes tbf split the veth's GSO segments, which at 500mbit
+    # cost gloo a fifth of the link in retransmissions: every rate gets at least 96 KiB
+    # (tc keeps it to within its clock's resolution), 1gbit keeps 1 ms of traffic.
+    for rate, want in (("500mbit", 98304), ("100mbit", 98304), ("1gbit", 125000)):
+        tag = _tag("burst")
+        with Testbed(2, rate, tag=tag) as tb:
+            for ns, dev in ((tb.netns(0), "eth0"), (f"adtb-{tag}-hub", "v1")):
+                line = subprocess.run(["tc", "-n", ns, "qdisc", "show", "dev", dev],
+                                      capture_output=True, text=True).stdout
+                assert abs(_burst_bytes(line) - want) < 0.01 * want, (rate, line)
+        assert tb.namespaces() == []
+
+
 @needs_netns
 def test_links_are_shaped_in_both_directions():
     # 100 Mbit/s is 1/100 of what an unshaped veth carries here, so an upper bound
@@ -232,6 +256,8 @@ def test_ddp_steps_on_two_shaped_nodes_send_the_analytic_payload():
     assert sparse["wire_tx_bytes"] < dense["wire_tx_bytes"]
     assert all(t > 0 for t in sparse["step_s"])
     assert len(by[("sparse0.5+overlap", 0)]["step_s"]) == plan["steps"]
+    # Each node counted its TCP retransmissions (its own namespace's /proc/net/snmp).
+    assert all(isinstance(r["tcp_retransmits"], int) and r["tcp_retransmits"] >= 0 for r in rows)
 
 
 # -- the benchmark's bookkeeping, anywhere --------------------------------------------------
@@ -354,6 +380,31 @@ def test_summary_speedup_and_physical_limit():
     assert s["sparse0.5"]["ddp_bound_s"] == pytest.approx(0.45)
     assert s["sparse0.5"]["of_ddp_bound"] == pytest.approx(0.5 / 0.45)
     assert s["sparse0.5"]["pack_unpack_share"] == pytest.approx(0.025 / 0.5)
+
+
+def test_retransmissions_are_summed_over_every_node_and_round():
+    from approxdist.bench.comm import retransmit_line, summarize
+
+    def row(hook, rank, repeat, retrans):
+        r = {"rank": rank, "world_size": 2, "nodes": 2, "rate": "500mbit", "model": "m", "hook": hook,
+             "kind": "sparse", "ratio": 0.5, "fp16": False, "step_s": [0.5], "repeat": repeat,
+             "compute_s": [0.1], "payload_bytes": 5e7, "dense_bytes": 1e8, "hook_body_s": 0.0}
+        if retrans is not None:
+            r["tcp_retransmits"] = retrans
+        return r
+
+    rows = [row("sparse0.5", rank, rep, 3 * rank + rep) for rank in (0, 1) for rep in (0, 1)]
+    rows += [row("sparse0.33", rank, rep, 0) for rank in (0, 1) for rep in (0, 1)]
+    s = {x["hook"]: x for x in summarize(rows)}
+    assert s["sparse0.5"]["tcp_retransmits"] == 0 + 1 + 3 + 4  # rank 1's too, not only rank 0's
+    assert s["sparse0.33"]["tcp_retransmits"] == 0
+    line = retransmit_line(list(s.values()))
+    assert "8 in 1 of 2 rows (2 nodes 500mbit m sparse0.5 8)" in line
+    clean = retransmit_line([s["sparse0.33"]])
+    assert clean.endswith("none in all 1 rows: no link dropped a packet.")
+    # loopback rows and JSON files from before the count: no sentence at all
+    old = summarize([row("sparse0.5", 0, 0, None)])
+    assert "tcp_retransmits" not in old[0] and retransmit_line(old) is None
 
 
 def test_summary_pairs_the_rounds_for_the_speedup_range():

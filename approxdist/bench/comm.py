@@ -217,6 +217,18 @@ def _tx_bytes(ifname: str) -> int | None:
     return None
 
 
+def _tcp_retransmits() -> int | None:
+    """TCP segments this network namespace has retransmitted so far (/proc/net/snmp's
+    RetransSegs; None where it cannot be read). On the testbed a clean link has none:
+    tbf drops what overflows its queue, and TCP then resends it and slows down."""
+    try:
+        with open("/proc/net/snmp") as f:
+            tcp = [line.split() for line in f if line.startswith("Tcp:")]
+        return int(dict(zip(tcp[0][1:], tcp[1][1:]))["RetransSegs"])
+    except (OSError, IndexError, KeyError, ValueError):
+        return None
+
+
 def make_model(name: str):
     """A torchvision classifier with 10 classes, or "tiny" (two convs and a linear layer,
     for tests: its steps take milliseconds, its layers still get sampled)."""
@@ -293,6 +305,7 @@ def _run_config(cfg: dict, spec: dict, plan: dict, seed: int, measure_compute: b
     stats0 = dict(state.stats) if state is not None else None
     box[0] = 0.0
     tx0 = _tx_bytes(ifname) if ifname and ifname != "lo" else None
+    retrans0 = _tcp_retransmits() if tx0 is not None else None
     times, analytic, hook_body, pack, unpack = [], [], [], [], []
     counters = (lambda: (box[0], state.pack_seconds, state.unpack_seconds)) \
         if spec["kind"] == "sparse" else (lambda: (box[0], 0.0, 0.0))
@@ -323,6 +336,7 @@ def _run_config(cfg: dict, spec: dict, plan: dict, seed: int, measure_compute: b
             ad.distributed.finish_steps(ddp)
             times.append(time.perf_counter() - start)
     tx1 = _tx_bytes(ifname) if tx0 is not None else None
+    retrans1 = _tcp_retransmits() if retrans0 is not None else None
     # Taken before the local-only steps below, which let the replicas drift apart.
     digest = float(torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double().sum())
     compute, forward, optim = [], [], []
@@ -353,6 +367,8 @@ def _run_config(cfg: dict, spec: dict, plan: dict, seed: int, measure_compute: b
         # Per step, like step_s; the row's figure is their median, as for the step time.
         "hook_body_steps_s": hook_body, "hook_body_s": statistics.median(hook_body),
         "wire_tx_bytes": None if tx1 is None else (tx1 - tx0) / steps,
+        # this node's, over all the timed steps (the overlap's last transfer included)
+        "tcp_retransmits": None if retrans1 is None else retrans1 - retrans0,
         "param_digest": digest,
     }
     if spec["kind"] == "sparse":
@@ -474,10 +490,13 @@ def summarize(rows: list[dict]) -> list[dict]:
     baseline's median step in that round over the row's): `speedup_rounds`, in round
     order. Their spread says how far a slow spell of the machine moved the ratio."""
     groups: dict[tuple, list[dict]] = {}
+    retransmits: dict[tuple, list[int]] = {}  # every node's, not only rank 0's
     for r in rows:
+        key = (r.get("nodes", r["world_size"]), r.get("rate", "loopback"), r["model"], r["hook"])
         if r["rank"] == 0:
-            key = (r.get("nodes", r["world_size"]), r.get("rate", "loopback"), r["model"], r["hook"])
             groups.setdefault(key, []).append(r)
+        if r.get("tcp_retransmits") is not None:
+            retransmits.setdefault(key, []).append(r["tcp_retransmits"])
     out = []
     for (nodes, rate, model, hook), rs in groups.items():
         steps = [t for r in rs for t in r["step_s"]]
@@ -493,6 +512,8 @@ def summarize(rows: list[dict]) -> list[dict]:
              "round_step_s": [[rep, t] for rep, t in rounds]}
         wire = [r["wire_tx_bytes"] for r in rs if r.get("wire_tx_bytes") is not None]
         s["wire_tx_bytes"] = statistics.median(wire) if wire else None
+        if (nodes, rate, model, hook) in retransmits:  # all nodes, all rounds
+            s["tcp_retransmits"] = sum(retransmits[(nodes, rate, model, hook)])
         if "analytic_bytes" in rs[0]:
             s["analytic_bytes"] = rs[0]["analytic_bytes"]
         if rs[0].get("link_bits_per_s"):
@@ -575,6 +596,23 @@ def format_table(summary: list[dict], testbed: bool) -> str:
                       f"{s['pack_unpack_share']:.1%}" if "pack_unpack_share" in s else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def retransmit_line(summary: list[dict]) -> str | None:
+    """A sentence on the TCP segments the nodes retransmitted during the timed steps
+    (None for runs that did not count them: loopback, or JSON files from before)."""
+    counted = [s for s in summary if s.get("tcp_retransmits") is not None]
+    if not counted:
+        return None
+    lead = "TCP segments retransmitted during the timed steps (every node, every round): "
+    lossy = [s for s in counted if s["tcp_retransmits"] > 0]
+    if not lossy:
+        return lead + f"none in all {len(counted)} rows: no link dropped a packet."
+    rows = ", ".join(f"{s['nodes']} nodes {s['rate']} {s['model']} {s['hook']} {s['tcp_retransmits']}"
+                     for s in lossy)
+    return (lead + f"{sum(s['tcp_retransmits'] for s in lossy)} in {len(lossy)} of "
+            f"{len(counted)} rows ({rows}): tbf dropped what overflowed its queue, so those "
+            "rows also time TCP's recovery.")
 
 
 def plot(summary: list[dict], outdir: Path, prefix: str = "comm") -> list[Path]:
@@ -865,7 +903,7 @@ def main(argv=None) -> int:
                         rows.append(r)
                 save()
     summary = summarize(rows)
-    table = format_table(summary, a.testbed)
+    table = _with_retransmits(format_table(summary, a.testbed), summary)
     print(table)
     save()
     mode = "testbed" if a.testbed else "loopback"
@@ -983,7 +1021,7 @@ def _render(a) -> int:
         return 0
     testbed = bool(saved["links"]) or "--testbed" in saved["command"].split()
     summary = summarize(saved["rows"])
-    table = format_table(summary, testbed)
+    table = _with_retransmits(format_table(summary, testbed), summary)
     print(table)
     mode = "testbed" if testbed else "loopback"
     pngs = plot(summary, Path(a.plots), f"comm_{mode}") if a.plots else []
@@ -995,6 +1033,11 @@ def _render(a) -> int:
                               load_end=env.get("loadavg_end", [float("nan")])[0])
         write_markdown_section(Path(a.markdown), body, mode)
     return 0
+
+
+def _with_retransmits(table: str, summary: list[dict]) -> str:
+    line = retransmit_line(summary)
+    return table if line is None else f"{table}\n\n{line}"
 
 
 def _probe_detail(link: dict) -> str:

@@ -97,7 +97,8 @@ class Testbed:
 
     rate: tc rate of every link in each direction, or "none" for unshaped veths (on two
     cores gloo tops out near 3 Gbit/s unshaped, so keep shaped rates well below that).
-    burst: tbf bucket; default 1 ms at `rate` (messages below it pass unshaped).
+    burst: tbf bucket; default 1 ms at `rate` and at least 96 KiB, a whole GSO segment
+    (messages below it pass unshaped; see launch/testbed/setup.sh).
     tag: names the namespaces adtb-TAG-*, so two testbeds (a test and a benchmark) coexist.
     """
 
