@@ -399,7 +399,7 @@ def test_retransmissions_are_summed_over_every_node_and_round():
     assert s["sparse0.5"]["tcp_retransmits"] == 0 + 1 + 3 + 4  # rank 1's too, not only rank 0's
     assert s["sparse0.33"]["tcp_retransmits"] == 0
     line = retransmit_line(list(s.values()))
-    assert "8 in 1 of 2 rows (2 nodes 500mbit m sparse0.5 8)" in line
+    assert "8 in 1 of 2 rows, at most 8 (2 nodes 500mbit m sparse0.5)." in line
     clean = retransmit_line([s["sparse0.33"]])
     assert clean.endswith("none in all 1 rows: no link dropped a packet.")
     # loopback rows and JSON files from before the count: no sentence at all

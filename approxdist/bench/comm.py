@@ -608,11 +608,11 @@ def retransmit_line(summary: list[dict]) -> str | None:
     lossy = [s for s in counted if s["tcp_retransmits"] > 0]
     if not lossy:
         return lead + f"none in all {len(counted)} rows: no link dropped a packet."
-    rows = ", ".join(f"{s['nodes']} nodes {s['rate']} {s['model']} {s['hook']} {s['tcp_retransmits']}"
-                     for s in lossy)
-    return (lead + f"{sum(s['tcp_retransmits'] for s in lossy)} in {len(lossy)} of "
-            f"{len(counted)} rows ({rows}): tbf dropped what overflowed its queue, so those "
-            "rows also time TCP's recovery.")
+    worst = max(lossy, key=lambda s: s["tcp_retransmits"])
+    return (lead + f"{sum(s['tcp_retransmits'] for s in lossy)} in {len(lossy)} of {len(counted)} "
+            f"rows, at most {worst['tcp_retransmits']} ({worst['nodes']} nodes {worst['rate']} "
+            f"{worst['model']} {worst['hook']}). tbf drops what overflows its queue, and a lost "
+            "packet stalls its TCP stream until the resend, so rows with many also time that.")
 
 
 def plot(summary: list[dict], outdir: Path, prefix: str = "comm") -> list[Path]:
