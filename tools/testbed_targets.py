@@ -122,7 +122,10 @@ def main(argv=None) -> int:
         except (OSError, json.JSONDecodeError) as e:
             p.error(f"files: cannot read {f}: {e}")
         v = verdicts(data) if isinstance(data, dict) else None
-        (runs.append((Path(f).name, v)) if v is not None else skipped.append(f))
+        if v is None:
+            skipped.append(f)
+        else:
+            runs.append((Path(f).name, v))
     runs.sort(key=lambda r: r[1]["date"] or "")
     if runs:
         print(table(runs))

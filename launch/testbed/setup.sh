@@ -25,10 +25,8 @@
 #   added delay.
 # - tbf lets up to BURST bytes through at full speed; messages smaller than the burst
 #   are not shaped, so keep BURST small next to the messages you measure. It must hold
-#   a whole 64 KiB GSO segment, though: tbf splits a larger packet into MTU-sized ones,
-#   and at 500mbit the default of 1 ms (62.5 kB) made gloo lose 700-1700 segments per 5
-#   all-reduces of 25 MB and run at 0.39 Gbit/s (0.48 with 96kb, none lost); at 100mbit
-#   a 16kb bucket lost none but carried 0.089 Gbit/s of gloo against 0.096.
+#   a whole 64 KiB GSO segment, though: tbf splits a larger packet, and the split pieces
+#   cost the link (lost packets at 500mbit; the figures are in README.md).
 # - every namespace shares the host name, so a c10d rendezvous inside the testbed needs
 #   `--local-addr 10.77.0.(I+1)` and `--rdzv-conf is_host=1` on node 0 (is_host=0
 #   elsewhere), and on torch 2.4, whose c10d rendezvous tells the workers node 0's host
