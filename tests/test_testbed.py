@@ -106,9 +106,11 @@ def test_the_default_burst_holds_a_gso_segment():
     # A bucket under 64 KiB makes tbf split the veth's GSO segments, which at 500mbit
     # cost gloo a fifth of the link in retransmissions: every rate gets at least 96 KiB
     # (tc keeps it to within its clock's resolution), 1gbit keeps 1 ms of traffic.
-    for rate, want in (("500mbit", 98304), ("100mbit", 98304), ("1gbit", 125000)):
+    for rate, burst, want in (("500mbit", None, 98304), ("100mbit", None, 98304),
+                              ("1gbit", None, 125000), ("100mbit", "16KB", 16384)):
         tag = _tag("burst")
-        with Testbed(2, rate, tag=tag) as tb:
+        with Testbed(2, rate, burst=burst, tag=tag) as tb:
+            assert tb.burst_bytes == want  # what the benchmarks record
             for ns, dev in ((tb.netns(0), "eth0"), (f"adtb-{tag}-hub", "v1")):
                 line = subprocess.run(["tc", "-n", ns, "qdisc", "show", "dev", dev],
                                       capture_output=True, text=True).stdout
@@ -308,8 +310,12 @@ def test_testbed_markdown_describes_powersgd_only_when_it_ran(hooks, tmp_path):
     plan = {"configs": [{"model": "resnet18", "hook": h, "bucket_mb": 5} for h in hooks], "batch": 16,
             "image_size": 32, "steps": 7, "warmup": 2, "repeats": 3}
     env = {"date": "2026-12-02 07:00 UTC", "commit": "abc1234", "torch": "2.14.1", "cpus": 2, "loadavg": [0.5]}
+    links = {"2 nodes, 1gbit": {"link_bits_per_s": 9.5e8},  # a file from before the burst was kept
+             "2 nodes, 100mbit": {"link_bits_per_s": 9.5e7, "burst_bytes": 98304}}
     body = _markdown_body("approxdist-bench comm --testbed", plan, "| table |", [], True,
-                          {"2 nodes, 1gbit": {"link_bits_per_s": 9.5e8}}, env, tmp_path, load_end=0.6)
+                          links, env, tmp_path, load_end=0.6)
+    assert "testbed, 2 nodes, 1gbit: 0.950 Gbit/s per link\n" in body
+    assert "testbed, 2 nodes, 100mbit: 0.095 Gbit/s per link; tbf burst 96 KiB\n" in body
     if "powersgd1" in hooks:
         assert "PowerSGD runs in a single DDP bucket" in body and "the others use DDP buckets of 5 MB" in body
     else:
@@ -667,7 +673,7 @@ def test_time_to_accuracy_render_redoes_table_plot_and_markdown(tmp_path, capsys
            "loadavg_end": [0.7]}
     saved = {"command": "approxdist-bench comm --testbed --time-to-accuracy --tta-model mlp "
                         "--tta-rate 1gbit --tta-eval-every 3 --target 97.5 --repeats 1",
-             "environment": env, "link": {"link_bits_per_s": 9.5e8}, "rows": rows}
+             "environment": env, "link": {"link_bits_per_s": 9.5e8}, "rows": rows}  # no burst: old file
     old = tmp_path / "old.json"  # from before the plan was saved: read from the command
     old.write_text(json.dumps(saved))
     md = tmp_path / "benchmarks.md"
@@ -677,7 +683,7 @@ def test_time_to_accuracy_render_redoes_table_plot_and_markdown(tmp_path, capsys
     assert "keep me" in text and "### Time to accuracy" in text
     assert "`approxdist-train --model mlp --dataset digits --epochs 6 --batch-size 32 " \
            "--eval-every 3` under torchrun on 2 testbed nodes at 1gbit" in text
-    assert "(gloo all-reduce measured at 950 Mbit/s), 1 interleaved rounds" in text
+    assert "(gloo all-reduce measured at 950 Mbit/s), 1 interleaved rounds" in text  # no burst
     assert "PowerSGD" not in text  # not among the hooks: not described
     # at the run's own target (97.5): the 95.5 points do not count
     assert "| sparse0.33 | 1/1 | 2.00 | 1.50x | 10 |" in text and "training s to 97.5%" in text
@@ -685,7 +691,8 @@ def test_time_to_accuracy_render_redoes_table_plot_and_markdown(tmp_path, capsys
     assert "![comm_tta_accuracy_vs_time](comm_tta_accuracy_vs_time.png)" in text
     # another target on request, from a file with its plan; the block is replaced
     saved["plan"] = {"model": "cnn", "epochs": 2, "batch": 8, "rate": "100mbit", "eval_every": 2,
-                     "repeats": 1, "target": 97.5}
+                     "repeats": 1, "target": 97.5, "burst": "16kb"}
+    saved["link"]["burst_bytes"] = 16384
     new = tmp_path / "new.json"
     new.write_text(json.dumps(saved))
     capsys.readouterr()
@@ -694,6 +701,7 @@ def test_time_to_accuracy_render_redoes_table_plot_and_markdown(tmp_path, capsys
     text = md.read_text()
     assert text.count("### Time to accuracy") == 1 and "training s to 95%" in text
     assert "--model cnn --dataset digits --epochs 2 --batch-size 8 --eval-every 2" in text
+    assert "(gloo all-reduce measured at 950 Mbit/s; tbf burst 16 KiB), 1 interleaved" in text
     assert "training s to 97.5%" not in text and "![" not in text  # no --plots this time
     # a wider built-in model: its own block and plot beside the default one's
     saved["plan"]["width"] = 128
@@ -705,6 +713,34 @@ def test_time_to_accuracy_render_redoes_table_plot_and_markdown(tmp_path, capsys
     assert "training s to 95%" in text  # the default block is left as it was
     assert "![comm_tta_accuracy_vs_time_cnn128](comm_tta_accuracy_vs_time_cnn128.png)" in text
     assert (tmp_path / "comm_tta_accuracy_vs_time_cnn128.png").is_file()
+
+
+def test_burst_sizes_read_like_tc():
+    from approxdist.bench.testbed import default_burst_bytes, parse_size
+
+    assert [parse_size(s) for s in ("65536", "64b", "96kb", "96K", "1mb", " 2m ")] == \
+        [65536, 64, 98304, 98304, 1 << 20, 2 << 20]
+    for bad in ("0", "-5", "16kbit", "1.5kb", "", "lots"):
+        with pytest.raises(ValueError, match="burst must be a positive tc size"):
+            parse_size(bad)
+    with pytest.raises(ValueError, match="burst must be"):
+        Testbed(2, "1gbit", burst="1.5kb")
+    assert default_burst_bytes("100mbit") == 98304 and default_burst_bytes("1gbit") == 125000
+    assert default_burst_bytes("10gbit") == 1_250_000
+    assert Testbed(2, "none").burst_bytes is None
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--testbed", "--burst", "16kbit"], "--burst must be a positive tc size"),
+    (["--burst", "16kb"], "--burst shapes the testbed's links: add --testbed"),
+    (["--testbed", "--time-to-accuracy", "--burst", "0"], "--burst must be a positive tc size"),
+])
+def test_burst_is_checked_before_anything_runs(argv, message, capsys):
+    from approxdist.bench.comm import main
+
+    with pytest.raises(SystemExit):
+        main(argv + ["--models", "tiny"])
+    assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("value", ["0", "-5", "nan"])

@@ -783,6 +783,9 @@ def _parser() -> argparse.ArgumentParser:
                         f"'+overlapF' with eager fraction F (e.g. sparse0.33+overlap0.3)")
     p.add_argument("--nodes", default="2,4", help="testbed node counts")
     p.add_argument("--rates", default="1gbit,100mbit", help="testbed link rates")
+    p.add_argument("--burst", default=None,
+                   help="tbf bucket of every testbed link, a tc size like 16kb (default: 1 ms at "
+                        "the rate, at least 96 KiB; messages under it pass unshaped)")
     p.add_argument("--batch", type=int, default=16, help="per rank")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=3, help="timed steps per run")
@@ -832,6 +835,15 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.render:
         return _render(a)
+    if a.burst is not None:
+        if not a.testbed:
+            p.error("--burst shapes the testbed's links: add --testbed")
+        from .testbed import parse_size
+
+        try:
+            parse_size(a.burst)
+        except ValueError as e:
+            p.error(f"--{e}")
     if a.time_to_accuracy:
         if not a.testbed:
             p.error("--time-to-accuracy runs on the testbed: add --testbed")
@@ -891,8 +903,9 @@ def main(argv=None) -> int:
         for rate in _csv(a.rates):
             for nodes in (int(n) for n in _csv(a.nodes)):
                 plan["threads"] = max(1, (os.cpu_count() or 2) // nodes)
-                with Testbed(nodes, rate) as tb:
+                with Testbed(nodes, rate, burst=a.burst) as tb:
                     link = tb.measure_allreduce(25_000_000 if rate != "none" else 100_000_000)
+                    link["burst_bytes"] = tb.burst_bytes
                     links[f"{nodes} nodes, {rate}"] = link
                     if not a.quiet:
                         print(f"testbed {nodes} nodes {rate}: gloo all-reduce carries "
@@ -935,8 +948,9 @@ def _main_tta(a, argv) -> int:
         return 2
     command = "approxdist-bench comm " + " ".join(argv)
     env = _environment(a)
-    with Testbed(2, a.tta_rate) as tb:
+    with Testbed(2, a.tta_rate, burst=a.burst) as tb:
         link = tb.measure_allreduce(5_000_000)
+        link["burst_bytes"] = tb.burst_bytes
         rows = run_tta(tb, hooks, repeats=a.repeats, model=a.tta_model, epochs=a.tta_epochs,
                        batch=a.tta_batch, eval_every=eval_every, width=a.tta_width,
                        verbose=not a.quiet)
@@ -956,7 +970,7 @@ def _tta_plan_of(a) -> dict:
     from .comm_tta import EVAL_EVERY, TTA_TARGET
 
     return {"model": a.tta_model, "width": a.tta_width, "epochs": a.tta_epochs,
-            "batch": a.tta_batch, "rate": a.tta_rate,
+            "batch": a.tta_batch, "rate": a.tta_rate, "burst": a.burst,
             "eval_every": EVAL_EVERY if a.tta_eval_every is None else a.tta_eval_every,
             "repeats": a.repeats, "target": TTA_TARGET if a.target is None else a.target}
 
@@ -997,7 +1011,7 @@ def _tta_outputs(saved: dict, target: float, plots, markdown) -> list[dict]:
             f"`approxdist-train --model {plan['model']}{flag} --dataset digits --epochs {plan['epochs']} "
             f"--batch-size {plan['batch']} --eval-every {plan['eval_every']}` under torchrun on 2 testbed "
             f"nodes at {plan['rate']} (gloo all-reduce measured at "
-            f"{link['link_bits_per_s'] / 1e6:.0f} Mbit/s), {plan['repeats']} interleaved rounds. "
+            f"{link['link_bits_per_s'] / 1e6:.0f} Mbit/s{_burst_detail(link)}), {plan['repeats']} interleaved rounds. "
             f"`training s to {target:g}%` is approxdist-train's training clock (the steps "
             "with their transfers, without the evaluations and checkpoints) at the first "
             f"evaluation (every {plan['eval_every']} steps and at each epoch's end) whose test top-1 "
@@ -1038,6 +1052,12 @@ def _render(a) -> int:
 def _with_retransmits(table: str, summary: list[dict]) -> str:
     line = retransmit_line(summary)
     return table if line is None else f"{table}\n\n{line}"
+
+
+def _burst_detail(link: dict) -> str:
+    """The links' tbf burst, for runs that recorded it (messages under it pass unshaped)."""
+    burst = link.get("burst_bytes")
+    return "" if burst is None else f"; tbf burst {burst / 1024:g} KiB"
 
 
 def _probe_detail(link: dict) -> str:
@@ -1084,7 +1104,8 @@ def _markdown_body(command, plan, table, pngs, testbed, links, env, docdir,
             "within the compute-alone steps) cannot overlap the transfer.", ""]
         for k, v in links.items():
             lines.append(f"- gloo all-reduce rate measured on the testbed, {k}: "
-                         f"{v['link_bits_per_s'] / 1e9:.3f} Gbit/s per link" + _probe_detail(v))
+                         f"{v['link_bits_per_s'] / 1e9:.3f} Gbit/s per link" + _probe_detail(v)
+                         + _burst_detail(v))
         lines.append("")
     else:
         lines += [common + " The link is loopback: the bytes are exact, the step times are "

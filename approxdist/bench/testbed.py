@@ -80,6 +80,25 @@ def parse_rate(rate: str) -> float:
     return value * (8 if m.group(3) == "bps" else 1)
 
 
+DEFAULT_BURST_FLOOR = 96 * 1024  # a 64 KiB GSO segment with room to spare (setup.sh)
+
+
+def parse_size(size: str) -> int:
+    """tc's size syntax ("96kb", "128k", "1mb", "65536") to bytes (k and m are 1024-based,
+    as in tc); the burst of a testbed link."""
+    import re
+
+    m = re.fullmatch(r"([0-9]+)(b|kb|k|mb|m)?", str(size).strip().lower())
+    if not m or int(m.group(1)) == 0:
+        raise ValueError(f"burst must be a positive tc size like '96kb', '128k' or '65536', got {size!r}")
+    return int(m.group(1)) * {None: 1, "b": 1, "kb": 1024, "k": 1024, "mb": 1 << 20, "m": 1 << 20}[m.group(2)]
+
+
+def default_burst_bytes(rate: str) -> int:
+    """setup.sh's default tbf burst at `rate`: 1 ms of traffic, at least 96 KiB."""
+    return max(int(parse_rate(rate)) // 8 // 1000, DEFAULT_BURST_FLOOR)
+
+
 def ring_allreduce_bytes(nbytes: int, world_size: int) -> float:
     """Bytes each node sends (and receives) in a bandwidth-optimal all-reduce.
 
@@ -110,9 +129,11 @@ class Testbed:
             raise ValueError(f"nodes must be an int in 2..200, got {nodes!r}")
         if rate != "none":
             parse_rate(rate)
+        if burst is not None:
+            parse_size(burst)
         self.nodes = nodes
         self.rate = rate
-        self.burst = burst
+        self.burst = None if burst is None else str(burst).strip().lower()
         self.latency = latency
         self.tag = tag if tag is not None else f"p{os.getpid() % 10_000_000}"
         if not (1 <= len(self.tag) <= 8 and self.tag.isalnum() and self.tag == self.tag.lower()):
@@ -126,6 +147,13 @@ class Testbed:
     @property
     def rate_bps(self) -> float | None:
         return None if self.rate == "none" else parse_rate(self.rate)
+
+    @property
+    def burst_bytes(self) -> int | None:
+        """The tbf bucket of every link in bytes (None when unshaped)."""
+        if self.rate == "none":
+            return None
+        return parse_size(self.burst) if self.burst else default_burst_bytes(self.rate)
 
     def netns(self, i: int) -> str:
         self._check_node(i)
