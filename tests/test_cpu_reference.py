@@ -78,6 +78,11 @@ def test_comm_markdown_states_the_reference_when_the_run_took_one(tmp_path):
     assert ("CPU reference (w; `approxdist-bench cpu`): 101.0 ms alone, 120.1 ms with one copy on "
             "each of the 2 cores (1.19x), taken before the run: compare times of different days "
             "only beside it.") in body
+    end = dict(ref, alone_ms=80.44, all_cores_ms=95.0)
+    both = _markdown_body("approxdist-bench comm --testbed", plan, "| table |", [], True, links,
+                          _env(cpu_reference=ref, cpu_reference_end=end), tmp_path, load_end=0.6)
+    assert ("(1.19x), taken before the run (after it: 80.4 ms alone, 95.0 ms on all cores): "
+            "compare times of different days only beside it.") in both
     # a JSON file from before the reference (docs/comm_testbed.json) renders as it did
     old = _markdown_body("approxdist-bench comm --testbed", plan, "| table |", [], True, links,
                          _env(), tmp_path, load_end=0.6)
@@ -117,3 +122,31 @@ def test_time_to_accuracy_markdown_states_the_reference_too(tmp_path):
         assert ("CPU reference (w; `approxdist-bench cpu`): 90.0 ms alone, 99.0 ms with one copy "
                 "on each of the 2 cores (1.10x)" in text) is stated
         assert "`approxdist-train --model cnn --dataset digits --epochs 2" in text
+
+
+def test_a_comm_run_takes_the_reference_before_and_after_it(tmp_path, monkeypatch):
+    # A real loopback run (2 gloo ranks, the tiny model); only the reference workload is
+    # replaced by two known figures, so the test checks which one lands where.
+    import json
+
+    from approxdist.bench import cpu_reference
+    from approxdist.bench.comm import main
+
+    taken = []
+
+    def fake_measure(reps=10, timeout=300.0):
+        taken.append(len(taken))
+        ms = (70.0, 55.0)[len(taken) - 1]
+        return {"workload": "w", "reps": reps, "cores": 2, "alone_ms": ms, "all_cores_ms": ms + 10,
+                "per_core_ms": [ms + 10, ms + 10], "slowdown": (ms + 10) / ms}
+
+    monkeypatch.setattr(cpu_reference, "measure", fake_measure)
+    out, md = tmp_path / "run.json", tmp_path / "benchmarks.md"
+    assert main(["--models", "tiny", "--hooks", "allreduce,sparse0.5", "--steps", "1", "--repeats", "1",
+                 "--warmup", "1", "--json", str(out), "--markdown", str(md), "--quiet"]) == 0
+    env = json.loads(out.read_text())["environment"]
+    assert taken == [0, 1]
+    assert env["cpu_reference"]["alone_ms"] == 70.0 and env["cpu_reference_end"]["alone_ms"] == 55.0
+    assert len(env["loadavg_end"]) == 3
+    assert ("70.0 ms alone, 80.0 ms with one copy on each of the 2 cores (1.14x), taken before the "
+            "run (after it: 55.0 ms alone, 65.0 ms on all cores)") in md.read_text()

@@ -25,9 +25,13 @@ def _row(hook, step, of_limit=1.3, payload=None, analytic=None, nodes=2, rate="1
     return row
 
 
-def _run_data(s33=0.17, overlap=0.14, overlap_limit=1.14, s05=0.24, f16=0.25, analytic=100, ref=61.0):
-    return {"environment": {"date": "2026-12-02 14:03 UTC", "commit": "abc1234",
-                            "cpu_reference": {"alone_ms": ref} if ref else None},
+def _run_data(s33=0.17, overlap=0.14, overlap_limit=1.14, s05=0.24, f16=0.25, analytic=100, ref=61.0,
+              ref_end=None):
+    env = {"date": "2026-12-02 14:03 UTC", "commit": "abc1234",
+           "cpu_reference": {"alone_ms": ref} if ref else None}
+    if ref_end:
+        env["cpu_reference_end"] = {"alone_ms": ref_end}
+    return {"environment": env,
             "plan": {"configs": [{"model": "resnet18", "hook": h, "bucket_mb": 5.0}
                                  for h in ("allreduce", "sparse0.33", "powersgd1")]
                      + [{"model": "resnet18", "hook": "powersgd1", "bucket_mb": 1024}]},
@@ -48,6 +52,7 @@ def test_verdicts_read_the_run_and_check_every_target():
     assert v["sparse05_plain_s"] == 0.24 and v["fp16_plain_s"] == 0.25 and "sparse05_overlap_s" not in v
     text = mod.table([("a.json", v)])
     row = text.splitlines()[2]
+    assert row.split("|")[2].strip() == "61.0"  # no reference after this run
     assert "| yes / yes |" in row and "| 1.40 / 1.14 | yes |" in row and row.endswith("| yes | yes |")
     assert "sparse 0.33 >= 2.5x plain in 1, with the overlap in 1 of 1; within 15% of its limit" in text
     assert "in 1;" in text and "in 1 of 1." in text
@@ -61,6 +66,15 @@ def test_a_run_that_misses_the_targets_says_no():
     assert cells[1] == "-"  # no CPU reference in this run
     assert cells[6:9] == ["no / yes", "1.40 / 1.16", "no"]
     assert cells[10:] == ["no", "no"]  # sparse 0.5 slower than fp16; payload above the minimum
+
+
+def test_the_reference_after_the_run_sits_beside_the_one_before():
+    mod = _module()
+    v = mod.verdicts(_run_data(ref=61.0, ref_end=48.25))
+    assert v["cpu_reference_end_ms"] == 48.25
+    text = mod.table([("c.json", v)])
+    assert "| CPU ref ms (before / after) |" in text.splitlines()[0]
+    assert text.splitlines()[2].split("|")[2].strip() == "61.0 / 48.2"
 
 
 def test_a_run_without_the_rows_is_skipped(tmp_path):

@@ -15,7 +15,7 @@ interleaved rounds) and checks:
           +overlap against fp16 +overlap)
   bytes   every sparse row's payload equals its analytic minimum
 The machine's speed moves these: the CPU reference (`approxdist-bench cpu`, recorded
-in runs since 2026-12-02) says how fast it was. A diagnostic for docs/benchmarks.md,
+in runs since 2026-12-02, also after the run since that evening) says how fast it was. A diagnostic for docs/benchmarks.md,
 not a benchmark: it runs nothing.
 """
 import argparse
@@ -41,10 +41,11 @@ def verdicts(data: dict) -> dict | None:
         return None
     env = data.get("environment") or {}
     ref = env.get("cpu_reference") or {}
+    ref_end = env.get("cpu_reference_end") or {}
     buckets = {c.get("bucket_mb") for c in data.get("plan", {}).get("configs", [])
                if c.get("model") == "resnet18" and not c["hook"].startswith("powersgd")}
     out = {"date": env.get("date"), "commit": env.get("commit"),
-           "cpu_reference_ms": ref.get("alone_ms"),
+           "cpu_reference_ms": ref.get("alone_ms"), "cpu_reference_end_ms": ref_end.get("alone_ms"),
            "bucket_mb": buckets.pop() if len(buckets) == 1 else None,
            "allreduce_s": base["step_s"],
            "sparse033_s": s33["step_s"], "sparse033_x": base["step_s"] / s33["step_s"],
@@ -69,13 +70,15 @@ def _mark(ok) -> str:
 
 def table(runs: list[tuple[str, dict]]) -> str:
     """A markdown table of the runs' verdicts and a last line that counts them."""
-    lines = ["| run | CPU ref ms | buckets MB | all-reduce s | sparse 0.33 s (x) | +overlap s (x) "
+    lines = ["| run | CPU ref ms (before / after) | buckets MB | all-reduce s | sparse 0.33 s (x) | +overlap s (x) "
              "| 0.33 >= 2.5x plain / +overlap | 0.33 step/limit plain / +overlap | within 15% "
              "| sparse 0.5 / fp16 s plain; +overlap | 0.5 >= fp16 | bytes at minimum |",
              "|" + "---|" * 12]
     count = {"x_plain": 0, "x_overlap": 0, "limit": 0, "fp16": 0, "runs_overlap": 0, "runs_fp16": 0}
     for name, v in runs:
         ref = f"{v['cpu_reference_ms']:.1f}" if v["cpu_reference_ms"] else "-"
+        if v.get("cpu_reference_end_ms"):  # runs since 2026-12-02 19:10 take it again at the end
+            ref += f" / {v['cpu_reference_end_ms']:.1f}"
         bucket = f"{v['bucket_mb']:g}" if v["bucket_mb"] else "-"
         x_plain = v["sparse033_x"] >= SPEEDUP
         count["x_plain"] += x_plain

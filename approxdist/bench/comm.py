@@ -757,6 +757,17 @@ def _environment(a) -> dict:
     return env
 
 
+def _cpu_reference_end(a, env: dict) -> None:
+    """The CPU reference again once the run is over: this host's speed moves within
+    minutes, so the two bracket the run."""
+    if a.cpu_reference:
+        from .cpu_reference import describe, measure
+
+        env["cpu_reference_end"] = measure()
+        if not a.quiet:
+            print(describe(env["cpu_reference_end"]) + " (after the run)", file=sys.stderr, flush=True)
+
+
 def _cpu_reference_lines(env: dict) -> list[str]:
     """The markdown paragraph stating the run's CPU reference; none for a run without one
     (older JSON files render as they did)."""
@@ -764,8 +775,11 @@ def _cpu_reference_lines(env: dict) -> list[str]:
         return []
     from .cpu_reference import describe
 
-    return [describe(env["cpu_reference"]) + ", taken before the run: compare times of "
-            "different days only beside it.", ""]
+    end = env.get("cpu_reference_end")
+    after = "" if not end else (f" (after it: {end['alone_ms']:.1f} ms alone, "
+                                f"{end['all_cores_ms']:.1f} ms on all cores)")
+    return [describe(env["cpu_reference"]) + ", taken before the run" + after + ": compare "
+            "times of different days only beside it.", ""]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -885,7 +899,8 @@ def main(argv=None) -> int:
     def save():
         if a.json:
             Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-            env["loadavg_end"] = list(os.getloadavg())
+            if "cpu_reference_end" not in env:  # the load the run left, not the reference's
+                env["loadavg_end"] = list(os.getloadavg())
             Path(a.json).write_text(json.dumps(
                 {"command": command, "environment": env, "plan": plan, "links": links,
                  "summary": summarize(rows), "rows": rows}, indent=1))
@@ -915,6 +930,8 @@ def main(argv=None) -> int:
                         r.update(nodes=nodes, rate=rate, link_bits_per_s=link["link_bits_per_s"])
                         rows.append(r)
                 save()
+    env["loadavg_end"] = list(os.getloadavg())
+    _cpu_reference_end(a, env)
     summary = summarize(rows)
     table = _with_retransmits(format_table(summary, a.testbed), summary)
     print(table)
@@ -923,7 +940,7 @@ def main(argv=None) -> int:
     pngs = plot(summary, Path(a.plots), f"comm_{mode}") if a.plots else []
     if a.markdown:
         body = _markdown_body(command, plan, table, pngs, a.testbed, links, env,
-                              Path(a.markdown).parent)
+                              Path(a.markdown).parent, load_end=env["loadavg_end"][0])
         write_markdown_section(Path(a.markdown), body, mode)
     return 0
 
@@ -955,6 +972,7 @@ def _main_tta(a, argv) -> int:
                        batch=a.tta_batch, eval_every=eval_every, width=a.tta_width,
                        verbose=not a.quiet)
     env["loadavg_end"] = list(os.getloadavg())
+    _cpu_reference_end(a, env)
     saved = {"command": command, "environment": env, "plan": plan, "link": link, "rows": rows}
     if a.json:  # the raw rows first: a failure below must not lose the measurements
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
