@@ -150,3 +150,28 @@ def test_a_comm_run_takes_the_reference_before_and_after_it(tmp_path, monkeypatc
     assert len(env["loadavg_end"]) == 3
     assert ("70.0 ms alone, 80.0 ms with one copy on each of the 2 cores (1.14x), taken before the "
             "run (after it: 55.0 ms alone, 65.0 ms on all cores)") in md.read_text()
+
+
+def test_a_failing_reference_after_the_run_keeps_the_run(tmp_path, monkeypatch, capsys):
+    import json
+
+    from approxdist.bench import cpu_reference
+    from approxdist.bench.comm import main
+
+    calls = []
+
+    def flaky_measure(reps=10, timeout=300.0):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("the CPU reference worker was not ready within 300 s")
+        return {"workload": "w", "reps": reps, "cores": 2, "alone_ms": 70.0, "all_cores_ms": 80.0,
+                "per_core_ms": [80.0, 80.0], "slowdown": 80.0 / 70.0}
+
+    monkeypatch.setattr(cpu_reference, "measure", flaky_measure)
+    out = tmp_path / "run.json"
+    assert main(["--models", "tiny", "--hooks", "allreduce", "--steps", "1", "--repeats", "1",
+                 "--warmup", "1", "--json", str(out), "--quiet"]) == 0
+    saved = json.loads(out.read_text())
+    assert "cpu_reference_end" not in saved["environment"] and saved["summary"][0]["hook"] == "allreduce"
+    assert "the CPU reference after the run failed (the CPU reference worker was not ready" in \
+        capsys.readouterr().err
