@@ -734,6 +734,8 @@ def test_burst_sizes_read_like_tc():
     (["--testbed", "--burst", "16kbit"], "--burst must be a positive tc size"),
     (["--burst", "16kb"], "--burst shapes the testbed's links: add --testbed"),
     (["--testbed", "--time-to-accuracy", "--burst", "0"], "--burst must be a positive tc size"),
+    (["--testbed", "--rates", "1gbit,none", "--burst", "16kb"], "--burst: the 'none' rate leaves links"),
+    (["--testbed", "--time-to-accuracy", "--tta-rate", "none", "--burst", "16kb"], "--burst: the 'none' rate"),
 ])
 def test_burst_is_checked_before_anything_runs(argv, message, capsys):
     from approxdist.bench.comm import main

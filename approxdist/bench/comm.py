@@ -857,6 +857,8 @@ def main(argv=None) -> int:
     if a.burst is not None:
         if not a.testbed:
             p.error("--burst shapes the testbed's links: add --testbed")
+        if "none" in ([a.tta_rate] if a.time_to_accuracy else _csv(a.rates)):
+            p.error("--burst: the 'none' rate leaves links unshaped, without a burst; drop one of them")
         from .testbed import parse_size
 
         try:
