@@ -12,6 +12,7 @@ environment), to see what mapping and unmapping large tensors costs a step. A di
 for docs/benchmarks.md, not a benchmark: loopback is not a slow link.
 """
 import argparse
+import gc
 import json
 import os
 import resource
@@ -72,6 +73,11 @@ def _rank(rank, port, a):
             out = measure(a.model, hook, a.steps, a.batch, a.image_size, a.bucket_mb)
             if rank == 0:
                 print(json.dumps(out), flush=True)
+        # As approxdist-train does: free the DDP reducers and hook states (the overlap's
+        # own process group among them) and meet before the gloo group goes, or a rank may
+        # tear its pairs down under the other ("terminate called without an active
+        # exception", seen once in CI).
+        gc.collect()
         dist.barrier()
     finally:
         dist.destroy_process_group()
