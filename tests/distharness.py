@@ -4,7 +4,6 @@
 fn(rank, world_size, *args) inside an initialised gloo group, and returns the list of
 their return values (torch.save'd through temporary files). An exception on any rank
 is re-raised in the test with that rank's traceback."""
-import gc
 import os
 import socket
 import tempfile
@@ -13,6 +12,8 @@ import traceback
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from approxdist.distributed import shutdown_distributed
 
 
 def free_port():
@@ -36,13 +37,8 @@ def _entry(rank, world_size, port, outdir, fn, args):
         # ("terminate called without an active exception"), which would hide it.
         os._exit(0)
     try:
-        # As approxdist-train does: drop the DDP reducers and hook states first, and let
-        # both ranks finish their last collectives, so no peer tears its gloo pairs down
-        # while the other still uses them (seen once in ~10 full runs as both ranks
-        # aborting with "terminate called without an active exception").
-        gc.collect()
-        dist.barrier()
-        dist.destroy_process_group()
+        # As approxdist-train does (seen once in ~10 full runs as both ranks aborting).
+        shutdown_distributed()
     except Exception:  # noqa: BLE001
         pass
 

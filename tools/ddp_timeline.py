@@ -23,7 +23,6 @@ model with torch's fp16_compress_hook instead of the sampled one with the sparse
 goes), not a benchmark. Needs root and `ip` (see launch/testbed/).
 """
 import argparse
-import gc
 import json
 import statistics
 import sys
@@ -176,9 +175,7 @@ def worker(a):
             "process_ms_per_step": round((process1 - process0) / n * 1e3, 1),
             "wall_ms_per_step": round(reported_s / n * 1e3, 1),
             "machine_share": {k: round(v / total, 3) for k, v in delta.items() if v}}}))
-    gc.collect()  # free DDP and the hook state first, as approxdist-train does (a gloo abort at exit)
-    dist.barrier()
-    dist.destroy_process_group()
+    ad.distributed.shutdown_distributed()
 
 
 def main():

@@ -12,7 +12,6 @@ environment), to see what mapping and unmapping large tensors costs a step. A di
 for docs/benchmarks.md, not a benchmark: loopback is not a slow link.
 """
 import argparse
-import gc
 import json
 import os
 import resource
@@ -67,20 +66,18 @@ def _rank(rank, port, a):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE="2", GLOO_SOCKET_IFNAME="lo")
     torch.set_num_threads(1)
+    from approxdist.distributed import shutdown_distributed
+
     dist.init_process_group("gloo")
+    done = False
     try:
         for hook in a.hooks.split(","):
             out = measure(a.model, hook, a.steps, a.batch, a.image_size, a.bucket_mb)
             if rank == 0:
                 print(json.dumps(out), flush=True)
-        # As approxdist-train does: free the DDP reducers and hook states (the overlap's
-        # own process group among them) and meet before the gloo group goes, or a rank may
-        # tear its pairs down under the other ("terminate called without an active
-        # exception", seen once in CI).
-        gc.collect()
-        dist.barrier()
+        done = True
     finally:
-        dist.destroy_process_group()
+        shutdown_distributed(wait=done)  # a gloo abort at exit without it, seen once in CI
 
 
 def main(argv=None):

@@ -15,8 +15,8 @@ interleaved rounds) and checks:
           +overlap against fp16 +overlap)
   bytes   every sparse row's payload equals its analytic minimum
 The machine's speed moves these: the CPU reference (`approxdist-bench cpu`, recorded
-in runs since 2026-12-02, also after the run since that evening) says how fast it was. A diagnostic for docs/benchmarks.md,
-not a benchmark: it runs nothing.
+before each run since 2026-12-02 and after it since that evening) says how fast it was.
+A diagnostic for docs/benchmarks.md, not a benchmark: it runs nothing.
 """
 import argparse
 import json

@@ -426,19 +426,19 @@ def _worker_main(argv: list[str]) -> int:
     import torch.distributed as dist
 
     plan = json.loads(Path(a.plan).read_text())
+    from ..distributed import shutdown_distributed
+
     dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=10))
+    done = False
     try:
         rows = run_plan(plan)
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, rows)
         if dist.get_rank() == 0:
             Path(a.out).write_text(json.dumps([r for rs in gathered for r in rs]))
-        # As approxdist-train does: free the DDP reducers and meet before the gloo group
-        # goes, or a rank may tear its pairs down under the other (an abort at exit).
-        gc.collect()
-        dist.barrier()
+        done = True
     finally:
-        dist.destroy_process_group()
+        shutdown_distributed(wait=done)
     return 0
 
 
@@ -995,7 +995,7 @@ def _tta_plan_of(a) -> dict:
     from .comm_tta import EVAL_EVERY, TTA_TARGET
 
     return {"model": a.tta_model, "width": a.tta_width, "epochs": a.tta_epochs,
-            "batch": a.tta_batch, "rate": a.tta_rate, "burst": a.burst,
+            "batch": a.tta_batch, "rate": a.tta_rate,
             "eval_every": EVAL_EVERY if a.tta_eval_every is None else a.tta_eval_every,
             "repeats": a.repeats, "target": TTA_TARGET if a.target is None else a.target}
 

@@ -223,6 +223,26 @@ def init_distributed(backend: Optional[str] = None) -> Tuple[int, int, int]:
     return launch.rank, launch.world_size, launch.local_rank
 
 
+def shutdown_distributed(wait: bool = True) -> None:
+    """Destroy the default process group, freeing DDP and the hook state first.
+
+    DDP, its reducer and the hook state (the forward overlap's own process group among
+    them) sit in reference cycles; freed only at interpreter exit, after the group is
+    gone, gloo's threads sometimes abort ("terminate called without an active
+    exception", ~1 approxdist-train run in 6). So: collect them, let every rank finish
+    its last collectives before any tears its pairs down (``wait``; pass False when a
+    peer may be gone, after a failure), then destroy the group.
+    """
+    import gc
+
+    import torch.distributed as dist
+
+    gc.collect()
+    if wait:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def _elastic_attempt_store(launch: LaunchEnv):
     """The torchrun agent's store, under a prefix of its own for each restart attempt.
 

@@ -11,7 +11,6 @@ learning-rate schedule a function of the step, the sampled layers draw from thei
 generators, and all of it is in the checkpoint, so a resumed or elastically restarted run
 ends with the same parameters as one that never stopped.
 """
-import gc
 import os
 import signal
 import time
@@ -27,7 +26,7 @@ from .clock import TrainClock
 from .comm import SPARSE_HOOKS, build_comm
 from .data import build_datasets, build_loaders
 from .logs import MetricsLogger
-from ..distributed import finish_steps, in_hook_steps
+from ..distributed import finish_steps, in_hook_steps, shutdown_distributed
 
 # Test hook for the elastic-restart test: "RANK:STEP" makes that rank SIGKILL itself after
 # completing global step STEP, on the first attempt only (TORCHELASTIC_RESTART_COUNT == 0).
@@ -286,14 +285,7 @@ def main(args):
         return metrics
     finally:
         if _distributed():
-            # DDP, its reducer and the hook state sit in reference cycles; freed only at
-            # interpreter exit, after the group is gone, gloo's threads sometimes abort
-            # ("terminate called without an active exception", ~1 run in 6). Free them
-            # first, and let every rank finish before any tears the group down.
-            gc.collect()
-            if finished:
-                dist.barrier()
-            dist.destroy_process_group()
+            shutdown_distributed(wait=finished)
 
 
 def _run(args, model, train_set, val_set, info, rank, world_size, local_rank, resume):
