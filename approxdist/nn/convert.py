@@ -8,7 +8,9 @@ import torch.nn as nn
 from ..functional._checks import (POLICIES, WEIGHT_POLICIES, check_minimal_k, check_mode,
                                   check_policy, check_sample_ratio, check_weight_layout)
 from .conv import ApproxConv2d, ApproxConv2dDist
+from .budget import budget_ratios
 from .linear import ApproxLinear, ApproxLinearDist
+from .norm_stats import check_norm_stats, exact_norm_stats, remove_norm_stats
 
 log = logging.getLogger(__name__)
 _APPROX = (ApproxLinear, ApproxLinearDist, ApproxConv2d, ApproxConv2dDist)
@@ -49,8 +51,9 @@ def _swap(old, cls, kwargs):
     return new
 
 
-def convert_model(module, sample_ratio, minimal_k=1, *, distributed=False, policy=None,
-                  mode="forward", skip_first_conv=True, exclude=(), seed=0, weight_layout="input_major"):
+def convert_model(module, sample_ratio=None, minimal_k=1, *, budget=None, distributed=False, policy=None,
+                  mode="forward", skip_first_conv=True, exclude=(), seed=0, weight_layout="input_major",
+                  norm_stats="exact", norm_stats_fraction=0.25):
     """Replace every nn.Linear / nn.Conv2d under `module` by ApproxLinear / ApproxConv2d
     (their *Dist forms with distributed=True) in place and return the module.
 
@@ -69,14 +72,33 @@ def convert_model(module, sample_ratio, minimal_k=1, *, distributed=False, polic
     (docs/benchmarks.md, Compute).
     'contiguous' keeps torch's layout: use it with Horovod, whose collectives need
     contiguous tensors, or with code that calls `.view()` on weights.
+
+    budget: instead of one sample_ratio, the fraction of the model's dense gradient
+    elements (every parameter with requires_grad) that the sparse hook sends per step;
+    each sampled layer gets its own ratio, c / sqrt(weight size) capped at 1, so the wide
+    late layers, which hold most of the bytes, are sampled hardest and small layers stay
+    exact (nn/budget.py). The layers' ratios are their `sample_ratio` attributes.
+
+    norm_stats: 'exact' (default) keeps the running statistics of BatchNorm layers fit
+    for the exact forward that eval() runs: before each training forward the module runs
+    once more without autograd, exactly, on the first `norm_stats_fraction` of the batch,
+    and only that forward updates them (nn/norm_stats.py; about 8% of an exact step at
+    0.25). 'sampled' gathers them on the sampled forward, as plain layers would: the
+    eval accuracy of a BatchNorm model then falls far below what it learned. Models
+    without BatchNorm are unaffected either way.
     """
-    check_sample_ratio(sample_ratio)
+    if (sample_ratio is None) == (budget is None):
+        raise ValueError("convert_model takes either sample_ratio (one ratio for every layer) or budget "
+                         f"(per-layer ratios from a byte budget), got sample_ratio={sample_ratio!r}, budget={budget!r}")
+    if sample_ratio is not None:
+        check_sample_ratio(sample_ratio)
     check_minimal_k(minimal_k)
     allowed = WEIGHT_POLICIES if distributed else POLICIES
     policy = policy or ("topk_weight" if distributed else "topk")
     check_policy(policy, allowed)
     check_mode(mode, policy)
     check_weight_layout(weight_layout)
+    check_norm_stats(norm_stats, norm_stats_fraction)
     if isinstance(exclude, (str, type)):
         exclude = (exclude,)
     linear_cls, conv_cls = (ApproxLinearDist, ApproxConv2dDist) if distributed else (ApproxLinear, ApproxConv2d)
@@ -85,8 +107,7 @@ def convert_model(module, sample_ratio, minimal_k=1, *, distributed=False, polic
     if skip_first_conv:
         first_conv = next((name for name, m in module.named_modules() if isinstance(m, nn.Conv2d)), None)
 
-    replaced = {}
-    ordinal = 0
+    candidates = []
     for name, m in module.named_modules():
         if isinstance(m, _APPROX) or not isinstance(m, (nn.Linear, nn.Conv2d)):
             continue
@@ -102,11 +123,21 @@ def convert_model(module, sample_ratio, minimal_k=1, *, distributed=False, polic
         if isinstance(m, nn.Conv2d) and m.groups != 1:
             log.debug("convert_model: %s has groups=%d, left exact", name, m.groups)
             continue
-        kwargs = dict(sample_ratio=sample_ratio, minimal_k=minimal_k, policy=policy, mode=mode,
+        candidates.append((name, m))
+
+    if budget is None:
+        ratios = [sample_ratio] * len(candidates)
+    else:
+        dense = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        layers = [(m.weight.numel(), m.weight.shape[1]) for _, m in candidates]
+        ratios = budget_ratios(layers, dense, budget, minimal_k)
+
+    replaced = {}
+    for ordinal, ((name, m), ratio) in enumerate(zip(candidates, ratios)):
+        kwargs = dict(sample_ratio=ratio, minimal_k=minimal_k, policy=policy, mode=mode,
                       weight_layout=weight_layout)
         if distributed:
             kwargs["seed"] = seed + ordinal
-            ordinal += 1
         cls = linear_cls if isinstance(m, nn.Linear) else conv_cls
         replaced[name] = _swap(m, cls, kwargs)
 
@@ -115,4 +146,8 @@ def convert_model(module, sample_ratio, minimal_k=1, *, distributed=False, polic
     for name, new in replaced.items():
         parent_name, _, child = name.rpartition(".")
         setattr(module.get_submodule(parent_name), child, new)
+    if norm_stats == "exact" and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()):
+        exact_norm_stats(module, norm_stats_fraction)
+    else:
+        remove_norm_stats(module)
     return module
