@@ -35,7 +35,7 @@ def build_parser(prog="approxdist-train"):
                         "that), mlp's hidden units (default 256)")
     p.add_argument("--dataset", default="digits", choices=DATASETS)
     p.add_argument("--data-path", default=None, help="ImageFolder root (train/, val/) or CIFAR-10 python batches")
-    p.add_argument("--image-size", type=int, default=None, help="crop size for imagefolder (224) and fake data (32)")
+    p.add_argument("--image-size", type=int, default=None, help="crop size for imagefolder (224) and fake data (32); digits: upscaled to this size in 3 channels (default 8, 1 channel)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=32, help="per process")
     p.add_argument("--lr", type=float, default=0.1, help="peak learning rate (cosine schedule over --epochs)")

@@ -89,9 +89,13 @@ class _CifarTensors(Dataset):
         return (x - self.mean) / self.std, self.labels[i]
 
 
-def _digits(seed_split=0):
+def _digits(image_size=None, seed_split=0):
     """sklearn's 8x8 digits (1797 images) split 80/20 with a fixed permutation, so every
-    run and every rank sees the same split whatever --seed is."""
+    run and every rank sees the same split whatever --seed is.
+
+    With an image_size other than 8 the images are upscaled (bilinear) to that size and
+    repeated over 3 channels: a task that torchvision models with BatchNorm (resnet18 at
+    32 px) train on in minutes on a CPU."""
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
@@ -101,7 +105,11 @@ def _digits(seed_split=0):
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed_split))
     n_train = int(0.8 * len(y))
     tr, va = perm[:n_train], perm[n_train:]
-    return TensorDataset(x[tr], y[tr]), TensorDataset(x[va], y[va]), DataInfo(10, 1, 8)
+    if image_size is None or image_size == 8:
+        return TensorDataset(x[tr], y[tr]), TensorDataset(x[va], y[va]), DataInfo(10, 1, 8)
+    x = torch.nn.functional.interpolate(x, size=image_size, mode="bilinear", align_corners=False)
+    x = x.expand(-1, 3, -1, -1).contiguous()
+    return TensorDataset(x[tr], y[tr]), TensorDataset(x[va], y[va]), DataInfo(10, 3, image_size)
 
 
 def _fake(image_size, num_classes=10, n_train=512, n_val=128):
@@ -138,7 +146,7 @@ def build_datasets(dataset, data_path=None, image_size=None):
     """Return ``(train_set, val_set, DataInfo)``."""
     check_data_path(dataset, data_path)
     if dataset == "digits":
-        return _digits()
+        return _digits(image_size)
     if dataset == "fake":
         return _fake(image_size or 32)
     if dataset == "cifar10":
