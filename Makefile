@@ -5,7 +5,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 TORCH   ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo demo-single test test-slow bench horovod clean
+.PHONY: install demo demo-single test test-slow test-experiments bench horovod clean
 
 install: $(STAMP)
 
@@ -34,6 +34,10 @@ test: install
 
 test-slow: install
 	$(VPY) -m pytest -q -m slow tests
+
+# The tests of the diagnostic tools in experiments/ (not the product; same pytest.ini markers).
+test-experiments: install
+	$(VPY) -m pytest -q experiments/tests
 
 # Horovod 0.28.1 built against the venv's torch (about 5 minutes; the wheel is cached in
 # ~/.cache/approxdist/horovod, so later runs and clean clones take seconds). Needs Open MPI

@@ -1,4 +1,4 @@
-"""Accuracy parity (slow, run on purpose; figures in docs/benchmarks.md, "Training"):
+"""Accuracy parity (slow, run on purpose; figures in docs/benchmarks.md, "Training accuracy"):
 the digits CNN on 2 ranks, exact vs sample ratio 0.5 and 0.33 with the sparse hook, same
 epochs, over three seeds: the mean test accuracy of each sampled ratio ends within 1 point
 of the exact runs' mean.

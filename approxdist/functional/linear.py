@@ -19,7 +19,7 @@ def approx_linear(input, weight, bias=None, *, sample_ratio, minimal_k=1, policy
 
     With k == in_features (sample_ratio 1 or minimal_k >= in_features) this is exactly
     ``F.linear``. ``generator`` drives the random policies (never the global RNG when
-    given). See DESIGN.md for the policies and modes.
+    given). See docs/design.md for the policies and modes.
     """
     (input, weight, bias), ctx = cast_for_autocast((input, weight, bias), input.device.type)
     with ctx:

@@ -12,7 +12,7 @@
 #      bit for bit; and register(compress="fp16") must equal torch's fp16_compress_hook on
 #      the same sampled model, bit for bit, at a quarter of the float32 bytes (ratio 0.5);
 #   4. `approxdist-bench kernels` on the GPU (figures for docs/benchmarks.md);
-#   5. tools/hook_share.py: pack+unpack as a share of a one-rank resnet50 step, at 224 and 32 px.
+#   5. experiments/tools/hook_share.py: pack+unpack as a share of a one-rank resnet50 step, at 224 and 32 px.
 # Usage: tests/gpu/run.sh [OUTDIR]   (PYTHON=... picks the interpreter; default: .venv's, else python3)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -129,9 +129,9 @@ step "4. approxdist-bench kernels (GPU)"
 "$PYTHON" -m approxdist.bench kernels --device cuda --layouts dim1 contiguous --json "$OUT/bench_kernels_gpu.json"
 
 step "5. pack+unpack share of a one-rank resnet50 step (the GPU side of the hook's 3% target)"
-"$PYTHON" tools/hook_share.py --device cuda --model resnet50 --ratio 0.33 --batch 32 --image-size 224 \
+"$PYTHON" experiments/tools/hook_share.py --device cuda --model resnet50 --ratio 0.33 --batch 32 --image-size 224 \
   --json "$OUT/hook_share_resnet50_224px.json"
-"$PYTHON" tools/hook_share.py --device cuda --model resnet50 --ratio 0.33 --batch 16 --image-size 32 \
+"$PYTHON" experiments/tools/hook_share.py --device cuda --model resnet50 --ratio 0.33 --batch 16 --image-size 32 \
   --json "$OUT/hook_share_resnet50_32px.json"
 
 step "done: all GPU checks passed in $SECONDS s (outputs in $OUT)"

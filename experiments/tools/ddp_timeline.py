@@ -1,6 +1,6 @@
 """Per-bucket timeline of DDP steps on the 2-node namespace testbed.
 
-    python tools/ddp_timeline.py [--ratio 0.33] [--bucket-mb 25] [--rate 1gbit] [--model resnet18]
+    python experiments/tools/ddp_timeline.py [--ratio 0.33] [--bucket-mb 25] [--rate 1gbit] [--model resnet18]
                                  [--hook sparse|fp16] [--steps 7] [--summary]
                                  [--step-in-hook | --overlap-forward [--eager-fraction F]]
 
@@ -19,7 +19,7 @@ the same steps), the whole process's per step, and how the machine's cores spent
 steps (/proc/stat: user, system, softirq, idle, ...): whether the step waits for the link
 or for a core. --hook fp16 runs the exact
 model with torch's fp16_compress_hook instead of the sampled one with the sparse hook
-(--ratio is then ignored). A diagnostic for docs/benchmarks.md (where the time of a step
+(--ratio is then ignored). A diagnostic for experiments/records (where the time of a step
 goes), not a benchmark. Needs root and `ip` (see launch/testbed/).
 """
 import argparse

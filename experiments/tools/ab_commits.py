@@ -1,6 +1,6 @@
 """A/B of the sampled layers at two commits: one model, one process, interleaved.
 
-    python tools/ab_commits.py --base REV [--ratio 0.5] [--reps 25] [--threads 1]
+    python experiments/tools/ab_commits.py --base REV [--ratio 0.5] [--reps 25] [--threads 1]
                                [--model resnet18] [--batch 16] [--size 32] [--json F]
 
 Times forward and forward+backward of three copies of one torchvision model built from
@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def import_base(rev: str, into: Path):

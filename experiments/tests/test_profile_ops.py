@@ -1,10 +1,10 @@
-"""tools/profile_ops.py: the exact-vs-approximate op profile docs/benchmarks.md cites."""
+"""experiments/tools/profile_ops.py: the exact-vs-approximate op profile experiments/records cites."""
 import os
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOOL = os.path.join(REPO, "tools", "profile_ops.py")
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TOOL = os.path.join(REPO, "experiments", "tools", "profile_ops.py")
 
 
 def _run(*args):

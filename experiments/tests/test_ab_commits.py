@@ -1,12 +1,12 @@
-"""tools/ab_commits.py: times the exact model and the sampled ones of two commits side by
+"""experiments/tools/ab_commits.py: times the exact model and the sampled ones of two commits side by
 side, the base commit's package imported under its own name."""
 import json
 import os
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOOL = os.path.join(REPO, "tools", "ab_commits.py")
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TOOL = os.path.join(REPO, "experiments", "tools", "ab_commits.py")
 
 
 def _run(*args):

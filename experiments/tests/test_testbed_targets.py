@@ -1,4 +1,4 @@
-"""tools/testbed_targets.py: issue #6's 2-node 1gbit resnet18 targets, run by run, from
+"""experiments/tools/testbed_targets.py: issue #6's 2-node 1gbit resnet18 targets, run by run, from
 `approxdist-bench comm` JSON files (made up here: it reads, it runs nothing)."""
 import importlib.util
 import json
@@ -6,8 +6,8 @@ import os
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOOL = os.path.join(REPO, "tools", "testbed_targets.py")
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TOOL = os.path.join(REPO, "experiments", "tools", "testbed_targets.py")
 
 
 def _module():
@@ -94,12 +94,13 @@ def test_a_run_without_the_rows_is_skipped(tmp_path):
 
 
 def test_every_saved_testbed_run_reads_and_sends_the_analytic_payload():
-    """The JSON files in docs/ as the bench wrote them: the format the tool reads has not
+    """The JSON files in docs/ and experiments/runs/ as the bench wrote them: the format the tool reads has not
     drifted, and every saved run's sparse rows sent exactly their analytic bytes."""
     import glob
 
     mod = _module()
-    files = sorted(glob.glob(os.path.join(REPO, "docs", "comm_testbed*.json")))
+    files = sorted(glob.glob(os.path.join(REPO, "docs", "comm_testbed*.json"))
+                   + glob.glob(os.path.join(REPO, "experiments", "runs", "comm_testbed*.json")))
     assert files
     read = 0
     for f in files:

@@ -1,6 +1,6 @@
 """The sparse hook's pack+unpack time as a share of a one-rank DDP training step.
 
-    python tools/hook_share.py --device cuda [--model resnet50] [--ratio 0.33]
+    python experiments/tools/hook_share.py --device cuda [--model resnet50] [--ratio 0.33]
         [--batch 32] [--image-size 224] [--steps 10] [--warmup 3] [--json FILE]
 
 For the GPU path of the "pack+unpack under 3% of the step" target (tests/gpu/run.sh runs

@@ -1,6 +1,6 @@
 """Self time per op of an exact and an approximate training step, side by side.
 
-    python tools/profile_ops.py [--model resnet18] [--ratio 0.5] [--image-size 112]
+    python experiments/tools/profile_ops.py [--model resnet18] [--ratio 0.5] [--image-size 112]
         [--batch 16] [--steps 3] [--threads 1] [--ops native_batch_norm,threshold_backward,...]
 
 Both models start from the same weights (the approximate one converted with
@@ -8,7 +8,7 @@ Both models start from the same weights (the approximate one converted with
 forward + backward (no optimizer) with torch.profiler. Prints, per matching op, the self
 CPU time per step in each model and their ratio, and whether every BatchNorm input was
 contiguous (a strided input would slow BatchNorm down). For the "did op X get slower in
-the approximate step" questions in docs/benchmarks.md.
+the approximate step" questions in experiments/records.
 """
 import argparse
 import copy

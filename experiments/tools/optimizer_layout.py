@@ -1,6 +1,6 @@
-"""Optimizer step time by weight layout (docs/benchmarks.md, "Optimizers and the weight layout").
+"""Optimizer step time by weight layout (experiments/records/compute_kernels_training.md).
 
-    python tools/optimizer_layout.py [--model resnet18] [--repeats 15] [--threads 1]
+    python experiments/tools/optimizer_layout.py [--model resnet18] [--repeats 15] [--threads 1]
 
 `convert_model(..., distributed=True)` stores sampled weights input-channel-major by
 default (`weight_layout="input_major"`), and their gradients and optimizer state follow.

@@ -1,7 +1,7 @@
 """Issue #6's targets for 2 nodes at 1gbit, resnet18, run by run, from the JSON files
 that `approxdist-bench comm --testbed ... --json F` writes.
 
-    python tools/testbed_targets.py docs/comm_testbed*.json
+    python experiments/tools/testbed_targets.py docs/comm_testbed*.json experiments/runs/comm_testbed*.json
 
 A run counts when its file holds the 2-node, 1gbit resnet18 rows a target needs; the
 others are listed as skipped. Per run it reads the run's own rows (medians of its
@@ -16,7 +16,7 @@ interleaved rounds) and checks:
   bytes   every sparse row's payload equals its analytic minimum
 The machine's speed moves these: the CPU reference (`approxdist-bench cpu`, recorded
 before each run since 2026-12-02 and after it since that evening) says how fast it was.
-A diagnostic for docs/benchmarks.md, not a benchmark: it runs nothing.
+A diagnostic for experiments/records, not a benchmark: it runs nothing.
 """
 import argparse
 import json

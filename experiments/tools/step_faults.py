@@ -1,6 +1,6 @@
 """Page faults and CPU time per training step, two gloo ranks on loopback.
 
-    python tools/step_faults.py [--model resnet18] [--hooks sparse0.33+overlap,fp16,sparse0.5]
+    python experiments/tools/step_faults.py [--model resnet18] [--hooks sparse0.33+overlap,fp16,sparse0.5]
                                 [--steps 20] [--batch 16] [--image-size 32] [--bucket-mb 5]
 
 Runs the steps of `approxdist-bench comm` (same models, hooks and loop; hook names as
@@ -9,7 +9,7 @@ step, user and system CPU ms per step (getrusage of the process, every thread), 
 wall ms per step. Run it twice, once with glibc told to keep freed memory
 (MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736 in the
 environment), to see what mapping and unmapping large tensors costs a step. A diagnostic
-for docs/benchmarks.md, not a benchmark: loopback is not a slow link.
+for experiments/records, not a benchmark: loopback is not a slow link.
 """
 import argparse
 import json

@@ -1,4 +1,4 @@
-"""tools/hook_share.py, which tests/gpu/run.sh runs on a GPU: checked here on the CPU
+"""experiments/tools/hook_share.py, which tests/gpu/run.sh runs on a GPU: checked here on the CPU
 (one gloo rank), so a GPU session does not spend its minutes on a broken script."""
 import json
 import os
@@ -11,8 +11,8 @@ import torchvision
 import approxdist as ad
 from models import analytic_bytes
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOOL = os.path.join(REPO, "tools", "hook_share.py")
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TOOL = os.path.join(REPO, "experiments", "tools", "hook_share.py")
 
 
 def _run(*args):

@@ -1,11 +1,11 @@
-"""tools/step_faults.py: two gloo ranks on loopback, faults and CPU per step as JSON lines."""
+"""experiments/tools/step_faults.py: two gloo ranks on loopback, faults and CPU per step as JSON lines."""
 import json
 import os
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOOL = os.path.join(REPO, "tools", "step_faults.py")
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TOOL = os.path.join(REPO, "experiments", "tools", "step_faults.py")
 
 
 def _run(*args, env=None):
