@@ -221,6 +221,18 @@ def test_half_precision_gradients(dtype):
     assert r["stats"]["payload_bytes"] == r["analytic"] == r["counted"]
 
 
+@pytest.mark.parametrize("agreement_ratio", [0.33, 0.5])
+def test_sparse_equals_dense_topk_explore(agreement_ratio):
+    """The default selection moves every step; the hook stays bitwise lossless and sends
+    exactly the analytic payload."""
+    results = run_ranks(compare_worker, 2, "cnn", agreement_ratio, "topk_explore", 4, {})
+    _assert_equal_runs(results, exact=True)
+    for r in results:
+        assert r["stats"]["payload_bytes"] == r["analytic"] == r["counted"]
+    for a, b in zip(results[0]["indices"], results[1]["indices"]):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("wrapper", ["fp16", "bf16"])
 def test_compress_wrappers(wrapper):
     results = run_ranks(compare_worker, 2, "cnn", 0.33, "topk_weight", 3, {}, 1, torch.float32, wrapper)

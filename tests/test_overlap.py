@@ -40,10 +40,10 @@ def _run(ddp, opt, sched, name, rank, steps, accum, extra=None, zero="none", see
 
 
 def overlap_worker(rank, world, name, hook, opt_name, ddp_kw, accum=1, zero="none", ratio=0.5,
-                   agreement="local"):
+                   agreement="local", policy="topk_weight"):
     base = make_model(name)
     if hook.startswith("sparse"):
-        ad.convert_model(base, ratio, distributed=True, policy="topk_weight")
+        ad.convert_model(base, ratio, distributed=True, policy=policy)
     twins, opts, scheds, extras = [], [], [], []
     for overlapped in (True, False):
         model = DDP(copy.deepcopy(base), **ddp_kw)
@@ -101,6 +101,15 @@ def test_in_hook_step_equals_the_usual_loop(opt_name):
     r = results[0]
     # Every sampled layer had its next selection prepared by the time backward returned.
     assert r["sampled"] >= 4 and r["prepared"] == r["sampled"]
+
+
+def test_in_hook_step_with_topk_explore_prepares_the_same_rotation():
+    """'topk_explore' selections prepared in the hook after the step move the rotation
+    as the forward would have: the same channels, parameters and gradients."""
+    results = run_ranks(overlap_worker, 2, "cnn", "sparse", "sgd", {"bucket_cap_mb": 0.01}, 1, "none",
+                        0.33, "local", "topk_explore")
+    _assert_same(results)
+    assert results[0]["prepared"] == results[0]["sampled"]
 
 
 @pytest.mark.parametrize("agreement", ["check", "broadcast"])

@@ -49,8 +49,9 @@ def install_broadcast(layer, group):
             vec[idx] = scale.to(torch.float64) if scale is not None else 1.0
         dist.broadcast(vec, src=src, group=group)
         chosen = vec.nonzero().squeeze(1)
-        if chosen.numel() == n and layer.policy == "topk_weight":
+        scaled = layer.policy == "bernoulli_weight"  # the top-k policies keep channels unscaled
+        if chosen.numel() == n and not scaled:
             return None, None
-        return chosen, (vec[chosen] if layer.policy != "topk_weight" else None)
+        return chosen, (vec[chosen] if scaled else None)
 
     layer._index_sync = sync

@@ -6,6 +6,9 @@ import math
 
 POLICIES = ("topk", "topk_weight", "random", "bernoulli", "bernoulli_weight", "uniform")
 WEIGHT_POLICIES = ("topk_weight", "bernoulli_weight")
+# The distributed layers' policies: the weight policies and 'topk_explore', which needs
+# per-layer state (a rotation over the channels) and so exists only in nn/.
+DIST_POLICIES = ("topk_explore",) + WEIGHT_POLICIES
 WEIGHT_LAYOUTS = ("input_major", "contiguous")
 MODES = ("forward", "backward", "blackbox")
 
@@ -33,7 +36,7 @@ def check_policy(policy, allowed=POLICIES):
 def check_mode(mode, policy=None):
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}; got {mode!r}")
-    if mode == "backward" and policy in WEIGHT_POLICIES:
+    if mode == "backward" and policy in DIST_POLICIES:
         # Backward sampling also samples the batch for the weight gradient, where the
         # weights give no scores; weight-only policies are for forward/blackbox.
         raise ValueError(
@@ -47,6 +50,13 @@ def check_groups(groups):
         raise NotImplementedError(
             f"column-row sampling across convolution groups is not defined here (groups={groups}); "
             "keep grouped/depthwise convolutions exact (convert_model does)")
+
+
+def check_explore(explore):
+    if isinstance(explore, bool) or not isinstance(explore, (int, float)) or math.isnan(explore) \
+            or not 0.0 <= explore <= 1.0:
+        raise ValueError(f"explore must be a number in [0, 1], got {explore!r}")
+    return float(explore)
 
 
 def check_weight_layout(weight_layout):

@@ -1,23 +1,37 @@
 """Channel selection that every DDP rank agrees on without exchanging an index.
 
 The selection depends only on the weights (identical on all ranks under DDP) and, for
-'bernoulli_weight', on a dedicated generator seeded identically on every rank. Each
-layer records the channels its weight gradient can be non-zero on since the hook last
-reduced it (a union, so gradient accumulation with no_sync stays lossless)."""
+'topk_explore' and 'bernoulli_weight', on a dedicated generator seeded identically on
+every rank. Each layer records the channels its weight gradient can be non-zero on since
+the hook last reduced it (a union, so gradient accumulation with no_sync stays lossless).
+
+'topk_explore' (the default) keeps the top (1 - explore) * k channels by weight norm and
+fills the rest of the k from a rotation: a permutation of all n channels, drawn from the
+shared generator, walked a few channels per training forward and drawn anew when used up.
+A channel whose turn comes is selected unless the top part holds it already, so every
+channel is selected at least once per pass over the permutation (about n / (explore * k)
+forwards). Plain 'topk_weight' freezes: an unselected channel gets no gradient, its norm
+never grows, and training reduces to the sub-network that the initial norms picked, to
+which the exact eval forward adds the untrained channels back. Unbiased draws
+('bernoulli_weight', or uniform ones scaled n/k) avoid that but scale each kept channel
+by 1/p, and the variance that adds kept the model at chance at lr 0.1 on the digits CNN;
+'topk_explore' keeps the top part unscaled, as 'topk_weight' does."""
 import torch
 
 from ..functional import channel_norms, num_samples, select_columns
-from ..functional._checks import WEIGHT_POLICIES
+from ..functional._checks import DIST_POLICIES, check_explore
 from ._config import SamplingConfig
 from ._registry import register_sampled, sampled_layer_of
 
 
 class WeightSampled(SamplingConfig):
-    _allowed_policies = WEIGHT_POLICIES
+    _allowed_policies = DIST_POLICIES
 
-    def _init_dist(self, seed, weight_layout="input_major"):
+    def _init_dist(self, seed, weight_layout="input_major", explore=0.25):
         self._init_layout(weight_layout)
+        self.explore = explore
         self.seed = int(seed)
+        self._rotation = None  # (permutation of the channels, position) of 'topk_explore'
         self._generator = None
         self._generator_state = None  # restored state waiting for the first draw
         self.last_indices = None
@@ -31,6 +45,16 @@ class WeightSampled(SamplingConfig):
         # it existed lack the attribute).
         super().__setstate__(state)
         self._prepared = None
+        self.__dict__.setdefault("_rotation", None)
+        self.__dict__.setdefault("_explore", 0.25)
+
+    @property
+    def explore(self):
+        return self._explore
+
+    @explore.setter
+    def explore(self, value):
+        self._explore = check_explore(value)
 
     # -- selection -------------------------------------------------------------------
     @property
@@ -51,29 +75,69 @@ class WeightSampled(SamplingConfig):
         idx, scale = None, None
         if k < n:
             scores = channel_norms(self.weight.detach(), 1)
-            gen = self.generator if self.policy == "bernoulli_weight" else None
-            idx, scale = select_columns(scores, k, self.policy, gen)
+            if self.policy == "topk_explore":
+                idx = self._explore_select(scores, k)
+            else:
+                gen = self.generator if self.policy == "bernoulli_weight" else None
+                idx, scale = select_columns(scores, k, self.policy, gen)
         if self._index_sync is not None:
             idx, scale = self._index_sync(self, idx, scale)
         return idx, scale
+
+    def _explore_select(self, scores, k):
+        """Top k - r by norm plus the next r unselected channels of the rotation. A
+        forward without autograd (a logging pass) reads the rotation but does not move
+        it, so it cannot put one rank's selection stream ahead of the others'."""
+        n = scores.numel()
+        r = min(k, max(1, round(self.explore * k))) if self.explore > 0 else 0
+        chosen = torch.zeros(n, dtype=torch.bool, device=scores.device)
+        if k - r > 0:
+            chosen[torch.topk(scores.float(), k - r, sorted=False).indices] = True
+        saved = (self._rotation, self.generator.get_state()) if not torch.is_grad_enabled() else None
+        need = r
+        while need > 0:
+            if self._rotation is None or self._rotation[1] >= n or self._rotation[0].numel() != n:
+                perm = torch.randperm(n, generator=self.generator, device=self.generator.device)
+                self._rotation = (perm.to(scores.device), 0)
+            perm, pos = self._rotation
+            rest = perm[pos:]
+            free = ~chosen[rest]
+            count = torch.cumsum(free, 0)
+            have = int(count[-1])
+            if have >= need:
+                end = int(torch.searchsorted(count, need)) + 1  # through the need-th free one
+                chosen[rest[:end]] = True
+                self._rotation = (perm, pos + end)
+                need = 0
+            else:
+                chosen[rest] = True
+                need -= have
+                self._rotation = (perm, n)
+        if saved is not None:
+            self._rotation = saved[0]
+            self.generator.set_state(saved[1])
+        return chosen.nonzero().squeeze(1)
 
     def prepare_next(self):
         """Select the channels of the next training forward now and gather their weights.
 
         For a caller that knows the weight has just changed and has idle time before the
         forward: the comm hook's optimizer_wrapper calls it after stepping the layer's
-        weight while later buckets are still on the wire. The next training forward uses
+        weight while later buckets are still on the wire (a 'topk_explore' selection moves
+        the rotation here, as the forward would have). The next training forward uses
         the result if the weight is the same tensor, not modified in place since (its
         version counter) and the sampling settings are unchanged; otherwise it selects
-        anew. Only for the deterministic 'topk_weight' in forward mode without the
-        'broadcast' agreement (whose selection is a collective): elsewhere a no-op.
+        anew. Only for the top-k policies ('topk_explore', 'topk_weight') in forward mode
+        without the 'broadcast' agreement (whose selection is a collective): elsewhere a
+        no-op.
         Writes through ``weight.data`` bypass the version counter: call
         ``discard_prepared()`` after those."""
         self._prepared = None
-        if not self.training or self.policy != "topk_weight" or self.mode != "forward" \
-                or self._index_sync is not None:
+        if not self.training or self.policy not in ("topk_weight", "topk_explore") \
+                or self.mode != "forward" or self._index_sync is not None:
             return
-        idx, scale = self._select()
+        with torch.enable_grad():  # a selection for a training forward: the rotation moves
+            idx, scale = self._select()
         w_s = None if idx is None else self._sampled_weight(self.weight.detach(), idx, scale)
         self._prepared = (self._prepared_key(), idx, scale, w_s)
 
@@ -87,6 +151,9 @@ class WeightSampled(SamplingConfig):
 
     def _selection(self):
         """(indices, scale, prepared weight operand or None) for a training forward."""
+        if not torch.is_grad_enabled():  # a pass without autograd leaves the prepared one
+            idx, scale = self._select()
+            return idx, scale, None
         prepared, self._prepared = self._prepared, None
         if prepared is not None and prepared[0] == self._prepared_key():
             return prepared[1:]
@@ -130,12 +197,16 @@ class WeightSampled(SamplingConfig):
     # -- checkpoints ------------------------------------------------------------------
     def sampler_state(self):
         state = self._generator.get_state() if self._generator is not None else self._generator_state
-        return {"seed": self.seed, "generator": state}
+        rotation = getattr(self, "_rotation", None)
+        return {"seed": self.seed, "generator": state,
+                "rotation": None if rotation is None else (rotation[0].cpu(), rotation[1])}
 
     def load_sampler_state(self, state):
         self.seed = int(state["seed"])
         self._generator = None
         self._generator_state = state.get("generator")
+        rotation = state.get("rotation")
+        self._rotation = None if rotation is None else (rotation[0].to(self.weight.device), int(rotation[1]))
 
 
 def sampler_state(model):

@@ -5,7 +5,7 @@ import logging
 import torch
 import torch.nn as nn
 
-from ..functional._checks import (POLICIES, WEIGHT_POLICIES, check_minimal_k, check_mode,
+from ..functional._checks import (DIST_POLICIES, POLICIES, check_explore, check_minimal_k, check_mode,
                                   check_policy, check_sample_ratio, check_weight_layout)
 from .conv import ApproxConv2d, ApproxConv2dDist
 from .budget import budget_ratios
@@ -45,7 +45,7 @@ def _swap(old, cls, kwargs):
     new._forward_hooks.update(old._forward_hooks)
     new.train(old.training)
     if hasattr(new, "_init_dist"):
-        new._init_dist(kwargs["seed"], kwargs["weight_layout"])  # re-register: the weight changed
+        new._init_dist(kwargs["seed"], kwargs["weight_layout"], kwargs["explore"])  # re-register: the weight changed
     else:
         new._init_layout(kwargs["weight_layout"])  # the weight changed
     return new
@@ -53,7 +53,7 @@ def _swap(old, cls, kwargs):
 
 def convert_model(module, sample_ratio=None, minimal_k=1, *, budget=None, distributed=False, policy=None,
                   mode="forward", skip_first_conv=True, exclude=(), seed=0, weight_layout="input_major",
-                  norm_stats="exact", norm_stats_fraction=0.25):
+                  explore=0.25, norm_stats="exact", norm_stats_fraction=0.25):
     """Replace every nn.Linear / nn.Conv2d under `module` by ApproxLinear / ApproxConv2d
     (their *Dist forms with distributed=True) in place and return the module.
 
@@ -93,12 +93,13 @@ def convert_model(module, sample_ratio=None, minimal_k=1, *, budget=None, distri
     if sample_ratio is not None:
         check_sample_ratio(sample_ratio)
     check_minimal_k(minimal_k)
-    allowed = WEIGHT_POLICIES if distributed else POLICIES
-    policy = policy or ("topk_weight" if distributed else "topk")
+    allowed = DIST_POLICIES if distributed else POLICIES
+    policy = policy or ("topk_explore" if distributed else "topk")
     check_policy(policy, allowed)
     check_mode(mode, policy)
     check_weight_layout(weight_layout)
     check_norm_stats(norm_stats, norm_stats_fraction)
+    check_explore(explore)
     if isinstance(exclude, (str, type)):
         exclude = (exclude,)
     linear_cls, conv_cls = (ApproxLinearDist, ApproxConv2dDist) if distributed else (ApproxLinear, ApproxConv2d)
@@ -137,7 +138,7 @@ def convert_model(module, sample_ratio=None, minimal_k=1, *, budget=None, distri
         kwargs = dict(sample_ratio=ratio, minimal_k=minimal_k, policy=policy, mode=mode,
                       weight_layout=weight_layout)
         if distributed:
-            kwargs["seed"] = seed + ordinal
+            kwargs.update(seed=seed + ordinal, explore=explore)
         cls = linear_cls if isinstance(m, nn.Linear) else conv_cls
         replaced[name] = _swap(m, cls, kwargs)
 

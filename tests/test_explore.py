@@ -1,0 +1,106 @@
+"""The default selection of the distributed layers, 'topk_explore': the top channels by
+weight norm plus a rotation over all of them (approxdist/nn/_dist.py)."""
+import copy
+import math
+
+import pytest
+import torch
+
+import approxdist as ad
+from approxdist.functional import channel_norms, num_samples
+from approxdist.nn import ApproxConv2dDist, ApproxLinearDist
+
+
+def conv(n=64, ratio=0.33, seed=3, **kw):
+    torch.manual_seed(0)
+    return ApproxConv2dDist(n, 16, 3, padding=1, sample_ratio=ratio, seed=seed, **kw)
+
+
+def step(layer, x):
+    layer(x).sum().backward()
+    return layer.last_indices.clone()
+
+
+def test_is_the_default():
+    assert ApproxLinearDist(8, 4).policy == "topk_explore"
+    model = ad.convert_model(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)), 0.5,
+                             distributed=True)
+    assert {m.policy for m in model.modules() if isinstance(m, ad.nn.WeightSampled)} == {"topk_explore"}
+
+
+@pytest.mark.parametrize("n, ratio, explore", [(64, 0.33, 0.25), (256, 0.33, 0.25), (100, 0.5, 0.1),
+                                               (37, 0.2, 1.0)])
+def test_every_channel_within_one_pass_of_the_rotation(n, ratio, explore):
+    layer = conv(n, ratio, explore=explore)
+    k = num_samples(n, ratio)
+    r = max(1, round(explore * k))
+    x = torch.randn(2, n, 4, 4)
+    seen = torch.zeros(n, dtype=torch.bool)
+    for _ in range(math.ceil(n / r)):
+        idx = step(layer, x)
+        assert idx.numel() == k and torch.equal(idx, idx.unique())  # sorted, unique, k
+        seen[idx] = True
+    assert bool(seen.all())
+
+
+def test_the_top_part_is_the_top_by_weight_norm():
+    layer = conv(64, 0.5, explore=0.25)  # k 32: 24 by norm, 8 from the rotation
+    x = torch.randn(2, 64, 4, 4)
+    norms = channel_norms(layer.weight.detach(), 1)
+    idx = step(layer, x)
+    top = set(norms.topk(24).indices.tolist())
+    assert top <= set(idx.tolist())
+
+
+def test_explore_zero_is_topk_weight():
+    a, b = conv(explore=0.0), conv(policy="topk_weight")
+    x = torch.randn(2, 64, 4, 4)
+    for _ in range(3):
+        assert torch.equal(step(a, x), step(b, x))
+
+
+def test_replicas_agree_and_seeds_differ():
+    a, b, c = conv(seed=5), conv(seed=5), conv(seed=6)
+    x = torch.randn(2, 64, 4, 4)
+    same = [torch.equal(step(a, x), step(b, x)) for _ in range(5)]
+    other = [torch.equal(step(a, x), step(c, x)) for _ in range(5)]
+    assert all(same) and not all(other)
+
+
+def test_a_forward_without_autograd_does_not_move_the_rotation():
+    a, b = conv(), conv()
+    x = torch.randn(2, 64, 4, 4)
+    for i in range(4):
+        if i == 2:
+            with torch.no_grad():
+                a(x)  # a logging pass on one "rank"
+        assert torch.equal(step(a, x), step(b, x))
+
+
+def test_global_rng_untouched():
+    layer = conv()
+    x = torch.randn(2, 64, 4, 4)
+    before = torch.get_rng_state()
+    for _ in range(10):  # more than one pass: the rotation is drawn again
+        step(layer, x)
+    assert torch.equal(before, torch.get_rng_state())
+
+
+def test_sampler_state_resumes_the_rotation():
+    a = conv()
+    x = torch.randn(2, 64, 4, 4)
+    for _ in range(3):
+        step(a, x)
+    b = copy.deepcopy(a)
+    b._rotation = None
+    b._generator = None
+    ad.nn.load_sampler_state(torch.nn.Sequential(b), {"0": a.sampler_state()})
+    for _ in range(6):
+        assert torch.equal(step(a, x), step(b, x))
+
+
+def test_explore_is_validated():
+    with pytest.raises(ValueError, match="explore must be a number in"):
+        conv(explore=1.5)
+    with pytest.raises(ValueError, match="explore must be a number in"):
+        ad.convert_model(torch.nn.Sequential(torch.nn.Linear(8, 8)), 0.5, distributed=True, explore=-0.1)
