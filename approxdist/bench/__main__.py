@@ -9,6 +9,7 @@ SUBCOMMANDS = {
     "comm": "approxdist.bench.comm",
     "testbed": "approxdist.bench.testbed",
     "cpu": "approxdist.bench.cpu_reference",
+    "fidelity": "approxdist.bench.fidelity",
 }
 
 

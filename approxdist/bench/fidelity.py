@@ -1,0 +1,232 @@
+"""`approxdist-bench fidelity`: does a sampled model evaluate and converge like the exact one?
+
+Users buy time to accuracy, not step time. For each task, configuration and seed this
+trains one model in a plain PyTorch loop (SGD with momentum, one process: the sparse
+hook is lossless, so the gradients and hence the model are those of a DDP run), and
+reports what `model.eval()` measures:
+
+- the top-1 accuracy after the same number of steps as the exact model,
+- the first step (evaluated every --eval-every steps) at which it reaches --target,
+- the accuracy of the same state_dict loaded into the unconverted model (what a user
+  who exports the weights gets); it must equal the first.
+
+Tasks run in minutes on a CPU: 'cnn128' (the built-in CNN, width 128, on sklearn's 8x8
+digits) and 'resnet18' (torchvision's, BatchNorm throughout, on the digits upscaled to
+32 px in 3 channels). Configurations: 'exact', a ratio ('0.5': convert_model's defaults
+with that sample_ratio, distributed=True), 'budget0.33' (convert_model(budget=0.33)),
+with suffixes '+topk' (the former default policy 'topk_weight') and '+sampledbn'
+(norm_stats='sampled', the former behaviour) to show what each part buys.
+
+The JSON is rewritten after every run, so an interrupted benchmark keeps what it
+measured; `--render F.json` prints the table of a saved run.
+"""
+import argparse
+import copy
+import json
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import approxdist as ad
+from approxdist.train.data import build_datasets
+from approxdist.train.models import SmallCNN
+
+TASKS = ("cnn128", "resnet18")
+# Per task: (learning rate, steps). The CNN at lr 0.1 is the setting of the time-to-accuracy
+# benchmark; resnet18 at 0.05 needs about 300 steps to near 97% exactly.
+TASK_DEFAULTS = {"cnn128": (0.1, 200), "resnet18": (0.05, 300)}
+SUFFIXES = ("topk", "sampledbn")
+
+
+def parse_config(text):
+    """'exact' | RATIO | 'budget'RATIO, then '+topk' / '+sampledbn' -> convert_model kwargs
+    (None for exact)."""
+    head, *suffixes = text.split("+")
+    for s in suffixes:
+        if s not in SUFFIXES:
+            raise ValueError(f"--configs: unknown suffix {s!r} in {text!r} (allowed: {', '.join(SUFFIXES)})")
+    if head == "exact":
+        if suffixes:
+            raise ValueError(f"--configs: 'exact' takes no suffix, got {text!r}")
+        return None
+    kwargs = {"distributed": True}
+    try:
+        if head.startswith("budget"):
+            kwargs["budget"] = float(head[len("budget"):])
+        else:
+            kwargs["sample_ratio"] = float(head)
+    except ValueError:
+        raise ValueError(f"--configs: {text!r} is not 'exact', a ratio such as 0.5, or budget0.33") from None
+    if "topk" in suffixes:
+        kwargs["policy"] = "topk_weight"
+    if "sampledbn" in suffixes:
+        kwargs["norm_stats"] = "sampled"
+    return kwargs
+
+
+def task_data(task):
+    train, val, _ = build_datasets("digits", image_size=8 if task == "cnn128" else 32)
+    return train.tensors, val.tensors
+
+
+def build(task, seed):
+    torch.manual_seed(seed)
+    if task == "cnn128":
+        return SmallCNN(1, 10, width=128)
+    import torchvision
+
+    return torchvision.models.resnet18(num_classes=10)
+
+
+@torch.no_grad()
+def accuracy(model, x, y):
+    was = model.training
+    model.eval()
+    out = torch.cat([model(x[i:i + 256]) for i in range(0, len(x), 256)])
+    model.train(was)
+    return (out.argmax(1) == y).float().mean().item()
+
+
+def run_one(task, config, seed, *, steps, lr, batch_size, eval_every, target, data=None):
+    (xtr, ytr), (xva, yva) = data or task_data(task)
+    model = build(task, seed)
+    kwargs = parse_config(config)
+    if kwargs is not None:
+        ad.convert_model(model, seed=seed, **kwargs)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
+    order = torch.Generator().manual_seed(seed)
+    perm, pos = torch.randperm(len(ytr), generator=order), 0
+    curve, hit, t0 = [], None, time.perf_counter()
+    model.train()
+    for step in range(1, steps + 1):
+        if pos + batch_size > len(ytr):
+            perm, pos = torch.randperm(len(ytr), generator=order), 0
+        idx = perm[pos:pos + batch_size]
+        pos += batch_size
+        loss = F.cross_entropy(model(xtr[idx]), ytr[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % eval_every == 0 or step == steps:
+            acc = accuracy(model, xva, yva)
+            curve.append([step, round(acc, 5), round(loss.item(), 5)])
+            if hit is None and acc >= target:
+                hit = step
+    plain = build(task, seed)
+    plain.load_state_dict(model.state_dict())
+    return {"task": task, "config": config, "seed": seed, "final_acc": curve[-1][1],
+            "plain_acc": round(accuracy(plain, xva, yva), 5), "steps_to_target": hit,
+            "curve": curve, "seconds": round(time.perf_counter() - t0, 1),
+            "sample_ratios": _ratios(model)}
+
+
+def _ratios(model):
+    return sorted({round(m.sample_ratio, 4) for m in model.modules() if isinstance(m, ad.nn.WeightSampled)})
+
+
+def summarise(runs, target):
+    """Median final accuracy and steps to target per (task, config); a run that never
+    reached the target counts as beyond the last step (shown with '>')."""
+    rows = {}
+    for r in runs:
+        rows.setdefault((r["task"], r["config"]), []).append(r)
+    out = []
+    for (task, config), rs in rows.items():
+        steps = [r["steps_to_target"] if r["steps_to_target"] is not None else float("inf") for r in rs]
+        med = statistics.median(steps)
+        out.append({"task": task, "config": config, "seeds": len(rs),
+                    "final_acc": statistics.median(r["final_acc"] for r in rs),
+                    "plain_equal": all(r["plain_acc"] == r["final_acc"] for r in rs),
+                    "steps_to_target": med, "last_step": rs[0]["curve"][-1][0],
+                    "reached": sum(s != float("inf") for s in steps)})
+    for row in out:
+        exact = next((e for e in out if e["task"] == row["task"] and e["config"] == "exact"), None)
+        row["acc_vs_exact"] = None if exact is None else row["final_acc"] - exact["final_acc"]
+        ok = exact is not None and exact["steps_to_target"] != float("inf") and row["steps_to_target"] != float("inf")
+        row["steps_vs_exact"] = row["steps_to_target"] / exact["steps_to_target"] if ok else None
+    return out
+
+
+def render(doc):
+    target = doc["options"]["target"]
+    lines = [f"| task | config | seeds | eval top-1 (median) | vs exact | steps to {target:.0%} (median) "
+             "| vs exact | plain torchvision = eval |", "|---|---|---|---|---|---|---|---|"]
+    for row in summarise(doc["runs"], target):
+        st = row["steps_to_target"]
+        st_txt = f"> {row['last_step']}" if st == float("inf") else f"{st:g}"
+        if 0 < row["reached"] < row["seeds"]:
+            st_txt += f" ({row['reached']}/{row['seeds']} reached)"
+        dv = "" if row["acc_vs_exact"] is None or row["config"] == "exact" else f"{row['acc_vs_exact'] * 100:+.1f} pt"
+        sv = "" if row["steps_vs_exact"] is None or row["config"] == "exact" else f"{row['steps_vs_exact']:.2f}x"
+        lines.append(f"| {row['task']} | {row['config']} | {row['seeds']} | {row['final_acc']:.1%} | {dv} "
+                     f"| {st_txt} | {sv} | {'yes' if row['plain_equal'] else 'NO'} |")
+    return "\n".join(lines)
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="approxdist-bench fidelity", description=__doc__.split("\n\n")[0])
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    p.add_argument("--configs", nargs="+", default=["exact", "0.5", "0.33"],
+                   help="exact | RATIO | budgetRATIO, each optionally +topk and/or +sampledbn")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=None, help="default per task: cnn128 200, resnet18 300")
+    p.add_argument("--lr", type=float, default=None, help="SGD learning rate; default per task: cnn128 0.1, "
+                   "resnet18 0.05")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--eval-every", type=int, default=10)
+    p.add_argument("--target", type=float, default=0.97, help="accuracy for the steps-to-target column")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--json", default=None, help="write every run here (rewritten after each run)")
+    p.add_argument("--render", metavar="JSON", default=None, help="print the table of a saved run and exit")
+    return p
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    if args.render:
+        with open(args.render) as f:
+            print(render(json.load(f)))
+        return 0
+    for c in args.configs:
+        parse_config(c)
+    for name, value in (("--steps", args.steps), ("--eval-every", args.eval_every), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            _parser().error(f"{name} must be >= 1, got {value}")
+    if not 0 < args.target <= 1:
+        _parser().error(f"--target must be in (0, 1], got {args.target}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    options = {k: getattr(args, k) for k in ("tasks", "configs", "seeds", "steps", "lr", "batch_size",
+                                              "eval_every", "target")}
+    doc = {"benchmark": "fidelity", "options": options, "runs": [],
+           "environment": {"torch": torch.__version__, "python": platform.python_version(),
+                           "machine": platform.machine(), "threads": torch.get_num_threads()}}
+    total = len(args.tasks) * len(args.configs) * len(args.seeds)
+    n = 0
+    for task in args.tasks:
+        data = task_data(task)
+        lr = args.lr if args.lr is not None else TASK_DEFAULTS[task][0]
+        steps = args.steps if args.steps is not None else TASK_DEFAULTS[task][1]
+        for seed in args.seeds:  # seeds outermost within a task: configs interleave
+            for config in args.configs:
+                n += 1
+                r = run_one(task, config, seed, steps=steps, lr=lr, batch_size=args.batch_size,
+                            eval_every=args.eval_every, target=args.target, data=data)
+                r.update(lr=lr, steps=steps)
+                doc["runs"].append(r)
+                print(f"[{n}/{total}] {task} {config} seed {seed}: eval {r['final_acc']:.1%} "
+                      f"(plain {r['plain_acc']:.1%}), {args.target:.0%} at step {r['steps_to_target']}, "
+                      f"{r['seconds']:.0f} s", flush=True)
+                if args.json:
+                    with open(args.json, "w") as f:
+                        json.dump(doc, f, indent=1)
+    print(render(doc))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""A sampled BatchNorm model evaluates like the exact one (issue: eval accuracy after
+sampled training), and the bench's pieces (approxdist/bench/fidelity.py)."""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import approxdist as ad
+from approxdist.bench import fidelity
+
+
+def bn_cnn(seed):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(256, 10))
+
+
+def train(model, data, steps=60, seed=0):
+    (x, y), _ = data
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(y), (32,), generator=g)
+        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return fidelity.task_data("cnn128")
+
+
+def test_sampled_batchnorm_model_evaluates_like_the_exact_one(digits):
+    """Default convert_model(distributed=True) settings and a plain loop: model.eval()
+    measures what the model learned, and the exported weights give the same in the plain
+    model. (tests/test_norm_stats.py checks the statistics themselves.)"""
+    _, (xv, yv) = digits
+    exact = fidelity.accuracy(train(bn_cnn(0), digits), xv, yv)
+    sampled_model = train(ad.convert_model(bn_cnn(0), 0.5, distributed=True), digits)
+    sampled = fidelity.accuracy(sampled_model, xv, yv)
+    plain = bn_cnn(1)
+    plain.load_state_dict(sampled_model.state_dict())
+    assert fidelity.accuracy(plain, xv, yv) == sampled
+    assert exact > 0.85
+    assert sampled >= exact - 0.04, (sampled, exact)
+
+
+@pytest.mark.parametrize("text, want", [
+    ("exact", None),
+    ("0.5", {"distributed": True, "sample_ratio": 0.5}),
+    ("budget0.33+topk", {"distributed": True, "budget": 0.33, "policy": "topk_weight"}),
+    ("0.33+sampledbn+topk", {"distributed": True, "sample_ratio": 0.33, "norm_stats": "sampled",
+                             "policy": "topk_weight"}),
+])
+def test_parse_config(text, want):
+    assert fidelity.parse_config(text) == want
+
+
+@pytest.mark.parametrize("text", ["exact+topk", "0.5+fast", "half"])
+def test_parse_config_refuses(text):
+    with pytest.raises(ValueError, match="--configs"):
+        fidelity.parse_config(text)
+
+
+def test_a_short_run_writes_json_and_renders(tmp_path, capsys):
+    out = tmp_path / "f.json"
+    assert fidelity.main(["--tasks", "cnn128", "--configs", "exact", "0.5", "--seeds", "0", "--steps", "4",
+                          "--eval-every", "2", "--target", "0.2", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert [r["config"] for r in doc["runs"]] == ["exact", "0.5"]
+    for r in doc["runs"]:
+        assert r["plain_acc"] == r["final_acc"] and len(r["curve"]) == 2
+    assert doc["runs"][1]["sample_ratios"] == [0.5]
+    capsys.readouterr()
+    fidelity.main(["--render", str(out)])
+    table = capsys.readouterr().out
+    assert "| cnn128 | 0.5 | 1 |" in table and "steps to 20%" in table
