@@ -5,18 +5,20 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 TORCH   ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo demo-single test test-slow test-experiments bench horovod clean
+.PHONY: install demo demo-single lint test test-slow test-experiments bench horovod clean
 
 install: $(STAMP)
 
-# Re-runs only when setup.py or the kernel sources change; the kernels build is cached
-# (a machine without a compiler falls back to the pure-PyTorch path with one warning).
-$(STAMP): setup.py $(wildcard csrc/*)
+# Re-runs only when the packaging files or the kernel sources change; the kernels build is
+# cached (a machine without a compiler falls back to the pure-PyTorch path with one warning).
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -c "import torch, torchvision" 2>/dev/null || $(VPY) -m pip install -q $(TORCH)
 	# --no-build-isolation builds with the venv's own setuptools and wheel, which not every
-	# torch brings along (torch 2.4.1 does not: "invalid command 'bdist_wheel'").
-	$(VPY) -c "import setuptools, wheel" 2>/dev/null || $(VPY) -m pip install -q setuptools wheel
+	# torch brings along (torch 2.4.1 does not: "invalid command 'bdist_wheel'"); reading
+	# pyproject.toml and an editable install need setuptools >= 64 (Python 3.9's venv has 58).
+	$(VPY) -c "import sys, setuptools, wheel; sys.exit(int(setuptools.__version__.split('.')[0]) < 64)" \
+		2>/dev/null || $(VPY) -m pip install -q "setuptools>=64" wheel
 	$(VPY) -m pip install -q --no-build-isolation -e ".[dev]"
 	$(VPY) -c "import approxdist.kernels as k; print('approxdist kernels backend:', k.build())"
 	touch $(STAMP)
@@ -29,7 +31,12 @@ demo: install
 demo-single: install
 	$(VPY) -m approxdist.demo
 
-test: install
+# Lint first (pyflakes and import order, configured in pyproject.toml): seconds, and a
+# broken import fails here before the suite's ten minutes.
+lint: install
+	$(VPY) -m ruff check .
+
+test: lint
 	$(VPY) -m pytest -q tests
 
 test-slow: install

