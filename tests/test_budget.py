@@ -4,9 +4,9 @@ import torch
 import torchvision
 
 import approxdist as ad
-from distharness import run_ranks
 from approxdist.functional import num_samples
 from approxdist.nn.budget import budget_ratios, payload_fraction
+from distharness import run_ranks
 
 
 def sent_fraction(model):

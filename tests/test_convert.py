@@ -8,8 +8,13 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from approxdist.nn import (ApproxConv2d, ApproxConv2dDist, ApproxLinear, ApproxLinearDist, WeightSampled,
-                           convert_model)
+from approxdist.nn import (
+    ApproxConv2d,
+    ApproxConv2dDist,
+    ApproxLinear,
+    ApproxLinearDist,
+    convert_model,
+)
 
 APPROX = (ApproxConv2d, ApproxConv2dDist, ApproxLinear, ApproxLinearDist)
 # (name, input size): small inputs that every model still accepts

@@ -7,8 +7,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from approxdist.functional import (POLICIES, approx_conv2d, approx_linear, bernoulli_probabilities,
-                                   num_samples, sampled_conv2d, sampled_linear, select_columns)
+from approxdist.functional import (
+    POLICIES,
+    approx_conv2d,
+    approx_linear,
+    bernoulli_probabilities,
+    num_samples,
+    sampled_conv2d,
+    sampled_linear,
+    select_columns,
+)
 
 D = torch.float64
 RANDOM_POLICIES = ("random", "bernoulli", "bernoulli_weight", "uniform")

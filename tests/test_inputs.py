@@ -8,8 +8,7 @@ import torch.nn.functional as F
 
 import approxdist as ad
 from approxdist.functional import approx_conv2d, approx_linear, num_samples
-from approxdist.nn import (ApproxConv2d, ApproxConv2dDist, ApproxLinear, ApproxLinearDist,
-                           convert_model)
+from approxdist.nn import ApproxConv2d, ApproxConv2dDist, ApproxLinear, ApproxLinearDist, convert_model
 
 BAD_RATIOS = [0, 0.0, -0.5, 1.5, math.nan, math.inf, True, False, "0.5", None]
 

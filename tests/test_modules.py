@@ -7,8 +7,15 @@ import pytest
 import torch
 import torch.nn as nn
 
-from approxdist.nn import (ApproxConv2d, ApproxConv2dDist, ApproxLinear, ApproxLinearDist,
-                           approx_Conv2d, approx_Conv2d_dist, approx_Linear)
+from approxdist.nn import (
+    ApproxConv2d,
+    ApproxConv2dDist,
+    ApproxLinear,
+    ApproxLinearDist,
+    approx_Conv2d,
+    approx_Conv2d_dist,
+    approx_Linear,
+)
 
 CONV_KW = [dict(kernel_size=3, padding=1), dict(kernel_size=3, stride=2, padding=1, bias=False),
            dict(kernel_size=(3, 1), padding=(1, 0), dilation=2), dict(kernel_size=1, stride=2),

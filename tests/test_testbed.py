@@ -12,7 +12,6 @@ import statistics
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -192,7 +191,7 @@ def test_teardown_refuses_namespaces_it_did_not_create():
         assert foreign in _netns_with_prefix(foreign) and not marker.exists()
         # A record naming something setup.sh never makes is ignored, not obeyed.
         STATE_DIR.mkdir(parents=True, exist_ok=True)
-        marker.write_text(f"# forged\nsomebody-elses-ns\nadtb-other-n0\n")
+        marker.write_text("# forged\nsomebody-elses-ns\nadtb-other-n0\n")
         res = subprocess.run([str(SCRIPTS / "teardown.sh"), "-t", tag], capture_output=True,
                              text=True)
         assert res.returncode == 1 and "skipped" in res.stderr
@@ -510,9 +509,8 @@ def _share_worker(rank, world):
 
 
 def test_a_hand_written_plan_gets_the_eager_share_its_hook_names():
-    from distharness import run_ranks
-
     from approxdist.distributed.forward_overlap import EAGER_FRACTION
+    from distharness import run_ranks
 
     # the hook's +overlapF, unless the config sets the share (as the command line does)
     assert run_ranks(_share_worker, 1) == [[0.4, 0.6, EAGER_FRACTION]]

@@ -9,8 +9,8 @@ import torch
 
 from approxdist.train import checkpoint as ckpt
 from approxdist.train.args import build_parser, validate
-from approxdist.train.data import ResumableDistributedSampler, build_datasets, check_data_path
 from approxdist.train.clock import TrainClock
+from approxdist.train.data import ResumableDistributedSampler, build_datasets, check_data_path
 from approxdist.train.logs import MetricsLogger, format_epoch_line, format_eval_line, human_bytes
 from approxdist.train.models import SmallCNN, build_model
 from approxdist.train.train import STRICT_CONFIG, Trainer

@@ -21,7 +21,6 @@ The JSON is rewritten after every run, so an interrupted benchmark keeps what it
 measured; `--render F.json` prints the table of a saved run.
 """
 import argparse
-import copy
 import json
 import platform
 import statistics

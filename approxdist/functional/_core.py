@@ -4,8 +4,8 @@ dimension at dim 1 of both input and weight."""
 import torch
 
 from ._autograd import BackwardSampled, ForwardSampled
-from ._layout import contiguous_weight
 from ._checks import WEIGHT_POLICIES, check_minimal_k, check_mode, check_policy, check_sample_ratio
+from ._layout import contiguous_weight
 from .sampling import channel_norms, num_samples, select_columns
 
 

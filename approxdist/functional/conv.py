@@ -3,8 +3,8 @@ import torch
 from torch.nn.modules.utils import _pair
 
 from ._amp import cast_for_autocast
-from ._checks import check_groups
 from ._autograd import sampled_weight
+from ._checks import check_groups
 from ._core import approx_product, sampled_product
 from ._products import Conv2dProduct
 

@@ -1,7 +1,7 @@
 """approx_linear: a linear layer whose product keeps k of the in_features pairs."""
-from ._amp import cast_for_autocast
 import torch
 
+from ._amp import cast_for_autocast
 from ._autograd import sampled_weight
 from ._core import approx_product, sampled_product
 from ._products import LinearProduct

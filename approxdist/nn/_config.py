@@ -4,8 +4,14 @@ The attributes are validated on every assignment, so a schedule that changes
 sample_ratio between steps gets the same clear errors as the constructor."""
 import torch
 
-from ..functional._checks import (POLICIES, check_minimal_k, check_mode, check_policy,
-                                  check_sample_ratio, check_weight_layout)
+from ..functional._checks import (
+    POLICIES,
+    check_minimal_k,
+    check_mode,
+    check_policy,
+    check_sample_ratio,
+    check_weight_layout,
+)
 from ..functional._layout import to_dim1_major
 
 

@@ -4,8 +4,8 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
 from ..functional import approx_conv2d, sampled_conv2d, sampled_conv2d_weight
-from ..functional._layout import contiguous_weight
 from ..functional._checks import check_groups
+from ..functional._layout import contiguous_weight
 from ._config import SamplingConfig
 from ._dist import WeightSampled
 

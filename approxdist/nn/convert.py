@@ -5,10 +5,18 @@ import logging
 import torch
 import torch.nn as nn
 
-from ..functional._checks import (DIST_POLICIES, POLICIES, check_explore, check_minimal_k, check_mode,
-                                  check_policy, check_sample_ratio, check_weight_layout)
-from .conv import ApproxConv2d, ApproxConv2dDist
+from ..functional._checks import (
+    DIST_POLICIES,
+    POLICIES,
+    check_explore,
+    check_minimal_k,
+    check_mode,
+    check_policy,
+    check_sample_ratio,
+    check_weight_layout,
+)
 from .budget import budget_ratios
+from .conv import ApproxConv2d, ApproxConv2dDist
 from .linear import ApproxLinear, ApproxLinearDist
 from .norm_stats import check_norm_stats, exact_norm_stats, remove_norm_stats
 

@@ -23,8 +23,8 @@ import math
 import torch
 from torch import nn
 
-from ._config import SamplingConfig
 from ..functional import num_samples
+from ._config import SamplingConfig
 
 _BN = nn.modules.batchnorm._BatchNorm
 NORM_STATS = ("exact", "sampled")

@@ -20,13 +20,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from ..distributed import finish_steps, in_hook_steps, shutdown_distributed
 from . import checkpoint as ckpt
 from .args import validate
 from .clock import TrainClock
 from .comm import SPARSE_HOOKS, build_comm
 from .data import build_datasets, build_loaders
 from .logs import MetricsLogger
-from ..distributed import finish_steps, in_hook_steps, shutdown_distributed
 
 # Test hook for the elastic-restart test: "RANK:STEP" makes that rank SIGKILL itself after
 # completing global step STEP, on the first attempt only (TORCHELASTIC_RESTART_COUNT == 0).
