@@ -257,7 +257,7 @@ def _make_scaler(device, amp):
 
 def main(args):
     """Train as ``args`` says; returns the last epoch's metrics (on every rank)."""
-    from approxdist.distributed.env import init_distributed
+    from ..distributed import init_distributed
 
     validate(args)
     # Everything that can fail on a bad flag happens before the process group exists.
