@@ -777,3 +777,20 @@ def test_a_run_leaves_the_markdown_to_the_render_step(tmp_path, capsys):
         main(["--models", "tiny", "--markdown", str(md)])
     assert "--markdown is written by the render step, not by a run" in capsys.readouterr().err
     assert not md.exists()
+
+
+def test_a_plan_reads_and_writes_the_json_it_always_had():
+    from approxdist.bench.comm import Plan, RunConfig
+
+    # as a testbed run saved it (docs/comm_testbed.json, shortened)
+    saved = {"configs": [{"model": "resnet18", "hook": h, "bucket_mb": 5.0} for h in ("allreduce", "sparse0.5")]
+             + [{"model": "resnet18", "hook": "sparse0.33+overlap", "bucket_mb": 5.0, "eager_fraction": 0.3}],
+             "batch": 16, "image_size": 32, "steps": 3, "warmup": 2, "repeats": 3, "seed": 0, "compute_steps": 2,
+             "compute_repeats": 1, "verbose": True, "threads": 1}
+    assert Plan.from_dict(saved).to_dict() == saved
+    hand = {"configs": [{"model": "tiny", "hook": "sparse0.5+overlap0.4", "seed": 5, "note": "kept"}],
+            "batch": 8, "image_size": 16, "steps": 3, "warmup": 1, "repeats": 1}
+    plan = Plan.from_dict(hand)
+    assert plan.configs[0] == RunConfig("tiny", "sparse0.5+overlap0.4", seed=5, extra={"note": "kept"})
+    assert plan.configs[0].spec.eager_fraction == 0.4 and plan.threads is None
+    assert plan.to_dict()["configs"] == hand["configs"]
