@@ -32,6 +32,7 @@ import weakref
 
 import torch
 import torch.distributed as dist
+
 from .overlap import _stepper_of, hyperparameters
 from .payload import payload_of
 
