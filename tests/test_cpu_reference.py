@@ -66,35 +66,37 @@ def _env(**extra):
 
 
 def test_comm_markdown_states_the_reference_when_the_run_took_one(tmp_path):
-    from approxdist.bench.comm import _markdown_body
+    from approxdist.bench.comm import markdown_body
 
     plan = {"configs": [{"model": "resnet18", "hook": "allreduce", "bucket_mb": 5}], "batch": 16,
             "image_size": 32, "steps": 7, "warmup": 2, "repeats": 3}
     ref = {"workload": "w", "reps": 10, "cores": 2, "alone_ms": 101.04, "all_cores_ms": 120.06,
            "per_core_ms": [119.0, 121.12], "slowdown": 120.06 / 101.04}
     links = {"2 nodes, 1gbit": {"link_bits_per_s": 9.5e8}}
-    body = _markdown_body("approxdist-bench comm --testbed", plan, "| table |", [], True, links,
-                          _env(cpu_reference=ref), tmp_path, load_end=0.6)
+    def body_of(env):
+        saved = {"command": "approxdist-bench comm --testbed", "plan": plan, "links": links,
+                 "environment": dict(env, loadavg_end=[0.6])}
+        return markdown_body(saved, "| table |", [], tmp_path)
+
+    body = body_of(_env(cpu_reference=ref))
     assert ("CPU reference (w; `approxdist-bench cpu`): 101.0 ms alone, 120.1 ms with one copy on "
             "each of the 2 cores (1.19x), taken before the run: compare times of different days "
             "only beside it.") in body
     end = dict(ref, alone_ms=80.44, all_cores_ms=95.0)
-    both = _markdown_body("approxdist-bench comm --testbed", plan, "| table |", [], True, links,
-                          _env(cpu_reference=ref, cpu_reference_end=end), tmp_path, load_end=0.6)
+    both = body_of(_env(cpu_reference=ref, cpu_reference_end=end))
     assert ("(1.19x), taken before the run (after it: 80.4 ms alone, 95.0 ms on all cores): "
             "compare times of different days only beside it.") in both
     # a JSON file from before the reference (docs/comm_testbed.json) renders as it did
-    old = _markdown_body("approxdist-bench comm --testbed", plan, "| table |", [], True, links,
-                         _env(), tmp_path, load_end=0.6)
+    old = body_of(_env())
     assert "CPU reference" not in old
     assert old == body.replace(body[body.index("CPU reference"):body.index("\n\n", body.index("CPU reference")) + 2], "")
 
 
 def test_comm_takes_the_reference_unless_told_not_to():
-    from approxdist.bench.comm import _parser
+    from approxdist.bench.comm import parser
 
-    assert _parser().parse_args([]).cpu_reference is True
-    assert _parser().parse_args(["--no-cpu-reference"]).cpu_reference is False
+    assert parser().parse_args([]).cpu_reference is True
+    assert parser().parse_args(["--no-cpu-reference"]).cpu_reference is False
 
 
 def test_time_to_accuracy_markdown_states_the_reference_too(tmp_path):
@@ -143,7 +145,9 @@ def test_a_comm_run_takes_the_reference_before_and_after_it(tmp_path, monkeypatc
     monkeypatch.setattr(cpu_reference, "measure", fake_measure)
     out, md = tmp_path / "run.json", tmp_path / "benchmarks.md"
     assert main(["--models", "tiny", "--hooks", "allreduce,sparse0.5", "--steps", "1", "--repeats", "1",
-                 "--warmup", "1", "--json", str(out), "--markdown", str(md), "--quiet"]) == 0
+                 "--warmup", "1", "--json", str(out), "--quiet"]) == 0
+    assert not md.exists()  # a run writes no markdown: the render step does
+    assert main(["--render", str(out), "--markdown", str(md)]) == 0
     env = json.loads(out.read_text())["environment"]
     assert taken == [0, 1]
     assert env["cpu_reference"]["alone_ms"] == 70.0 and env["cpu_reference_end"]["alone_ms"] == 55.0

@@ -265,21 +265,18 @@ def test_ddp_steps_on_two_shaped_nodes_send_the_analytic_payload():
 def test_hook_names_parse_and_bad_ones_name_the_argument():
     from approxdist.bench.comm import parse_hook
 
-    assert parse_hook("sparse0.33+fp16") == {"name": "sparse0.33+fp16", "kind": "sparse",
-                                             "ratio": 0.33, "fp16": True, "step_in_hook": False,
-                                             "overlap": False, "loop": "usual",
-                                             "eager_fraction": None}
-    assert parse_hook("sparse0.33+fp16+step") == {"name": "sparse0.33+fp16+step", "kind": "sparse",
-                                                  "ratio": 0.33, "fp16": True, "step_in_hook": True,
-                                                  "overlap": False, "loop": "step",
-                                                  "eager_fraction": None}
-    assert parse_hook("sparse0.33+overlap") == {"name": "sparse0.33+overlap", "kind": "sparse",
-                                                "ratio": 0.33, "fp16": False, "step_in_hook": True,
-                                                "overlap": True, "loop": "overlap",
-                                                "eager_fraction": None}
-    assert parse_hook("sparse0.33+overlap0.3")["eager_fraction"] == 0.3
-    assert parse_hook("allreduce+step")["kind"] == "allreduce"
-    assert parse_hook("powersgd4")["rank"] == 4
+    def fields(s):
+        return (s.name, s.kind, s.ratio, s.fp16, s.step_in_hook, s.overlap, s.loop, s.eager_fraction)
+
+    assert fields(parse_hook("sparse0.33+fp16")) == ("sparse0.33+fp16", "sparse", 0.33, True, False, False,
+                                                     "usual", None)
+    assert fields(parse_hook("sparse0.33+fp16+step")) == ("sparse0.33+fp16+step", "sparse", 0.33, True, True,
+                                                          False, "step", None)
+    assert fields(parse_hook("sparse0.33+overlap")) == ("sparse0.33+overlap", "sparse", 0.33, False, True, True,
+                                                        "overlap", None)
+    assert parse_hook("sparse0.33+overlap0.3").eager_fraction == 0.3
+    assert parse_hook("allreduce+step").kind == "allreduce"
+    assert parse_hook("powersgd4").rank == 4
     for bad in ("sparse0", "sparse1.5", "powersgd0", "topk", "sparse0.5+step+fp16", "+step",
                 "sparse0.5+step+overlap", "+overlap", "allreduce+overlap+step",
                 "sparse0.5+step0.3", "sparse0.5+overlap0", "sparse0.5+overlap1.5", "allreduce0.3"):
@@ -304,15 +301,16 @@ def test_markdown_block_is_replaced_without_touching_other_sections(tmp_path):
 
 @pytest.mark.parametrize("hooks", [["allreduce", "sparse0.33"], ["allreduce", "powersgd1"]])
 def test_testbed_markdown_describes_powersgd_only_when_it_ran(hooks, tmp_path):
-    from approxdist.bench.comm import _markdown_body
+    from approxdist.bench.comm import markdown_body
 
     plan = {"configs": [{"model": "resnet18", "hook": h, "bucket_mb": 5} for h in hooks], "batch": 16,
             "image_size": 32, "steps": 7, "warmup": 2, "repeats": 3}
     env = {"date": "2026-12-02 07:00 UTC", "commit": "abc1234", "torch": "2.14.1", "cpus": 2, "loadavg": [0.5]}
     links = {"2 nodes, 1gbit": {"link_bits_per_s": 9.5e8},  # a file from before the burst was kept
              "2 nodes, 100mbit": {"link_bits_per_s": 9.5e7, "burst_bytes": 98304}}
-    body = _markdown_body("approxdist-bench comm --testbed", plan, "| table |", [], True,
-                          links, env, tmp_path, load_end=0.6)
+    saved = {"command": "approxdist-bench comm --testbed", "plan": plan, "links": links,
+             "environment": dict(env, loadavg_end=[0.6])}
+    body = markdown_body(saved, "| table |", [], tmp_path)
     assert "testbed, 2 nodes, 1gbit: 0.950 Gbit/s per link\n" in body
     assert "testbed, 2 nodes, 100mbit: 0.095 Gbit/s per link; tbf burst 96 KiB\n" in body
     if "powersgd1" in hooks:
@@ -322,7 +320,7 @@ def test_testbed_markdown_describes_powersgd_only_when_it_ran(hooks, tmp_path):
 
 
 def test_link_rate_comes_from_the_fastest_probe_and_keeps_the_median():
-    from approxdist.bench.comm import _probe_detail
+    from approxdist.bench.comm import probe_detail
     from approxdist.bench.testbed import link_rate
 
     # 2 nodes: a ring all-reduce sends the bytes once per link; 4 nodes: 1.5 times
@@ -337,10 +335,10 @@ def test_link_rate_comes_from_the_fastest_probe_and_keeps_the_median():
     for bad in ([], [0.2, 0.0], [-1.0]):
         with pytest.raises(ValueError, match="seconds"):
             link_rate(bad, 25_000_000, 2)
-    detail = _probe_detail(two)
+    detail = probe_detail(two)
     assert "fastest of 3" in detail and "25 MB" in detail and "0.800 Gbit/s" in detail
     # a JSON file from before the fastest-of rule: its rate was the median, say nothing
-    assert _probe_detail({"bytes": 25_000_000, "seconds": [0.2], "median_s": 0.2,
+    assert probe_detail({"bytes": 25_000_000, "seconds": [0.2], "median_s": 0.2,
                           "link_bits_per_s": 1e9}) == ""
 
 
@@ -471,9 +469,10 @@ def _frees_worker(rank, world):
     import weakref
 
     import approxdist.bench.comm as comm
+    from approxdist.bench.comm import hooks, worker
 
     made, alive = [], []
-    real_make, real_run = comm.make_model, comm._run_config
+    real_make, real_run = hooks.make_model, worker.run_config
 
     def make(name):
         model = real_make(name)
@@ -484,7 +483,7 @@ def _frees_worker(rank, world):
         alive.append(sum(ref() is not None for ref in made))
         return real_run(*args, **kwargs)
 
-    comm.make_model, comm._run_config = make, run
+    hooks.make_model, worker.run_config = make, run
     plan = {"configs": [{"model": "tiny", "hook": h, "bucket_mb": 25}
                         for h in ("allreduce", "sparse0.5", "sparse0.5+overlap", "fp16")],
             "batch": 4, "image_size": 8, "steps": 2, "warmup": 1, "repeats": 2, "compute_steps": 0}
@@ -503,7 +502,7 @@ def _share_worker(rank, world):
     for cfg in ({"model": "tiny", "hook": "sparse0.5+overlap0.4"},
                 {"model": "tiny", "hook": "sparse0.5+overlap0.4", "eager_fraction": 0.6},
                 {"model": "tiny", "hook": "sparse0.5+overlap"}):
-        ddp, *_ = comm._build(cfg, comm.parse_hook(cfg["hook"]), seed=0)
+        ddp, *_ = comm.build(cfg, seed=0)
         shares.append(ddp._approxdist_forward_overlap.eager_fraction)
     return shares
 
@@ -578,7 +577,7 @@ def test_torchrun_rendezvous_across_nodes_with_the_wrappers_arguments(tmp_path, 
 
 
 def test_time_to_accuracy_bookkeeping():
-    from approxdist.bench.comm_tta import summarize_tta, time_to_target, train_argv
+    from approxdist.bench.comm.tta import summarize_tta, time_to_target, train_argv
 
     curve = [(10.0, 90.0), (20.0, 96.9), (30.0, 97.0), (40.0, 99.0)]
     assert time_to_target(curve, 97.0) == 30.0 and time_to_target(curve, 99.5) is None
@@ -629,7 +628,7 @@ def test_time_to_accuracy_bookkeeping():
 
 
 def test_time_to_accuracy_curves_come_from_every_evaluation():
-    from approxdist.bench.comm_tta import curves
+    from approxdist.bench.comm.tta import curves
 
     t0 = 1000.0
     recs = [{"kind": "eval", "step": 2, "top1": 50.0, "train_seconds": 0.4, "time": 1011.0},
@@ -645,7 +644,7 @@ def test_time_to_accuracy_curves_come_from_every_evaluation():
 
 
 def test_time_to_accuracy_table_and_plot(tmp_path):
-    from approxdist.bench.comm_tta import format_tta_table, plot_tta, summarize_tta
+    from approxdist.bench.comm.tta import format_tta_table, plot_tta, summarize_tta
 
     rows = [{"hook": h, "train_curve": [(1.0, 90.0), (t, 97.5)], "curve": [(11.0, 90.0), (10 + t, 97.5)],
              "step_curve": [(5, 90.0), (10, 97.5)], "wall_s": 20.0, "final_top1": 97.5, "train_s": t,
@@ -766,3 +765,30 @@ def test_kernels_bench_divisor_must_be_a_world_size(value):
 
     with pytest.raises(ValueError, match="--divisor must be a finite number > 0"):
         main(["--divisor", value, "--ratios", "0.5"])
+
+
+def test_a_run_leaves_the_markdown_to_the_render_step(tmp_path, capsys):
+    from approxdist.bench.comm import main
+
+    md = tmp_path / "benchmarks.md"
+    with pytest.raises(SystemExit):
+        main(["--models", "tiny", "--markdown", str(md)])
+    assert "--markdown is written by the render step, not by a run" in capsys.readouterr().err
+    assert not md.exists()
+
+
+def test_a_plan_reads_and_writes_the_json_it_always_had():
+    from approxdist.bench.comm import Plan, RunConfig
+
+    # as a testbed run saved it (docs/comm_testbed.json, shortened)
+    saved = {"configs": [{"model": "resnet18", "hook": h, "bucket_mb": 5.0} for h in ("allreduce", "sparse0.5")]
+             + [{"model": "resnet18", "hook": "sparse0.33+overlap", "bucket_mb": 5.0, "eager_fraction": 0.3}],
+             "batch": 16, "image_size": 32, "steps": 3, "warmup": 2, "repeats": 3, "seed": 0, "compute_steps": 2,
+             "compute_repeats": 1, "verbose": True, "threads": 1}
+    assert Plan.from_dict(saved).to_dict() == saved
+    hand = {"configs": [{"model": "tiny", "hook": "sparse0.5+overlap0.4", "seed": 5, "note": "kept"}],
+            "batch": 8, "image_size": 16, "steps": 3, "warmup": 1, "repeats": 1}
+    plan = Plan.from_dict(hand)
+    assert plan.configs[0] == RunConfig("tiny", "sparse0.5+overlap0.4", seed=5, extra={"note": "kept"})
+    assert plan.configs[0].spec.eager_fraction == 0.4 and plan.threads is None
+    assert plan.to_dict()["configs"] == hand["configs"]

@@ -14,14 +14,14 @@ HOOKS = [("allreduce", 1.0), ("fp16", 1.0), ("bf16", 1.0), ("powersgd", 1.0), ("
          ("sparse-fp16", 0.5)]
 
 
-def torchrun(flags, *, max_restarts=0, env=None, timeout=300):
+def torchrun(flags, *, max_restarts=0, env=None, timeout=300, entry=("-m", "approxdist.train")):
     run_env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "PMI_", "MV2_"))}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         run_env.pop(k, None)
     run_env.update(OMP_NUM_THREADS="1", PYTHONPATH=REPO + os.pathsep + run_env.get("PYTHONPATH", ""))
     run_env.update(env or {})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "--max-restarts", str(max_restarts), "--monitor-interval", "0.5", "-m", "approxdist.train",
+           "--max-restarts", str(max_restarts), "--monitor-interval", "0.5", *entry,
            "--no-progress", *flags]
     proc = subprocess.run(cmd, env=run_env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -173,6 +173,7 @@ def test_killed_worker_restarts_from_last_checkpoint(tmp_path, uninterrupted):
     # Rank 1 SIGKILLs itself after step 6 on the first attempt; torchrun restarts both
     # workers, which continue from the step-4 checkpoint and end where the clean run ends.
     out = str(tmp_path)
-    proc = torchrun(RESUMABLE + ["--output-dir", out], max_restarts=1, env={"APPROXDIST_TRAIN_FAIL_AT": "1:6"})
+    proc = torchrun(RESUMABLE + ["--output-dir", out], max_restarts=1, env={"APPROXDIST_TEST_KILL_AT": "1:6"},
+                    entry=(os.path.join(REPO, "tests", "faulty_train.py"),))
     assert "resumed from" in proc.stdout and "step 4 (restart 1)" in proc.stdout, proc.stdout
     _assert_same_run(_checkpoint(out), uninterrupted)

@@ -160,7 +160,7 @@ def _trainer(model, config=None):
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
     config = config or {"model": "cnn", "dataset": "digits", "num_classes": 10, "world_size": 1, "batch_size": 32}
-    return Trainer(args, model, None, opt, sched, None, _NoComm(), config, rank=0)
+    return Trainer(args, model, opt, sched, config=config, comm=_NoComm())
 
 
 def _step(trainer):

@@ -22,8 +22,7 @@ import torch
 import torch.nn as nn
 
 from .. import convert_model
-from ..functional import num_samples
-from ..functional._core import select_pairs
+from ..functional import num_samples, select_pairs
 from ..nn import ApproxConv2d, ApproxLinear
 
 # (name, channels, spatial size, batch) of the single convolutions: ResNet stages.

@@ -40,7 +40,7 @@ def _worker(argv: list[str]) -> int:
     import torch
     import torch.nn.functional as F
 
-    from .comm import make_model
+    from .comm.hooks import make_model
 
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)

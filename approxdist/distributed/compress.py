@@ -12,8 +12,12 @@ slices are still exactly zero.
 """
 import torch
 
+from .payload import PayloadHook, with_payload
+
 __all__ = ["COMPRESS", "compress_wrapper"]
 
+# The 16-bit dtypes the sparse payload can travel in, by the name register(compress=...)
+# and approxdist-train's "sparse-<name>" hooks use.
 COMPRESS = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -23,7 +27,8 @@ def compress_wrapper(hook, compress: str):
     if compress not in COMPRESS:
         raise ValueError(f"compress must be one of {', '.join(map(repr, COMPRESS))}, got {compress!r}")
     dtype = COMPRESS[compress]
-    payload = getattr(hook, "payload", None)
+    # only a payload the hook carries: torch's own hooks are not meant to be wrapped here
+    payload = hook.payload if isinstance(hook, PayloadHook) else None
 
     def cast(state, bucket):
         """Set the bucket's buffer to its cast copy; returns the original buffer."""
@@ -53,6 +58,6 @@ def compress_wrapper(hook, compress: str):
 
             return sent, group, finish_and_decompress
 
-        compressed_hook.payload = compressed_payload
+        with_payload(compressed_hook, compressed_payload)
     compressed_hook.__name__ = f"{getattr(hook, '__name__', 'hook')}_{compress}"
     return compressed_hook

@@ -32,48 +32,16 @@ import weakref
 
 import torch
 import torch.distributed as dist
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from .overlap import _stepper_of, hyperparameters
+from .payload import payload_of
 
-__all__ = ["forward_overlap", "finish_steps"]
+__all__ = ["forward_overlap", "finish_steps", "EAGER_FRACTION"]
 
 EAGER_FRACTION = 0.3  # the default share of elements launched during backward
 # A piece of a split bucket is at least this share of the bucket's payload; a bucket
 # that would give a smaller one goes whole, eager.
 MIN_PIECE = 0.05
-
-
-def _group_of(state):
-    return state if isinstance(state, dist.ProcessGroup) else dist.group.WORLD
-
-
-def _allreduce_payload(state, bucket):
-    """torch's allreduce_hook as (payload, group, finish); state: its process group."""
-    group = _group_of(state)
-    return bucket.buffer().div_(group.size()), group, lambda summed: summed
-
-
-def _fp16_payload(state, bucket):
-    """torch's fp16_compress_hook as (payload, group, finish)."""
-    group = _group_of(state)
-    buffer = bucket.buffer()
-    compressed = buffer.to(torch.float16).div_(group.size())
-
-    def decompress(summed):
-        buffer.copy_(summed)
-        return buffer
-
-    return compressed, group, decompress
-
-
-def payload_of(hook):
-    """hook's (payload, group, finish) form, when its reduction is one sum of a flat
-    tensor: the `payload` attribute (approxdist's sparse hook, or a wrapper passing it
-    on), or torch's allreduce_hook and fp16_compress_hook; None for other hooks."""
-    known = {default_hooks.allreduce_hook: _allreduce_payload,
-             default_hooks.fp16_compress_hook: _fp16_payload}
-    return getattr(hook, "payload", None) or known.get(hook)
 
 
 def _summed(collected, payload):

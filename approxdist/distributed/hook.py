@@ -19,6 +19,7 @@ from .buckets import sampling_views
 from .compress import compress_wrapper
 from .forward_overlap import EAGER_FRACTION, forward_overlap
 from .overlap import optimizer_wrapper
+from .payload import with_payload
 from .state import SparseAllReduceState
 
 
@@ -105,7 +106,7 @@ def sparse_payload(state: SparseAllReduceState, bucket: dist.GradBucket):
     return sent, group, scatter
 
 
-sparse_allreduce_hook.payload = sparse_payload
+with_payload(sparse_allreduce_hook, sparse_payload)
 
 
 def register(ddp_model, state=None, *, optimizer=None, overlap_forward=False,

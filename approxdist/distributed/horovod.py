@@ -25,7 +25,7 @@ from ..nn import sampled_layer_of
 from .agreement import IndexMismatchError, index_digest
 from .state import SparseAllReduceState
 
-__all__ = ["DistributedOptimizer", "INSTALL_HINT"]
+__all__ = ["DistributedOptimizer", "INSTALL_HINT", "load_horovod"]
 
 INSTALL_HINT = (
     "approxdist.horovod needs Horovod with its PyTorch extension (horovod.torch). Install it "
@@ -36,8 +36,9 @@ _AGREEMENTS = ("local", "check")
 _instances = itertools.count()  # numbers optimizers identically on every rank: collective names
 
 
-def _horovod():
-    """horovod.torch, or an ImportError that says how to install it."""
+def load_horovod():
+    """horovod.torch, or an ImportError that says how to install it (Horovod is optional:
+    nothing imports it before a Horovod run asks for it)."""
     try:
         import horovod.torch as hvd
     except Exception as exc:  # ImportError, or an extension built against another torch
@@ -87,7 +88,7 @@ class _SparseDistributedOptimizer(torch.optim.Optimizer):
                  op, gradient_predivide_factor, process_set, bucket_cap_mb, agreement, check_every):
         super(self.__class__, self).__init__(params)
         self.defaults = defaults  # the base __init__ filled in its class defaults
-        hvd = _horovod()
+        hvd = load_horovod()
         self._ad_hvd = hvd
         self._ad_compression = compression
         self._ad_op = op
@@ -313,7 +314,7 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None,
     Call `hvd.init()` first and broadcast the initial parameters and optimizer state with
     `hvd.broadcast_parameters` / `hvd.broadcast_optimizer_state`, as with Horovod's own.
     """
-    hvd = _horovod()
+    hvd = load_horovod()
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     _check_passes(backward_passes_per_step)

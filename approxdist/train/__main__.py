@@ -2,9 +2,11 @@
 import sys
 
 
-def cli(argv=None):
+def cli(argv=None, *, callbacks=()):
     """Parse, validate, train. Bad flags and unusable checkpoints end in one line on stderr
-    and status 2; nothing else is caught, so a real failure keeps its traceback."""
+    and status 2; nothing else is caught, so a real failure keeps its traceback.
+    callbacks: passed to the Trainer (each `fn(trainer, step)` after every step); a test
+    entry point uses them, the command line has none."""
     from .args import fail, parse_args
     from .checkpoint import CheckpointError
 
@@ -12,7 +14,7 @@ def cli(argv=None):
     from .train import main
 
     try:
-        main(args)
+        main(args, callbacks=callbacks)
     except (ValueError, CheckpointError) as exc:
         fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     return 0

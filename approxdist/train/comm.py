@@ -12,7 +12,7 @@ import torch
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
 
-from ..distributed.compress import COMPRESS
+from ..distributed import COMPRESS
 from .checkpoint import to_plain
 
 # the sparse hook, plain or with its slices cast (register(compress=...))

@@ -15,10 +15,10 @@ HOOKS = ("allreduce", "fp16", "sparse")
 def horovod_module():
     """horovod.torch, or a ValueError (a bad flag, reported before anything starts) that
     says how to install it."""
-    from approxdist.distributed.horovod import _horovod
+    from approxdist.distributed.horovod import load_horovod
 
     try:
-        return _horovod()
+        return load_horovod()
     except ImportError as exc:
         raise ValueError(f"--dist horovod: {exc}") from exc
 

@@ -90,4 +90,32 @@ def build_model(name, *, num_classes, in_channels=3, image_size=32, width=None):
     return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
 
 
-__all__ = ["BUILTIN", "SmallCNN", "MLP", "build_model", "check_model_name", "torchvision_models"]
+
+
+def uses_sampled_layers(args) -> bool:
+    """The exact dense baseline keeps torch's own layers; every other run gets the sampled
+    distributed forms, which also tell the sparse hook which slices are non-zero."""
+    from .comm import SPARSE_HOOKS
+
+    return args.sample_ratio < 1.0 or args.comm_hook in SPARSE_HOOKS
+
+
+def build_training_model(args, info):
+    """Same seed on every rank, so the ranks start equal even before DDP's broadcast."""
+    torch.manual_seed(args.seed)
+    model = build_model(args.model, num_classes=info.num_classes, in_channels=info.in_channels,
+                        image_size=info.image_size, width=getattr(args, "width", None))
+    if uses_sampled_layers(args):
+        import approxdist
+
+        # Horovod's broadcast and all-reduce need contiguous weights.
+        layout = getattr(args, "weight_layout", None)
+        if layout is None:
+            layout = "contiguous" if getattr(args, "dist", "torch") == "horovod" else "input_major"
+        model = approxdist.convert_model(model, args.sample_ratio, args.minimal_k, distributed=True,
+                                         policy=args.policy, seed=args.seed, weight_layout=layout)
+    return model
+
+
+__all__ = ["BUILTIN", "SmallCNN", "MLP", "build_model", "check_model_name", "torchvision_models",
+           "uses_sampled_layers", "build_training_model"]

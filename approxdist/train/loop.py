@@ -1,0 +1,107 @@
+"""The work of one epoch and of one evaluation, as torchvision's references/classification
+has them (`train_one_epoch`, `evaluate`), and where this process sits in the job.
+
+Functions over what they are given, no module state: the `Trainer` calls them with its
+objects, a test can call them with its own.
+"""
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+__all__ = ["Placement", "sum_across_ranks", "train_one_epoch", "evaluate"]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """This process in the job: its ranks, and whether Horovod, not torch.distributed,
+    reduces (no process group then, and no DDP)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    horovod: bool = False
+
+
+def sum_across_ranks(values, device, *, horovod=False):
+    """`values` summed over every rank (float64), through Horovod or torch.distributed;
+    as they are in a single process."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if horovod:
+        from .hvd import sum_across_ranks as hvd_sum
+
+        t = hvd_sum(t)
+    elif dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def _topk_correct(logits, target, ks):
+    maxk = min(max(ks), logits.size(1))
+    pred = logits.topk(maxk, dim=1).indices
+    hit = pred.eq(target.view(-1, 1))
+    return [hit[:, : min(k, maxk)].any(dim=1).sum().item() for k in ks]
+
+
+def _autocast(device, enabled):
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, scaler, *, device, amp=False, step=0, max_steps=0,
+                    on_step=None, progress=None):
+    """One pass over ``loader`` (which already starts where a resumed epoch left off).
+
+    Returns the summed loss, the sample count, the global step reached, the wall time and
+    whether ``max_steps`` stopped it early. ``on_step(step)`` runs after every optimizer
+    step (mid-epoch evaluations, checkpoints, callbacks).
+    """
+    model.train()
+    loss_sum, samples, stopped = 0.0, 0, False
+    start = time.perf_counter()
+    for images, target in loader:
+        images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        with _autocast(device, amp):
+            loss = F.cross_entropy(model(images), target)
+        optimizer.zero_grad()  # set_to_none (torch >= 2.0 default); Horovod takes no argument
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+        step += 1
+        loss_sum += loss.item() * images.size(0)
+        samples += images.size(0)
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        if on_step is not None:
+            on_step(step)
+        if max_steps and step >= max_steps:
+            stopped = True
+            break
+    return {"loss_sum": loss_sum, "samples": samples, "step": step, "seconds": time.perf_counter() - start,
+            "stopped": stopped}
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, amp=False, *, horovod=False):
+    """Exact evaluation (sampled layers are exact in eval mode) over this rank's shard; the
+    counts are summed over ranks, so the result is the accuracy on the whole set."""
+    model.eval()
+    loss_sum, top1, top5, n = 0.0, 0, 0, 0
+    for images, target in loader:
+        images, target = images.to(device), target.to(device)
+        with _autocast(device, amp):
+            logits = model(images)
+        loss_sum += F.cross_entropy(logits.float(), target, reduction="sum").item()
+        c1, c5 = _topk_correct(logits, target, (1, 5))
+        top1, top5, n = top1 + c1, top5 + c5, n + images.size(0)
+    loss_sum, top1, top5, n = sum_across_ranks([loss_sum, top1, top5, n], device, horovod=horovod)
+    n = max(n, 1.0)
+    return {"val_loss": loss_sum / n, "top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "val_samples": int(n)}

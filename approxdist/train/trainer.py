@@ -1,0 +1,277 @@
+"""The `Trainer`: one run's objects, the loop over its epochs and steps, and the checkpoint
+round trip over all of them.
+
+One object owns the loop so that what a step, an evaluation or a checkpoint needs is an
+attribute, not the ninth argument of a function. `Trainer.build` wires a run from the
+parsed flags; `fit` trains it. Callbacks (`callbacks=`, each `fn(trainer, step)` after
+every optimizer step) let a caller watch or interrupt the loop without the product
+carrying test code: the elastic-restart test kills a worker through one.
+"""
+import os
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from ..distributed import finish_steps, in_hook_steps
+from ..nn import load_sampler_state, sampler_state
+from . import checkpoint as ckpt
+from .clock import TrainClock
+from .comm import build_comm
+from .data import build_loaders
+from .logs import MetricsLogger
+from .loop import Placement, evaluate, sum_across_ranks, train_one_epoch
+from .models import uses_sampled_layers
+
+__all__ = ["Trainer", "StepCallback", "STRICT_CONFIG", "restart_count"]
+
+# Checkpoint fields that must match for a resume to make sense at all.
+STRICT_CONFIG = ("model", "dataset", "num_classes")
+
+StepCallback = Callable[["Trainer", int], None]
+
+
+def restart_count():
+    """torchrun's restart number of this worker (0 on the first attempt)."""
+    try:
+        return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    except ValueError:
+        return 0
+
+
+def _make_scaler(device, amp):
+    if not (amp and device.type == "cuda"):
+        return None
+    if hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler("cuda")
+    return torch.cuda.amp.GradScaler()
+
+
+def _delta(after, before, key):
+    if after[key] is None or before[key] is None:
+        return None
+    return after[key] - before[key]
+
+
+class Trainer:
+    """One run. `args` are approxdist-train's parsed flags; `config` what a checkpoint
+    records of the run (and checks on resume). Only the checkpoint round trip needs the
+    first four and `config`; `fit` needs what `build` wires (device, loaders, log)."""
+
+    def __init__(self, args, model, optimizer, scheduler, *, config, ddp=None, scaler=None, comm=None,
+                 place=Placement(), device=torch.device("cpu"), loaders=(None, None, None), log=None,
+                 callbacks: Sequence[StepCallback] = ()):
+        self.args, self.model, self.ddp = args, model, ddp
+        self.optimizer, self.scheduler, self.scaler, self.comm = optimizer, scheduler, scaler, comm
+        self.config, self.place, self.device = config, place, device
+        self.train_loader, self.val_loader, self.sampler = loaders
+        self.log = log
+        self.callbacks = tuple(callbacks)
+        self.clock = TrainClock()
+
+    @property
+    def rank(self):
+        return self.place.rank
+
+    @property
+    def net(self):
+        """What the steps call: DDP's wrapper where there is one, else the model."""
+        return self.ddp if self.ddp is not None else self.model
+
+    @classmethod
+    def build(cls, args, model, datasets, place: Placement, callbacks: Sequence[StepCallback] = ()):
+        """Device, loaders, DDP (or Horovod's optimizer), comm hook, schedule and scaler for
+        `model` (already built, on the CPU); datasets: (train_set, val_set, info)."""
+        train_set, val_set, info = datasets
+        if torch.cuda.is_available():
+            device = torch.device("cuda", place.local_rank % torch.cuda.device_count())
+            torch.cuda.set_device(device)
+        else:
+            device = torch.device("cpu")
+        log = MetricsLogger(args.output_dir, enabled=place.rank == 0)
+        loaders = build_loaders(train_set, val_set, rank=place.rank, world_size=place.world_size,
+                                batch_size=args.batch_size, workers=args.workers, seed=args.seed)
+        total_steps = args.epochs * loaders[2].batches_per_epoch
+
+        model.to(device)
+        ddp = None
+        if place.world_size > 1 and not place.horovod:
+            # PyTorch's PowerSGD hook issues collectives from .then() callbacks, which gloo
+            # cannot order across several buckets; one bucket sidesteps that.
+            cap = 1024 if (args.comm_hook == "powersgd" and dist.get_backend() == "gloo") else args.bucket_cap_mb
+            ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=cap)
+        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                    weight_decay=args.weight_decay)
+        if place.horovod:
+            from .hvd import wrap
+
+            optimizer, comm = wrap(model, optimizer, args)
+        else:
+            if args.step_in_hook and ddp is None:
+                log.info("--step-in-hook: one process, no comm hook; the optimizer steps after backward")
+            comm = build_comm(ddp, args.comm_hook, agreement=args.agreement, powersgd_rank=args.powersgd_rank,
+                              powersgd_start_iter=args.powersgd_start_iter,
+                              optimizer=optimizer if args.step_in_hook else None,
+                              overlap_forward=args.overlap_forward and ddp is not None)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
+        config = {"model": args.model, "dataset": args.dataset, "num_classes": info.num_classes,
+                  "sample_ratio": args.sample_ratio, "minimal_k": args.minimal_k, "policy": args.policy,
+                  "comm_hook": args.comm_hook, "world_size": place.world_size, "batch_size": args.batch_size,
+                  "seed": args.seed, "epochs": args.epochs, "dist": args.dist}
+        return cls(args, model, optimizer, scheduler, config=config, ddp=ddp, scaler=_make_scaler(device, args.amp),
+                   comm=comm, place=place, device=device, loaders=loaders, log=log, callbacks=callbacks)
+
+    # -- the loop ---------------------------------------------------------------------------
+    def fit(self, resume=(None, None)):
+        """Train from the start, or from `resume` = (path, checkpoint data already read);
+        returns the last epoch's metrics (on every rank)."""
+        args, log = self.args, self.log
+        steps_per_epoch = self.sampler.batches_per_epoch
+        epoch, step, step_in_epoch = 0, 0, 0
+        resume_path, resume_data = resume
+        if resume_data is not None:
+            epoch, step, step_in_epoch = self.load(resume_data, resume_path)
+            log.info(f"resumed from {resume_path} at epoch {epoch + 1} step {step} (restart {restart_count()})")
+        log.info(f"approxdist-train: {args.model} on {args.dataset}, {self.place.world_size} process(es) on "
+                 f"{self.device.type}, {steps_per_epoch} steps/epoch, sample_ratio {args.sample_ratio}, "
+                 f"comm hook {args.comm_hook}")
+        metrics = None
+        while epoch < args.epochs and not (args.max_steps and step >= args.max_steps):
+            metrics, step, step_in_epoch = self._epoch(epoch, step, step_in_epoch)
+            if step_in_epoch >= steps_per_epoch:
+                epoch, step_in_epoch = epoch + 1, 0
+            self.save(epoch, step, step_in_epoch)
+        if metrics is None:  # resumed a run that had already finished
+            metrics = self.evaluate()
+            metrics.update(epoch=epoch, epochs=args.epochs, step=step,
+                           **{k + "_total": v for k, v in self.comm.stats().items() if k != "steps"})
+        log.close()
+        return metrics
+
+    def evaluate(self):
+        return evaluate(self.model, self.val_loader, self.device, amp=self.args.amp, horovod=self.place.horovod)
+
+    def _epoch(self, epoch, step, step_in_epoch):
+        """Train epoch `epoch` from `step` (`step_in_epoch` of it done), evaluate it;
+        (metrics, step reached, steps of the epoch done)."""
+        args, clock = self.args, self.clock
+        steps_per_epoch = self.sampler.batches_per_epoch
+        self.sampler.set_epoch(epoch, step_in_epoch)
+        first = step - step_in_epoch
+        before = self.comm.stats()
+        buckets_before = in_hook_steps(self.optimizer)
+        progress = self._progress(steps_per_epoch, step_in_epoch, epoch)
+
+        epoch_start = clock.seconds
+        clock.start()
+        out = train_one_epoch(self.net, self.train_loader, self.optimizer, self.scheduler, self.scaler,
+                              device=self.device, amp=args.amp, step=step, max_steps=args.max_steps,
+                              on_step=lambda s: self._after_step(s, epoch, first, progress), progress=progress)
+        finish_steps(self.ddp)  # --overlap-forward: the last step's transfer is training time too
+        clock.stop()
+        if progress is not None:
+            progress.close()
+        step = out["step"]
+        step_in_epoch = step - first
+        loss_sum, samples, rate = sum_across_ranks(
+            [out["loss_sum"], out["samples"], out["samples"] / max(clock.seconds - epoch_start, 1e-9)], self.device,
+            horovod=self.place.horovod)
+        metrics = self.evaluate()
+        after = self.comm.stats()
+        metrics.update(
+            epoch=epoch + 1, epochs=args.epochs, step=step, train_loss=loss_sum / max(samples, 1.0),
+            images_per_s=rate, lr=self.optimizer.param_groups[0]["lr"],
+            partial_epoch=step_in_epoch < steps_per_epoch,
+            payload_bytes=_delta(after, before, "payload_bytes"), dense_bytes=_delta(after, before, "dense_bytes"),
+            payload_bytes_total=after["payload_bytes"], dense_bytes_total=after["dense_bytes"],
+            world_size=self.place.world_size, sample_ratio=args.sample_ratio, comm_hook=args.comm_hook,
+            in_hook_steps=in_hook_steps(self.optimizer) - buckets_before, train_seconds=clock.seconds)
+        self.log.epoch(metrics)
+        return metrics, step, step_in_epoch
+
+    def _after_step(self, step, epoch, first, progress):
+        """After global step `step` of epoch `epoch` (which began at step `first`): the
+        mid-epoch evaluation and checkpoint when due, then the callbacks."""
+        args = self.args
+        steps_per_epoch = self.sampler.batches_per_epoch
+        in_epoch = step - first
+        last = in_epoch >= steps_per_epoch or (args.max_steps and step >= args.max_steps)
+        if args.eval_every and step % args.eval_every == 0 and not last:  # the epoch's end evaluates anyway
+            self._evaluate_mid_epoch(step, epoch + in_epoch / steps_per_epoch, progress)
+        if args.checkpoint_every and step % args.checkpoint_every == 0 and in_epoch < steps_per_epoch:
+            self.save(epoch, step, in_epoch)
+        for callback in self.callbacks:
+            callback(self, step)
+
+    def _evaluate_mid_epoch(self, step, epoch, progress):
+        """--eval-every: evaluate after `step`, on the clock's pause, then train on."""
+        finish_steps(self.ddp)  # --overlap-forward: this step's transfer belongs to the training time
+        with self.clock.paused():
+            metrics = self.evaluate()
+            self.net.train()
+        metrics.update(step=step, epoch=epoch, train_seconds=self.clock.seconds)
+        self.log.evaluation(metrics, echo=progress.write if progress is not None else None)  # above the bar
+
+    def _progress(self, total, initial, epoch):
+        if self.rank != 0 or self.args.no_progress:
+            return None
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            return None
+        return tqdm(total=total, initial=initial, desc=f"epoch {epoch + 1}/{self.args.epochs}", leave=False,
+                    dynamic_ncols=True, mininterval=0.5)
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def checkpoint_payload(self, epoch, step, step_in_epoch):
+        uses_layers = uses_sampled_layers(self.args)
+        return {
+            "format": ckpt.FORMAT,
+            "config": self.config,
+            "epoch": epoch,
+            "step": step,
+            "step_in_epoch": step_in_epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+            "comm": self.comm.state_dict(),
+            "sampler_state": sampler_state(self.model) if uses_layers else {},
+            "rng": {"torch": torch.get_rng_state()},
+            "train_seconds": self.clock.seconds,
+        }
+
+    def save(self, epoch, step, step_in_epoch):
+        if self.rank != 0 or not self.args.output_dir:
+            return
+        path = os.path.join(self.args.output_dir, ckpt.LATEST)
+        with self.clock.paused():
+            ckpt.save_atomic(self.checkpoint_payload(epoch, step, step_in_epoch), path)
+
+    def load(self, data, path):
+        """Validate everything, then load everything: a bad file changes nothing."""
+        if isinstance(data, str):
+            data = ckpt.read(data)
+        ckpt.validate_config(data["config"], self.config, STRICT_CONFIG, path)
+        if data["step_in_epoch"]:
+            ckpt.validate_config(data["config"], self.config, ("world_size", "batch_size"), path)
+        ckpt.validate_model_state(data["model"], self.model, path)
+        ckpt.validate_optimizer_state(data["optimizer"], self.optimizer, path)
+        if not isinstance(data["scheduler"], dict):
+            raise ckpt.CheckpointError(f"checkpoint {path!r}: scheduler state is malformed")
+        self.model.load_state_dict(data["model"], strict=True)
+        self.optimizer.load_state_dict(data["optimizer"])
+        self.scheduler.load_state_dict(data["scheduler"])
+        if self.scaler is not None and data.get("scaler"):
+            self.scaler.load_state_dict(data["scaler"])
+        if data["config"].get("comm_hook") == self.config.get("comm_hook"):
+            self.comm.load_state_dict(data.get("comm") or {})  # else: another hook, fresh counters
+        state = data.get("sampler_state") or {}
+        if state:
+            load_sampler_state(self.model, state)
+        if "rng" in data:
+            torch.set_rng_state(data["rng"]["torch"])
+        # a checkpoint from before the training clock: count from here
+        self.clock = TrainClock(float(data.get("train_seconds", 0.0)))
+        return int(data["epoch"]), int(data["step"]), int(data["step_in_epoch"])
