@@ -1,5 +1,5 @@
-"""The default selection of the distributed layers, 'topk_explore': the top channels by
-weight norm plus a rotation over all of them (approxdist/nn/_dist.py)."""
+"""The distributed layers' 'topk_explore' selection: the top channels by weight norm plus
+a rotation over all of them (approxdist/nn/_dist.py)."""
 import copy
 import math
 
@@ -13,6 +13,7 @@ from approxdist.nn import ApproxConv2dDist, ApproxLinearDist
 
 def conv(n=64, ratio=0.33, seed=3, **kw):
     torch.manual_seed(0)
+    kw.setdefault("policy", "topk_explore")
     return ApproxConv2dDist(n, 16, 3, padding=1, sample_ratio=ratio, seed=seed, **kw)
 
 
@@ -21,11 +22,13 @@ def step(layer, x):
     return layer.last_indices.clone()
 
 
-def test_is_the_default():
-    assert ApproxLinearDist(8, 4).policy == "topk_explore"
+def test_is_an_option_of_the_layers_and_convert_model():
+    assert ApproxLinearDist(8, 4).policy == "topk_weight"  # the default (docs/benchmarks.md, Fidelity)
+    assert ApproxLinearDist(8, 4, policy="topk_explore", explore=0.5).explore == 0.5
     model = ad.convert_model(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)), 0.5,
-                             distributed=True)
-    assert {m.policy for m in model.modules() if isinstance(m, ad.nn.WeightSampled)} == {"topk_explore"}
+                             distributed=True, policy="topk_explore", explore=0.1)
+    layers = [m for m in model.modules() if isinstance(m, ad.nn.WeightSampled)]
+    assert {(m.policy, m.explore) for m in layers} == {("topk_explore", 0.1)}
 
 
 @pytest.mark.parametrize("n, ratio, explore", [(64, 0.33, 0.25), (256, 0.33, 0.25), (100, 0.5, 0.1),

@@ -56,15 +56,15 @@ def test_sampled_batchnorm_model_evaluates_like_the_exact_one(digits):
 @pytest.mark.parametrize("text, want", [
     ("exact", None),
     ("0.5", {"distributed": True, "sample_ratio": 0.5}),
-    ("budget0.33+topk", {"distributed": True, "budget": 0.33, "policy": "topk_weight"}),
-    ("0.33+sampledbn+topk", {"distributed": True, "sample_ratio": 0.33, "norm_stats": "sampled",
-                             "policy": "topk_weight"}),
+    ("budget0.33", {"distributed": True, "budget": 0.33}),
+    ("0.33+sampledbn+explore0.25", {"distributed": True, "sample_ratio": 0.33, "norm_stats": "sampled",
+                                    "policy": "topk_explore", "explore": 0.25}),
 ])
 def test_parse_config(text, want):
     assert fidelity.parse_config(text) == want
 
 
-@pytest.mark.parametrize("text", ["exact+topk", "0.5+fast", "half"])
+@pytest.mark.parametrize("text", ["exact+sampledbn", "0.5+fast", "half", "0.5+explorex", "exact+explore0.5"])
 def test_parse_config_refuses(text):
     with pytest.raises(ValueError, match="--configs"):
         fidelity.parse_config(text)

@@ -85,7 +85,7 @@ def test_training_forward_is_sampled_and_weight_grad_is_zero_outside():
 @pytest.mark.parametrize("cls, args", [(ApproxLinearDist, (10, 3)), (ApproxConv2dDist, (10, 3, 3))])
 def test_dist_last_indices_follow_the_weight_norms(cls, args):
     torch.manual_seed(2)
-    layer = cls(*args, sample_ratio=0.4, policy="topk_weight")
+    layer = cls(*args, sample_ratio=0.4)
     assert layer.last_indices is None
     x = torch.randn(2, 10) if cls is ApproxLinearDist else torch.randn(2, 10, 5, 5)
     layer(x).sum().backward()

@@ -128,3 +128,27 @@ def test_models_without_batchnorm_get_no_hook():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
     ad.convert_model(model, 0.5, skip_first_conv=False)
     assert norm_stats_of(model) is None
+
+
+def test_every_nth_forward_updates_the_statistics():
+    """norm_stats_every=2: the exact pass runs on the 1st, 3rd, ... training forward; the
+    others leave the running statistics alone."""
+    plain = bn_net()
+    model = ad.convert_model(copy.deepcopy(plain), 0.5, distributed=True, norm_stats_every=2)
+    xs = [torch.randn(8, 3, 8, 8) for _ in range(3)]
+    for x in xs:
+        model(x).sum().backward()
+    with torch.no_grad():
+        for x in (xs[0], xs[2]):
+            plain(x[:2])
+    got, want = bn_buffers(model), bn_buffers(plain)
+    assert int(got["1.num_batches_tracked"]) == 2
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
+    clone = copy.deepcopy(model)  # the count travels with a copy
+    assert norm_stats_of(clone)._forwards == 3 and norm_stats_of(clone).every == 2
+
+
+def test_bad_every():
+    with pytest.raises(ValueError, match="norm_stats_every must be an integer >= 1"):
+        ad.convert_model(bn_net(), 0.5, norm_stats_every=0)

@@ -14,8 +14,9 @@ Tasks run in minutes on a CPU: 'cnn128' (the built-in CNN, width 128, on sklearn
 digits) and 'resnet18' (torchvision's, BatchNorm throughout, on the digits upscaled to
 32 px in 3 channels). Configurations: 'exact', a ratio ('0.5': convert_model's defaults
 with that sample_ratio, distributed=True), 'budget0.33' (convert_model(budget=0.33)),
-with suffixes '+topk' (the former default policy 'topk_weight') and '+sampledbn'
-(norm_stats='sampled', the former behaviour) to show what each part buys.
+with suffixes '+sampledbn' (norm_stats='sampled', the former behaviour) and '+exploreX'
+(policy 'topk_explore' with explore=X) to show what each part buys, and '+everyN'
+(norm_stats_every=N).
 
 The JSON is rewritten after every run, so an interrupted benchmark keeps what it
 measured; `--render F.json` prints the table of a saved run.
@@ -38,18 +39,22 @@ TASKS = ("cnn128", "resnet18")
 # Per task: (learning rate, steps). The CNN at lr 0.1 is the setting of the time-to-accuracy
 # benchmark; resnet18 at 0.05 needs about 300 steps to near 97% exactly.
 TASK_DEFAULTS = {"cnn128": (0.1, 200), "resnet18": (0.05, 300)}
-SUFFIXES = ("topk", "sampledbn")
+SUFFIXES = ("sampledbn",)
 
 
 def parse_config(text):
-    """'exact' | RATIO | 'budget'RATIO, then '+topk' / '+sampledbn' -> convert_model kwargs
+    """'exact' | RATIO | 'budget'RATIO, then '+sampledbn' / '+exploreX' -> convert_model kwargs
     (None for exact)."""
     head, *suffixes = text.split("+")
+    explore = [s for s in suffixes if s.startswith("explore")]
+    every = [s for s in suffixes if s.startswith("every")]
+    suffixes = [s for s in suffixes if not s.startswith(("explore", "every"))]
     for s in suffixes:
         if s not in SUFFIXES:
-            raise ValueError(f"--configs: unknown suffix {s!r} in {text!r} (allowed: {', '.join(SUFFIXES)})")
+            raise ValueError(f"--configs: unknown suffix {s!r} in {text!r} (allowed: {', '.join(SUFFIXES)}, "
+                             "exploreX)")
     if head == "exact":
-        if suffixes:
+        if suffixes or explore or every:
             raise ValueError(f"--configs: 'exact' takes no suffix, got {text!r}")
         return None
     kwargs = {"distributed": True}
@@ -60,10 +65,18 @@ def parse_config(text):
             kwargs["sample_ratio"] = float(head)
     except ValueError:
         raise ValueError(f"--configs: {text!r} is not 'exact', a ratio such as 0.5, or budget0.33") from None
-    if "topk" in suffixes:
-        kwargs["policy"] = "topk_weight"
     if "sampledbn" in suffixes:
         kwargs["norm_stats"] = "sampled"
+    for e in every:
+        try:
+            kwargs["norm_stats_every"] = int(e[len("every"):])
+        except ValueError:
+            raise ValueError(f"--configs: {e!r} in {text!r} is not everyN with N an integer") from None
+    for e in explore:
+        try:
+            kwargs.update(policy="topk_explore", explore=float(e[len("explore"):]))
+        except ValueError:
+            raise ValueError(f"--configs: {e!r} in {text!r} is not exploreX with X a number") from None
     return kwargs
 
 
@@ -170,7 +183,7 @@ def _parser():
     p = argparse.ArgumentParser(prog="approxdist-bench fidelity", description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     p.add_argument("--configs", nargs="+", default=["exact", "0.5", "0.33"],
-                   help="exact | RATIO | budgetRATIO, each optionally +topk and/or +sampledbn")
+                   help="exact | RATIO | budgetRATIO, each optionally +sampledbn, +exploreX, +everyN")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=None, help="default per task: cnn128 200, resnet18 300")
     p.add_argument("--lr", type=float, default=None, help="SGD learning rate; default per task: cnn128 0.1, "

@@ -32,12 +32,13 @@ class ApproxLinear(SamplingConfig, nn.Linear):
 
 class ApproxLinearDist(WeightSampled, nn.Linear):
     """ApproxLinear that selects features from the weights and a generator seeded
-    with `seed` alone ('topk_explore': the top channels by weight norm plus a rotation over
-    all of them, `explore` of the k; 'topk_weight'; 'bernoulli_weight'), so every DDP rank
+    with `seed` alone ('topk_weight', the default: the top-k by weight norm; 'topk_explore':
+    the top channels plus a rotation over all of them, `explore` of the k;
+    'bernoulli_weight'), so every DDP rank
     picks the same ones; `last_indices` holds the features of the last training forward."""
 
     def __init__(self, in_features, out_features, bias=True, *, sample_ratio=1.0, minimal_k=1,
-                 policy="topk_explore", mode="forward", seed=0, weight_layout="input_major", explore=0.25,
+                 policy="topk_weight", mode="forward", seed=0, weight_layout="input_major", explore=0.25,
                  device=None, dtype=None):
         self._init_sampling(sample_ratio, minimal_k, policy, mode)
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)

@@ -14,7 +14,7 @@ from .models import BUILTIN, check_model_name
 COMM_HOOKS = ("allreduce", "fp16", "bf16", "powersgd", *SPARSE_HOOKS)
 # Policies of the distributed sampled layers: both pick the same channels on every rank
 # without communication (from the weights, or from a generator seeded alike everywhere).
-POLICIES = ("topk_explore", "topk_weight", "bernoulli_weight")
+POLICIES = ("topk_weight", "topk_explore", "bernoulli_weight")
 AGREEMENTS = ("local", "check", "broadcast")
 BACKENDS = ("nccl", "gloo")
 
@@ -44,7 +44,7 @@ def build_parser(prog="approxdist-train"):
     p.add_argument("--workers", type=int, default=0, help="data loader worker processes per rank")
     p.add_argument("--sample-ratio", type=float, default=1.0, help="fraction of channels kept by sampled layers, in (0, 1]")
     p.add_argument("--minimal-k", type=int, default=1, help="keep at least this many channels per layer")
-    p.add_argument("--policy", default="topk_explore", choices=POLICIES)
+    p.add_argument("--policy", default="topk_weight", choices=POLICIES)
     p.add_argument("--comm-hook", default="allreduce", choices=COMM_HOOKS,
                    help="sparse-fp16 / sparse-bf16: the sparse hook's sampled slices sent in 16 bits")
     p.add_argument("--agreement", default="local", choices=AGREEMENTS, help="index agreement of the sparse hook")

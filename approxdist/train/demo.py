@@ -17,7 +17,7 @@ DEMO_FLAGS = [
     "--batch-size", "32",
     "--lr", "0.1",
     "--sample-ratio", "0.5",
-    "--policy", "topk_explore",
+    "--policy", "topk_weight",
     "--comm-hook", "sparse",
     "--no-progress",
 ]

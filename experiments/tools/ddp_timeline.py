@@ -54,7 +54,7 @@ def worker(a):
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
     import approxdist as ad
-    from approxdist.distributed.forward_overlap import payload_of
+    from approxdist.distributed import payload_of, with_payload
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -105,14 +105,14 @@ def worker(a):
         called, step = now(), len(starts) - 1
         backward_of[0] = step
         sent, group_, finish = fp16_payload(group, bucket) if fp16 \
-            else ad.distributed.sparse_allreduce_hook.payload(state, bucket)
+            else payload_of(ad.distributed.sparse_allreduce_hook)(state, bucket)
 
         def finished(summed):  # "launched": the first collective's launch
             events.append((step, bucket.index(), called, called, now(), bucket.buffer().numel()))
             return finish(summed)
         return sent, group_, finished
 
-    hook.payload = payload
+    with_payload(hook, payload)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
     if a.overlap_forward:
         hook = ad.distributed.forward_overlap(ddp, hook, opt, eager_fraction=a.eager_fraction)
@@ -179,7 +179,7 @@ def worker(a):
 
 
 def main():
-    from approxdist.distributed.forward_overlap import EAGER_FRACTION
+    from approxdist.distributed import EAGER_FRACTION
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ratio", type=float, default=0.33)

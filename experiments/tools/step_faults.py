@@ -30,7 +30,7 @@ def measure(model, hook, steps, batch, image_size, bucket_mb):
 
     spec = comm.parse_hook(hook)
     cfg = {"model": model, "hook": hook, "bucket_mb": bucket_mb}
-    ddp, _, _, opt = comm._build(cfg, spec, seed=0)
+    ddp, _, _, opt = comm.build(cfg, spec, seed=0)
     crit = torch.nn.CrossEntropyLoss()
     g = torch.Generator().manual_seed(dist.get_rank())
     x = torch.randn(batch, 3, image_size, image_size, generator=g)
@@ -89,7 +89,7 @@ def main(argv=None):
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--bucket-mb", type=float, default=5.0)
     a = p.parse_args(argv)
-    from approxdist.bench.comm import _free_port, make_model, parse_hook
+    from approxdist.bench.comm import free_port, make_model, parse_hook
 
     try:
         make_model(a.model)
@@ -102,7 +102,7 @@ def main(argv=None):
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     import torch.multiprocessing as mp
 
-    mp.spawn(_rank, args=(_free_port(), a), nprocs=2)
+    mp.spawn(_rank, args=(free_port(), a), nprocs=2)
     return 0
 
 

@@ -29,8 +29,3 @@ __all__ = ["main", "parser", "parse_hook", "HookSpec", "RunConfig", "Plan", "Tta
            "make_model", "analytic_payload_bytes", "dense_payload_bytes", "run_plan", "run_loopback",
            "run_on_testbed", "free_port", "summarize", "format_table", "retransmit_line", "markdown_body",
            "probe_detail", "write_markdown_section", "plot"]
-
-# The names tools/step_faults.py (experiments/ after issue #30) imported before the
-# package split; kept until it uses `build` and `free_port`.
-_build = build
-_free_port = free_port
