@@ -158,7 +158,8 @@ def summarise(runs, target):
     for row in out:
         exact = next((e for e in out if e["task"] == row["task"] and e["config"] == "exact"), None)
         row["acc_vs_exact"] = None if exact is None else row["final_acc"] - exact["final_acc"]
-        ok = exact is not None and exact["steps_to_target"] != float("inf") and row["steps_to_target"] != float("inf")
+        # a ratio of steps only where every seed of both rows reached the target
+        ok = exact is not None and exact["reached"] == exact["seeds"] and row["reached"] == row["seeds"]
         row["steps_vs_exact"] = row["steps_to_target"] / exact["steps_to_target"] if ok else None
     return out
 

@@ -8,9 +8,8 @@ the hook last reduced it (a union, so gradient accumulation with no_sync stays l
 The default, 'topk_weight', keeps the k channels of largest weight norm. An unselected
 channel gets no gradient, so the selection settles into a sub-network, to which the exact
 eval forward adds the other channels back; with BatchNorm statistics gathered on an exact
-forward (norm_stats.py) that costs little: on the fidelity benchmark (docs/benchmarks.md)
-it evaluated within 0.6 points of exact on the digits CNN and matched exact resnet18 at
-0.33. 'topk_explore' keeps the top (1 - explore) k channels and fills the rest from a
+forward (norm_stats.py) that costs little: of the selections measured on the fidelity
+benchmark (docs/benchmarks.md) it evaluated closest to the exact model. 'topk_explore' keeps the top (1 - explore) k channels and fills the rest from a
 rotation: a permutation of all n channels, drawn from the shared generator, walked a few
 channels per training forward and drawn anew when used up, so every channel is selected
 at least once per pass (about n / (explore * k) forwards) and none stays untrained. On the
