@@ -43,6 +43,10 @@ def _args(*flags):
         (["--step-in-hook", "--dist", "horovod"], "--step-in-hook"),
         (["--overlap-forward", "--dist", "horovod"], "--overlap-forward"),
         (["--overlap-forward", "--comm-hook", "powersgd"], "--overlap-forward"),
+        (["--budget", "0"], "--budget"),
+        (["--budget", "0.33", "--sample-ratio", "0.5"], "--budget and --sample-ratio"),
+        (["--explore", "1.5"], "--explore"),
+        (["--norm-stats-every", "0"], "--norm-stats-every"),
     ],
 )
 def test_validate_names_the_flag(flags, match):
@@ -53,6 +57,26 @@ def test_validate_names_the_flag(flags, match):
 def test_validate_accepts_defaults_and_torchvision_names():
     validate(_args())
     validate(_args("--model", "resnet18", "--dataset", "fake", "--sample-ratio", "0.33"))
+
+
+def test_fidelity_flags_reach_convert_model():
+    """--budget, --policy topk_explore --explore, --norm-stats(-every) build the model that
+    convert_model(...) with those arguments builds."""
+    from approxdist.nn import WeightSampled, norm_stats_of
+    from approxdist.train.data import DataInfo
+    from approxdist.train.models import build_training_model
+
+    info = DataInfo(10, 3, 32)
+    model = build_training_model(_args("--model", "resnet18", "--dataset", "fake", "--budget", "0.33",
+                                       "--comm-hook", "sparse", "--norm-stats-every", "3"), info)
+    ratios = {m.sample_ratio for m in model.modules() if isinstance(m, WeightSampled)}
+    assert 1.0 in ratios and min(ratios) < 0.33  # per-layer ratios
+    assert norm_stats_of(model).every == 3
+    model = build_training_model(_args("--model", "resnet18", "--dataset", "fake", "--sample-ratio", "0.5",
+                                       "--policy", "topk_explore", "--explore", "0.1", "--norm-stats", "sampled"),
+                                 info)
+    assert {(m.policy, m.explore) for m in model.modules() if isinstance(m, WeightSampled)} == {("topk_explore", 0.1)}
+    assert norm_stats_of(model) is None
 
 
 def test_sampler_shards_are_disjoint_equal_and_resumable():

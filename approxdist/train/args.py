@@ -45,6 +45,17 @@ def build_parser(prog="approxdist-train"):
     p.add_argument("--sample-ratio", type=float, default=1.0, help="fraction of channels kept by sampled layers, in (0, 1]")
     p.add_argument("--minimal-k", type=int, default=1, help="keep at least this many channels per layer")
     p.add_argument("--policy", default="topk_weight", choices=POLICIES)
+    p.add_argument("--budget", type=float, default=None,
+                   help="instead of --sample-ratio: the fraction of the dense gradient bytes sent per step, "
+                        "spread as per-layer ratios (convert_model(budget=...)), in (0, 1]")
+    p.add_argument("--explore", type=float, default=0.25,
+                   help="--policy topk_explore: the share of the k channels taken from the rotation, in [0, 1]")
+    p.add_argument("--norm-stats", default="exact", choices=("exact", "sampled"),
+                   help="BatchNorm running statistics from an extra exact no-grad forward of a quarter of the "
+                        "batch (exact, the default: eval() then measures what the model learned) or from the "
+                        "sampled forward")
+    p.add_argument("--norm-stats-every", type=int, default=1,
+                   help="run that exact pass on every N-th training step only (cheaper, costs some accuracy)")
     p.add_argument("--comm-hook", default="allreduce", choices=COMM_HOOKS,
                    help="sparse-fp16 / sparse-bf16: the sparse hook's sampled slices sent in 16 bits")
     p.add_argument("--agreement", default="local", choices=AGREEMENTS, help="index agreement of the sparse hook")
@@ -86,6 +97,15 @@ def validate(args):
     """Raise ValueError naming the flag; cheap checks first, then the ones that touch disk."""
     if not 0.0 < args.sample_ratio <= 1.0:
         raise ValueError(f"--sample-ratio must be in (0, 1], got {args.sample_ratio}")
+    if args.budget is not None:
+        if not 0.0 < args.budget <= 1.0:
+            raise ValueError(f"--budget must be in (0, 1], got {args.budget}")
+        if args.sample_ratio != 1.0:
+            raise ValueError("--budget and --sample-ratio are alternatives: give one of them")
+    if not 0.0 <= args.explore <= 1.0:
+        raise ValueError(f"--explore must be in [0, 1], got {args.explore}")
+    if args.norm_stats_every < 1:
+        raise ValueError(f"--norm-stats-every must be >= 1, got {args.norm_stats_every}")
     positive = {"--epochs": args.epochs, "--batch-size": args.batch_size, "--minimal-k": args.minimal_k,
                 "--powersgd-rank": args.powersgd_rank}
     for flag, value in positive.items():
