@@ -33,28 +33,22 @@ import torch.nn.functional as F
 
 import approxdist as ad
 from approxdist.train.data import build_datasets
-from approxdist.train.models import SmallCNN
+from approxdist.train.models import build_model
 
 TASKS = ("cnn128", "resnet18")
 # Per task: (learning rate, steps). The CNN at lr 0.1 is the setting of the time-to-accuracy
 # benchmark; resnet18 at 0.05 needs about 300 steps to near 97% exactly.
 TASK_DEFAULTS = {"cnn128": (0.1, 200), "resnet18": (0.05, 300)}
-SUFFIXES = ("sampledbn",)
+# '+sampledbn', and the suffixes that carry a value: prefix -> (convert_model keyword, type).
+VALUED_SUFFIXES = {"explore": ("explore", float), "every": ("norm_stats_every", int)}
 
 
 def parse_config(text):
     """'exact' | RATIO | 'budget'RATIO, then '+sampledbn' / '+exploreX' -> convert_model kwargs
     (None for exact)."""
     head, *suffixes = text.split("+")
-    explore = [s for s in suffixes if s.startswith("explore")]
-    every = [s for s in suffixes if s.startswith("every")]
-    suffixes = [s for s in suffixes if not s.startswith(("explore", "every"))]
-    for s in suffixes:
-        if s not in SUFFIXES:
-            raise ValueError(f"--configs: unknown suffix {s!r} in {text!r} (allowed: {', '.join(SUFFIXES)}, "
-                             "exploreX)")
     if head == "exact":
-        if suffixes or explore or every:
+        if suffixes:
             raise ValueError(f"--configs: 'exact' takes no suffix, got {text!r}")
         return None
     kwargs = {"distributed": True}
@@ -65,18 +59,22 @@ def parse_config(text):
             kwargs["sample_ratio"] = float(head)
     except ValueError:
         raise ValueError(f"--configs: {text!r} is not 'exact', a ratio such as 0.5, or budget0.33") from None
-    if "sampledbn" in suffixes:
-        kwargs["norm_stats"] = "sampled"
-    for e in every:
+    for suffix in suffixes:
+        if suffix == "sampledbn":
+            kwargs["norm_stats"] = "sampled"
+            continue
+        prefix = next((p for p in VALUED_SUFFIXES if suffix.startswith(p)), None)
+        if prefix is None:
+            raise ValueError(f"--configs: unknown suffix {suffix!r} in {text!r} "
+                             "(allowed: sampledbn, exploreX, everyN)")
+        key, cast = VALUED_SUFFIXES[prefix]
         try:
-            kwargs["norm_stats_every"] = int(e[len("every"):])
+            kwargs[key] = cast(suffix[len(prefix):])
         except ValueError:
-            raise ValueError(f"--configs: {e!r} in {text!r} is not everyN with N an integer") from None
-    for e in explore:
-        try:
-            kwargs.update(policy="topk_explore", explore=float(e[len("explore"):]))
-        except ValueError:
-            raise ValueError(f"--configs: {e!r} in {text!r} is not exploreX with X a number") from None
+            raise ValueError(f"--configs: {suffix!r} in {text!r} is not {prefix} followed by a "
+                             f"{cast.__name__}") from None
+        if prefix == "explore":
+            kwargs["policy"] = "topk_explore"
     return kwargs
 
 
@@ -88,10 +86,8 @@ def task_data(task):
 def build(task, seed):
     torch.manual_seed(seed)
     if task == "cnn128":
-        return SmallCNN(1, 10, width=128)
-    import torchvision
-
-    return torchvision.models.resnet18(num_classes=10)
+        return build_model("cnn", num_classes=10, in_channels=1, image_size=8, width=128)
+    return build_model("resnet18", num_classes=10)
 
 
 @torch.no_grad()

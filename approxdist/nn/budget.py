@@ -20,9 +20,9 @@ def _ratio_for(k, n):
     return 1.0 if k >= n else (k + 0.5) / n
 
 
-def _layer_k(c, size, n, minimal_k):
-    r = min(1.0, c / math.sqrt(size))
-    return num_samples(n, max(r, 1e-12), minimal_k)
+def _ratios_at(c, layers):
+    # A ratio of 0 is not one num_samples takes; minimal_k is the floor anyway.
+    return [max(min(1.0, c / math.sqrt(size)), 1e-12) for size, _ in layers]
 
 
 def payload_fraction(layers, dense_elements, ratios, minimal_k=1):
@@ -46,28 +46,22 @@ def budget_ratios(layers, dense_elements, budget, minimal_k=1):
         raise ValueError(f"budget must be a number in (0, 1], got {budget!r}")
     if not layers:
         raise ValueError("budget: the model has no layer that can be sampled")
-    target = budget * dense_elements
 
     def sent(c):
-        total = dense_elements - sum(size for size, _ in layers)
-        for size, n in layers:
-            total += _layer_k(c, size, n, minimal_k) * (size // n)
-        return total
+        return payload_fraction(layers, dense_elements, _ratios_at(c, layers), minimal_k)
 
-    if sent(0.0) > target:
-        floor = sent(0.0) / dense_elements
-        raise ValueError(f"budget must be at least {floor:.4f} for this model (every sampled layer "
+    if sent(0.0) > budget:
+        raise ValueError(f"budget must be at least {sent(0.0):.4f} for this model (every sampled layer "
                          f"keeping minimal_k={minimal_k} channels and the rest sent dense), got {budget}")
     lo, hi = 0.0, max(math.sqrt(size) for size, _ in layers)  # at hi every layer is exact
-    if sent(hi) <= target:
+    if sent(hi) <= budget:
         lo = hi
     for _ in range(100):
         mid = (lo + hi) / 2
-        if sent(mid) <= target:
+        if sent(mid) <= budget:
             lo = mid
         else:
             hi = mid
-    return [_ratio_for(_layer_k(lo, size, n, minimal_k), n) for size, n in layers]
-
+    return [_ratio_for(num_samples(n, r, minimal_k), n) for (_, n), r in zip(layers, _ratios_at(lo, layers))]
 
 __all__ = ["budget_ratios", "payload_fraction"]

@@ -42,22 +42,22 @@ def check_norm_stats(norm_stats, fraction, every=1):
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) \
             or math.isnan(fraction) or not 0.0 < fraction <= 1.0:
         raise ValueError(f"norm_stats_fraction must be a number in (0, 1], got {fraction!r}")
-    return norm_stats, float(fraction)
+    return float(fraction)
 
 
-def _tracking_norms(module):
-    return [m for m in module.modules() if isinstance(m, _BN) and m.running_mean is not None]
-
-
-def _sampling_layers(module):
-    """The sampled layers that would compute over fewer than all their input channels."""
-    out = []
+def _norms_and_sampled(module):
+    """One walk over the module: the BatchNorms in training that track running statistics,
+    and the sampled layers that would compute over fewer than all their input channels."""
+    norms, sampled = [], []
     for m in module.modules():
-        if isinstance(m, SamplingConfig) and m.training and getattr(m, "weight", None) is not None:
+        if isinstance(m, _BN):
+            if m.running_mean is not None and m.training and m.track_running_stats:
+                norms.append(m)
+        elif isinstance(m, SamplingConfig) and m.training and getattr(m, "weight", None) is not None:
             n = m.weight.shape[1]
             if num_samples(n, m.sample_ratio, m.minimal_k) < n:
-                out.append(m)
-    return out
+                sampled.append(m)
+    return norms, sampled
 
 
 def _batch_slice(args, kwargs, fraction):
@@ -81,7 +81,7 @@ class ExactNormStats:
     `exact_norm_stats(module)` or through `convert_model(norm_stats="exact")`."""
 
     def __init__(self, fraction=0.25, every=1):
-        _, self.fraction = check_norm_stats("exact", fraction, every)
+        self.fraction = check_norm_stats("exact", fraction, every)
         self.every = every
         self._forwards = 0  # training forwards seen; the exact pass runs on every `every`-th
         self._busy = False
@@ -103,9 +103,8 @@ class ExactNormStats:
         self._thaw()  # a forward that raised left them frozen
         if self._busy or not module.training or not torch.is_grad_enabled():
             return None
-        norms = [bn for bn in _tracking_norms(module) if bn.training and bn.track_running_stats]
-        sampled = _sampling_layers(module) if norms else []
-        if not sampled:
+        norms, sampled = _norms_and_sampled(module)
+        if not norms or not sampled:
             return None
         run, self._forwards = self._forwards % self.every == 0, self._forwards + 1
         cut = _batch_slice(args, kwargs, self.fraction) if run else None

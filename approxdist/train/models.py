@@ -97,7 +97,7 @@ def uses_sampled_layers(args) -> bool:
     distributed forms, which also tell the sparse hook which slices are non-zero."""
     from .comm import SPARSE_HOOKS
 
-    return args.sample_ratio < 1.0 or getattr(args, "budget", None) is not None or args.comm_hook in SPARSE_HOOKS
+    return args.sample_ratio < 1.0 or args.budget is not None or args.comm_hook in SPARSE_HOOKS
 
 
 def build_training_model(args, info):
@@ -112,12 +112,10 @@ def build_training_model(args, info):
         layout = getattr(args, "weight_layout", None)
         if layout is None:
             layout = "contiguous" if getattr(args, "dist", "torch") == "horovod" else "input_major"
-        budget = getattr(args, "budget", None)
         model = approxdist.convert_model(
-            model, None if budget is not None else args.sample_ratio, args.minimal_k, budget=budget,
-            distributed=True, policy=args.policy, seed=args.seed, weight_layout=layout,
-            explore=getattr(args, "explore", 0.25), norm_stats=getattr(args, "norm_stats", "exact"),
-            norm_stats_every=getattr(args, "norm_stats_every", 1))
+            model, None if args.budget is not None else args.sample_ratio, args.minimal_k, budget=args.budget,
+            distributed=True, policy=args.policy, seed=args.seed, weight_layout=layout, explore=args.explore,
+            norm_stats=args.norm_stats, norm_stats_every=args.norm_stats_every)
     return model
 
 

@@ -116,8 +116,8 @@ class Trainer:
                               overlap_forward=args.overlap_forward and ddp is not None)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
         config = {"model": args.model, "dataset": args.dataset, "num_classes": info.num_classes,
-                  "sample_ratio": args.sample_ratio, "budget": getattr(args, "budget", None), "minimal_k": args.minimal_k,
-                  "policy": args.policy, "norm_stats": getattr(args, "norm_stats", "exact"),
+                  "sample_ratio": args.sample_ratio, "budget": args.budget, "minimal_k": args.minimal_k,
+                  "policy": args.policy, "norm_stats": args.norm_stats,
                   "comm_hook": args.comm_hook, "world_size": place.world_size, "batch_size": args.batch_size,
                   "seed": args.seed, "epochs": args.epochs, "dist": args.dist}
         return cls(args, model, optimizer, scheduler, config=config, ddp=ddp, scaler=_make_scaler(device, args.amp),

@@ -9,6 +9,15 @@ from .summary import ring_bytes
 __all__ = ["plot"]
 
 
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot(summary: list[dict], outdir: Path, prefix: str = "comm") -> list[Path]:
     """Step time vs bytes per step, and speedup vs sample ratio per link rate."""
     import matplotlib
@@ -57,11 +66,7 @@ def plot(summary: list[dict], outdir: Path, prefix: str = "comm") -> list[Path]:
             ax.set_ylabel("median step s")
             ax.set_ylim(bottom=0)
             ax.set_xlim(left=0)
-    fig.tight_layout()
-    p = outdir / f"{prefix}_step_vs_bytes.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths.append(p)
+    paths.append(_save(fig, outdir / f"{prefix}_step_vs_bytes.png"))
 
     fig, axes = plt.subplots(1, len(models), squeeze=False, figsize=(5 * len(models), 3.8))
     for mi, model in enumerate(models):
@@ -81,9 +86,5 @@ def plot(summary: list[dict], outdir: Path, prefix: str = "comm") -> list[Path]:
         ax.set_xlabel("sample_ratio")
         ax.set_ylabel("speedup")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    p = outdir / f"{prefix}_speedup_vs_ratio.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths.append(p)
+    paths.append(_save(fig, outdir / f"{prefix}_speedup_vs_ratio.png"))
     return paths
