@@ -47,6 +47,12 @@ def _args(*flags):
         (["--budget", "0.33", "--sample-ratio", "0.5"], "--budget and --sample-ratio"),
         (["--explore", "1.5"], "--explore"),
         (["--norm-stats-every", "0"], "--norm-stats-every"),
+        (["--lr", "inf"], "--lr must be a finite number"),
+        (["--momentum", "nan"], "--momentum must be a finite number"),
+        (["--weight-decay", "nan"], "--weight-decay must be a finite number"),
+        (["--bucket-cap-mb", "inf"], "--bucket-cap-mb must be a finite number"),
+        (["--sample-ratio", "nan"], "--sample-ratio must be a finite number"),
+        (["--momentum", "1.5"], r"--momentum must be in \[0, 1\)"),
     ],
 )
 def test_validate_names_the_flag(flags, match):

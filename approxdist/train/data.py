@@ -57,13 +57,58 @@ def _cifar_root(data_path):
     return None
 
 
+# What the CIFAR-10 python batches hold: a dict of a uint8 numpy array, a list of ints and
+# strings. The globals a pickle of that names (numpy's array reconstruction under its old and
+# new module paths, and _codecs.encode for bytes in protocol-2 pickles) are all the
+# unpickler may look up: anything else in a data folder is refused before it can run.
+_CIFAR_GLOBALS = frozenset({
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("_codecs", "encode"),
+})
+
+
+class _Refused(pickle.UnpicklingError):
+    pass
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise _Refused(f"it names {module}.{name}, which CIFAR-10 batches never hold")
+        return super().find_class(module, name)
+
+
+def _read_cifar_batch(path):
+    """One batch file as (uint8 images [n, 3, 32, 32], int64 labels [n]), or ValueError
+    naming the file and what is wrong with it (one line, no traceback)."""
+    import numpy as np
+
+    try:
+        with open(path, "rb") as f:
+            batch = _CifarUnpickler(f, encoding="latin1").load()
+    except _Refused as exc:
+        raise ValueError(f"--data-path: {path} is not a CIFAR-10 batch, refused to unpickle it: {exc}") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, OSError) as exc:
+        raise ValueError(f"--data-path: {path} is corrupt or truncated ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})") from None
+    if isinstance(batch, dict):
+        batch = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    if not isinstance(batch, dict) or "data" not in batch or "labels" not in batch:
+        raise ValueError(f"--data-path: {path} is not a CIFAR-10 batch (a dict with 'data' and 'labels' expected)")
+    data, labels = batch["data"], batch["labels"]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        shape = getattr(data, "shape", type(data).__name__)
+        raise ValueError(f"--data-path: {path}: 'data' must be a uint8 array of shape (n, 3072), got {shape}")
+    if (not isinstance(labels, (list, np.ndarray)) or len(labels) != data.shape[0]
+            or not all(isinstance(y, (int, np.integer)) and 0 <= y < 10 for y in labels)):
+        raise ValueError(f"--data-path: {path}: 'labels' must be {data.shape[0]} integers in [0, 10)")
+    return torch.as_tensor(data).reshape(-1, 3, 32, 32), torch.as_tensor(np.asarray(labels, dtype=np.int64))
+
+
 def _load_cifar_batches(root, names):
-    xs, ys = [], []
-    for name in names:
-        with open(os.path.join(root, name), "rb") as f:
-            batch = pickle.load(f, encoding="latin1")
-        xs.append(torch.as_tensor(batch["data"], dtype=torch.uint8).reshape(-1, 3, 32, 32))
-        ys.append(torch.as_tensor(batch["labels"], dtype=torch.long))
+    xs, ys = zip(*(_read_cifar_batch(os.path.join(root, name)) for name in names))
     return torch.cat(xs), torch.cat(ys)
 
 
@@ -137,8 +182,18 @@ def _imagefolder(data_path, image_size):
     val_tf = transforms.Compose(
         [transforms.Resize(resize), transforms.CenterCrop(image_size), transforms.ToTensor(), normalize]
     )
-    train = datasets.ImageFolder(os.path.join(data_path, "train"), train_tf)
-    val = datasets.ImageFolder(os.path.join(data_path, "val"), val_tf)
+    splits = []
+    for split, tf in (("train", train_tf), ("val", val_tf)):
+        folder = os.path.join(data_path, split)
+        try:  # torchvision raises FileNotFoundError for a folder without classes or images
+            splits.append(datasets.ImageFolder(folder, tf))
+        except (FileNotFoundError, RuntimeError) as exc:
+            raise ValueError(f"--data-path: {folder} holds no usable ImageFolder data "
+                             f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    train, val = splits
+    if train.classes != val.classes:  # else the val labels would index other classes
+        raise ValueError(f"--data-path: {data_path} has {len(train.classes)} classes in train/ and "
+                         f"{len(val.classes)} in val/, not the same ones")
     return train, val, DataInfo(len(train.classes), 3, image_size)
 
 
