@@ -276,6 +276,25 @@ def test_metrics_of_a_mid_epoch_resume_are_marked_and_a_dead_attempts_records_dr
     assert first["train_steps"] + second["train_steps"] == STEPS_PER_EPOCH
 
 
+# -- elastic resize, in one process: another global batch takes the same path as another world size
+def test_resume_with_another_global_batch_mid_epoch_goes_on_from_the_samples_used(tmp_path, capsys):
+    out = str(tmp_path)
+    assert _cli("--epochs", "1", "--max-steps", "7", "--output-dir", out) == 0  # 7 x 64 samples
+    assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["epoch_sample"] == 7 * 64
+    capsys.readouterr()
+    assert _cli("--epochs", "1", "--output-dir", out, "--resume", "auto", "--batch-size", "96") == 0
+    log = capsys.readouterr().out
+    left, per_epoch = (1437 - 7 * 64) // 96, 1437 // 96
+    assert "global batch 64 -> 96" in log
+    assert f"goes on from sample {7 * 64} of its order, {left} step(s) of 96 left" in log
+    assert f"continues at step {per_epoch - left} of {per_epoch}" in log
+    first, second = _records(out)
+    assert (first["train_steps"], second["train_steps"], second["step"]) == (7, left, 7 + left)
+    saved = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
+    assert (saved["epoch"], saved["step"], saved["step_in_epoch"]) == (1, 7 + left, 0)
+    assert second["lr"] == pytest.approx(0.0, abs=1e-12)  # the schedule ends with the epoch
+
+
 # -- item 7d: a resume with other sampling settings is refused, unless asked for -----------------
 @pytest.mark.parametrize("flags, named", [
     (["--sample-ratio", "0.25"], "sample_ratio=0.5 (now 0.25)"),

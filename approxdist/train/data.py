@@ -219,6 +219,12 @@ class ResumableDistributedSampler(Sampler):
     ``start_batch`` of that epoch's order, so a mid-epoch resume replays nothing and skips
     nothing. Every rank gets the same number of batches (the tail that does not fill a
     batch on every rank is dropped), which keeps DDP's collectives in lock step.
+
+    Batch b of every rank together is the slice ``[b*W*B, (b+1)*W*B)`` of the epoch's
+    order (W ranks, B per rank), so the first s steps consume exactly the first s*W*B
+    samples whatever W and B are. That is what lets a run resized mid-epoch go on:
+    ``set_epoch(epoch, start_batch, start_sample=n)`` shards the order from sample n on
+    over this run's ranks, and `consumed` says how far the epoch has got, in samples.
     """
 
     def __init__(self, n, num_replicas, rank, batch_size, seed=0, shuffle=True):
@@ -226,15 +232,28 @@ class ResumableDistributedSampler(Sampler):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.n, self.num_replicas, self.rank = n, num_replicas, rank
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
-        self.batches_per_epoch = n // (num_replicas * batch_size)
+        self.global_batch = num_replicas * batch_size
+        self.batches_per_epoch = n // self.global_batch
         if self.batches_per_epoch == 0:
             raise ValueError(
                 f"--batch-size {batch_size} x {num_replicas} processes exceeds the {n} training samples"
             )
-        self.epoch, self.start_batch = 0, 0
+        self.epoch, self.start_batch, self.start_sample = 0, 0, 0
 
-    def set_epoch(self, epoch, start_batch=0):
-        self.epoch, self.start_batch = epoch, start_batch
+    def set_epoch(self, epoch, start_batch=0, *, start_sample=None):
+        """start_sample: the samples of the epoch's order already consumed (default
+        start_batch global batches); the epoch then has batches_per_epoch - start_batch
+        batches left, which must fit in what remains of the order."""
+        if start_sample is None:
+            start_sample = start_batch * self.global_batch
+        if start_sample + (self.batches_per_epoch - start_batch) * self.global_batch > self.n:
+            raise ValueError(f"{self.batches_per_epoch - start_batch} batches of {self.global_batch} do not fit "
+                             f"after sample {start_sample} of {self.n}")
+        self.epoch, self.start_batch, self.start_sample = epoch, start_batch, start_sample
+
+    def consumed(self, step_in_epoch):
+        """Samples of this epoch's order used once `step_in_epoch` steps of it are done."""
+        return self.start_sample + (step_in_epoch - self.start_batch) * self.global_batch
 
     def _order(self):
         if self.shuffle:
@@ -243,10 +262,9 @@ class ResumableDistributedSampler(Sampler):
         return torch.arange(self.n)
 
     def __iter__(self):
-        per_rank = self.batches_per_epoch * self.batch_size
-        order = self._order()[: per_rank * self.num_replicas]
-        mine = order[self.rank :: self.num_replicas]
-        return iter(mine[self.start_batch * self.batch_size :].tolist())
+        left = (self.batches_per_epoch - self.start_batch) * self.global_batch
+        rest = self._order()[self.start_sample : self.start_sample + left]
+        return iter(rest[self.rank :: self.num_replicas].tolist())
 
     def __len__(self):
         return (self.batches_per_epoch - self.start_batch) * self.batch_size

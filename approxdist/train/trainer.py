@@ -34,8 +34,8 @@ STRICT_CONFIG = ("model", "dataset", "num_classes")
 # middle on, so it is refused unless --allow-config-change says it is meant.
 SAMPLING_CONFIG = ("sample_ratio", "budget", "minimal_k", "policy", "explore", "norm_stats", "norm_stats_every")
 # A mid-epoch checkpoint continues the epoch's data order where it stopped: that order is
-# a function of these.
-MID_EPOCH_CONFIG = ("world_size", "batch_size", "seed")
+# a function of the seed (the world size and batch only shard it; see the sampler).
+MID_EPOCH_CONFIG = ("seed",)
 
 
 def run_config(args, num_classes):
@@ -65,8 +65,7 @@ def check_resume_config(saved, current, path, *, allow_changes=False, mid_epoch=
         if diffs:
             raise ckpt.CheckpointError(
                 f"checkpoint {path!r} was saved mid-epoch with {', '.join(diffs)}: its epoch's data order cannot "
-                "continue on another world size, batch size or seed; resume it on the same ones (a resize is "
-                "possible from a checkpoint saved at an epoch's end)")
+                "continue with another seed; resume it with the same --seed")
 
 StepCallback = Callable[["Trainer", int], None]
 
@@ -108,6 +107,8 @@ class Trainer:
         self.log = log
         self.callbacks = tuple(callbacks)
         self.clock = TrainClock()
+        self.resume_notes = []
+        self._resume_sample = None  # where a resumed epoch starts in its data order, in samples
 
     @property
     def rank(self):
@@ -207,7 +208,8 @@ class Trainer:
         (metrics, step reached, steps of the epoch done)."""
         args, clock = self.args, self.clock
         steps_per_epoch = self.sampler.batches_per_epoch
-        self.sampler.set_epoch(epoch, step_in_epoch)
+        self.sampler.set_epoch(epoch, step_in_epoch, start_sample=self._resume_sample)
+        self._resume_sample = None
         first, start = step - step_in_epoch, step
         before = self.comm.stats()
         buckets_before = in_hook_steps(self.optimizer)
@@ -285,6 +287,8 @@ class Trainer:
             "epoch": epoch,
             "step": step,
             "step_in_epoch": step_in_epoch,
+            # samples of the epoch's order used: what a resume on another world size goes on from
+            "epoch_sample": self.sampler.consumed(step_in_epoch) if self.sampler is not None and step_in_epoch else 0,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -334,10 +338,29 @@ class Trainer:
             raise ckpt.CheckpointError(f"checkpoint {path!r} could not be loaded, nothing changed: {detail}") from None
         epoch, step, step_in_epoch = int(data["epoch"]), int(data["step"]), int(data["step_in_epoch"])
         self.resume_notes = self._resize_notes(saved)
+        if step_in_epoch and self.sampler is not None:
+            epoch, step_in_epoch = self._reshard_epoch(data, epoch, step_in_epoch)
         self.resume_notes += self._retarget_schedule(fresh_schedule, epoch, step_in_epoch)
         return epoch, step, step_in_epoch
 
-    resume_notes = ()
+    def _reshard_epoch(self, data, epoch, step_in_epoch):
+        """A mid-epoch checkpoint goes on from the samples its epoch has used. On the same
+        world size and batch that is its own step_in_epoch; on others, this run's epoch is
+        at the step that leaves as many whole global batches as the rest of the order holds
+        (the same drop-last rule as a whole epoch); with none left, the next epoch begins."""
+        saved = data["config"]
+        consumed = int(data.get("epoch_sample") or step_in_epoch * saved["world_size"] * saved["batch_size"])
+        sampler = self.sampler
+        left = (sampler.n - consumed) // sampler.global_batch
+        new_step = sampler.batches_per_epoch - max(min(left, sampler.batches_per_epoch), 0)
+        if new_step != step_in_epoch:
+            self.resume_notes.append(
+                f"mid-epoch resize: epoch {epoch + 1} goes on from sample {consumed} of its order, {left} step(s) "
+                f"of {sampler.global_batch} left (step {new_step} of {sampler.batches_per_epoch} here)")
+        if left <= 0:
+            return epoch + 1, 0
+        self._resume_sample = consumed
+        return epoch, new_step
 
     def _apply(self, data, state):
         self.model.load_state_dict(data["model"], strict=True)
