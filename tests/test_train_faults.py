@@ -300,6 +300,7 @@ def test_resume_with_another_global_batch_mid_epoch_goes_on_from_the_samples_use
     (["--sample-ratio", "0.25"], "sample_ratio=0.5 (now 0.25)"),
     (["--policy", "bernoulli_weight"], "policy='topk_weight' (now 'bernoulli_weight')"),
     (["--norm-stats", "sampled"], "norm_stats='exact' (now 'sampled')"),
+    (["--lr", "0.2"], "lr=0.1 (now 0.2)"),  # else ignored: the optimizer's state holds the rate
 ])
 def test_resume_with_other_sampling_settings_is_refused(tmp_path, capsys, flags, named):
     out = str(tmp_path)
@@ -313,7 +314,11 @@ def test_resume_with_other_sampling_settings_is_refused(tmp_path, capsys, flags,
     assert named in line and "--allow-config-change" in line and str(tmp_path) in line
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
     assert _cli(*resume, *sampled, *flags, "--allow-config-change") == 0
-    assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["step"] == 4
+    saved = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
+    assert saved["step"] == 4
+    peak = 0.2 if flags[0] == "--lr" else 0.1  # the new flags apply from the resume on
+    lr = saved["optimizer"]["param_groups"][0]["lr"]
+    assert lr == pytest.approx(peak / 2 * (1 + math.cos(math.pi * 4 / STEPS_PER_EPOCH)), rel=1e-9)
 
 
 # -- item 7e: an interrupted save leaves the previous checkpoint and no litter --------------------

@@ -88,8 +88,9 @@ def build_parser(prog="approxdist-train"):
                    help="start afresh in an --output-dir that holds a run (its checkpoint.pt and metrics.jsonl "
                         "are replaced); without it such a run is refused")
     p.add_argument("--allow-config-change", action="store_true",
-                   help="resume even though the sampling settings (--sample-ratio, --budget, --policy, "
-                        "--minimal-k, --explore, --norm-stats, --norm-stats-every) differ from the checkpoint's")
+                   help="resume even though the sampling or optimizer settings (--sample-ratio, --budget, "
+                        "--policy, --minimal-k, --explore, --norm-stats, --norm-stats-every, --lr, --momentum, "
+                        "--weight-decay) differ from the checkpoint's: the new ones apply from the resume on")
     p.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (0: per epoch only)")
     p.add_argument("--eval-every", type=int, default=0,
                    help="also evaluate every N steps (0: at each epoch's end only); logged to metrics.jsonl as "

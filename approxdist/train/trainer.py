@@ -33,6 +33,9 @@ STRICT_CONFIG = ("model", "dataset", "num_classes")
 # What the sampled layers do: another setting on resume trains another method from the
 # middle on, so it is refused unless --allow-config-change says it is meant.
 SAMPLING_CONFIG = ("sample_ratio", "budget", "minimal_k", "policy", "explore", "norm_stats", "norm_stats_every")
+# The optimizer's settings are restored with its state: another flag on resume would be
+# ignored silently, so it is refused too; --allow-config-change applies the new values.
+OPTIMIZER_CONFIG = ("lr", "momentum", "weight_decay")
 # A mid-epoch checkpoint continues the epoch's data order where it stopped: that order is
 # a function of the seed (the world size and batch only shard it; see the sampler).
 MID_EPOCH_CONFIG = ("seed",)
@@ -44,7 +47,8 @@ def run_config(args, num_classes):
     return {"model": args.model, "dataset": args.dataset, "num_classes": num_classes,
             "sample_ratio": args.sample_ratio, "budget": args.budget, "minimal_k": args.minimal_k,
             "policy": args.policy, "explore": args.explore, "norm_stats": args.norm_stats,
-            "norm_stats_every": args.norm_stats_every}
+            "norm_stats_every": args.norm_stats_every, "lr": args.lr, "momentum": args.momentum,
+            "weight_decay": args.weight_decay}
 
 
 def check_resume_config(saved, current, path, *, allow_changes=False, mid_epoch=False):
@@ -52,12 +56,12 @@ def check_resume_config(saved, current, path, *, allow_changes=False, mid_epoch=
     an older checkpoint lacks are not compared; --explore only matters to topk_explore."""
     ckpt.validate_config(saved, current, STRICT_CONFIG, path)
     if not allow_changes:
-        keys = [k for k in SAMPLING_CONFIG if k in saved
+        keys = [k for k in SAMPLING_CONFIG + OPTIMIZER_CONFIG if k in saved
                 and (k != "explore" or "topk_explore" in (saved.get("policy"), current.get("policy")))]
         diffs = [f"{k}={saved.get(k)!r} (now {current.get(k)!r})" for k in keys if saved.get(k) != current.get(k)]
         if diffs:
             raise ckpt.CheckpointError(
-                f"checkpoint {path!r} was made with other sampling settings: {', '.join(diffs)}; resume with the "
+                f"checkpoint {path!r} was made with other settings: {', '.join(diffs)}; resume with the "
                 "same flags, start a fresh --output-dir, or pass --allow-config-change")
     if mid_epoch:
         diffs = [f"{k}={saved.get(k)!r} (now {current.get(k)!r})" for k in MID_EPOCH_CONFIG
@@ -340,8 +344,26 @@ class Trainer:
         self.resume_notes = self._resize_notes(saved)
         if step_in_epoch and self.sampler is not None:
             epoch, step_in_epoch = self._reshard_epoch(data, epoch, step_in_epoch)
-        self.resume_notes += self._retarget_schedule(fresh_schedule, epoch, step_in_epoch)
+        changed = self._apply_optimizer_flags(saved)
+        self.resume_notes += self._retarget_schedule(fresh_schedule, epoch, step_in_epoch, force=bool(changed))
         return epoch, step, step_in_epoch
+
+    def _apply_optimizer_flags(self, saved):
+        """With --allow-config-change, this run's --lr, --momentum and --weight-decay replace
+        the restored ones (the learning rate as the schedule's peak)."""
+        args = self.args
+        changed = [k for k in OPTIMIZER_CONFIG if k in saved and saved[k] != self.config.get(k)]
+        if not changed:
+            return []
+        for group in self.optimizer.param_groups:
+            group["momentum"], group["weight_decay"] = args.momentum, args.weight_decay
+        if hasattr(self.scheduler, "base_lrs"):
+            self.scheduler.base_lrs = [args.lr] * len(self.optimizer.param_groups)
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = args.lr
+        self.resume_notes.append("--allow-config-change: " + ", ".join(
+            f"{k} {saved[k]} -> {self.config[k]}" for k in changed))
+        return changed
 
     def _reshard_epoch(self, data, epoch, step_in_epoch):
         """A mid-epoch checkpoint goes on from the samples its epoch has used. On the same
@@ -402,7 +424,7 @@ class Trainer:
         """Steps the fresh (just built) schedule spans, or None for a schedule without one."""
         return getattr(self.scheduler, "T_max", None)
 
-    def _retarget_schedule(self, span, epoch, step_in_epoch):
+    def _retarget_schedule(self, span, epoch, step_in_epoch, force=False):
         """Put a loaded cosine schedule on this run's span, at the position of the epochs
         done (`epoch` whole ones plus `step_in_epoch` steps); a no-op for an exact resume.
         CosineAnnealingLR steps recursively from the current rate, so the rate at the new
@@ -411,7 +433,7 @@ class Trainer:
         if span is None or self.sampler is None or not hasattr(sched, "T_max"):
             return []
         position = epoch * self.sampler.batches_per_epoch + step_in_epoch
-        if (sched.T_max, sched.last_epoch) == (span, position):
+        if (sched.T_max, sched.last_epoch) == (span, position) and not force:
             return []
         old_span, old_lr = sched.T_max, self.optimizer.param_groups[0]["lr"]
         sched.T_max, sched.last_epoch = span, position
