@@ -219,3 +219,13 @@ def test_diverging_run_stops_keeping_its_last_finite_checkpoint(tmp_path):
     failed_at = int(line.split(" at step ")[1].split(":")[0])
     assert failed_at >= 2
     assert_nothing_lost(out, step=failed_at - 1)
+
+
+def test_diverging_run_on_two_ranks_stops_every_rank(tmp_path):
+    out = str(tmp_path / "diverge2")
+    proc = train("--epochs", "2", "--output-dir", out, "--checkpoint-every", "1", "--lr", "1e6", nproc=2)
+    assert proc.returncode == 1  # torchrun's status for a failed worker
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("approxdist-train: error:")]
+    assert lines and all("training loss is" in line for line in lines), proc.stderr[-3000:]
+    failed_at = int(lines[0].split(" at step ")[1].split(":")[0])
+    assert_nothing_lost(out, step=failed_at - 1)
