@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from .. import kernels
-from ..nn import sampled_layer_of
+from ..nn import pop_touched_of, sampled_layers_of
 from .agreement import check_indices, install_broadcast
 from .buckets import sampling_views
 from .compress import compress_wrapper
@@ -24,22 +24,26 @@ from .state import SparseAllReduceState
 
 
 def _selection(state, group, params, views):
-    """(indices per parameter, sampled layers, their indices) for the bucket."""
+    """(indices per parameter, sampled layers, their indices) for the bucket: one layer
+    per sampled weight, with the union of the channels of every layer holding it."""
     indices, layers, layer_idx = [], [], []
     for p, view in zip(params, views):
-        layer = sampled_layer_of(p)
-        if layer is None:
+        holders = sampled_layers_of(p)
+        if not holders:
             indices.append(None)
             continue
-        idx = layer.pop_touched()
-        if state.agreement == "broadcast" and id(layer) not in state._synced_layers:
-            # Registered without register(): this step's forward ran unsynchronised, so
-            # reduce this layer densely once; later forwards follow rank 0.
-            install_broadcast(layer, group)
-            state._synced_layers.add(id(layer))
-            idx = None
+        idx = pop_touched_of(p)
+        if state.agreement == "broadcast":
+            for layer in holders:
+                if id(layer) not in state._synced_layers:
+                    # Registered without register(): this step's forward ran
+                    # unsynchronised, so reduce this weight densely once; later forwards
+                    # follow rank 0.
+                    install_broadcast(layer, group)
+                    state._synced_layers.add(id(layer))
+                    idx = None
         indices.append(idx if view.dim() == p.dim() else None)  # a flat piece goes whole
-        layers.append(layer)
+        layers.append(holders[0])
         layer_idx.append(idx)
     return indices, layers, layer_idx
 

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 import torch
 
 from .. import kernels
-from ..nn import sampled_layer_of
+from ..nn import pop_touched_of, sampled_layer_of
 from .agreement import IndexMismatchError, index_digest
 from .state import SparseAllReduceState
 
@@ -145,8 +145,8 @@ class _SparseDistributedOptimizer(torch.optim.Optimizer):
             if p.grad.is_sparse or p.grad.layout != torch.strided:
                 raise TypeError("approxdist.horovod: sparse gradients are not supported "
                                 "(use dense gradients, e.g. nn.Embedding(sparse=False))")
-            layer = sampled_layer_of(p)
-            idx = layer.pop_touched() if layer is not None else None
+            layer = sampled_layer_of(p)  # one of them where layers share p (tied weights)
+            idx = pop_touched_of(p)  # the union of every use's channels
             if layer is not None:
                 layers.append((layer, idx))
             grads.append(p.grad)

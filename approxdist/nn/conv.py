@@ -84,8 +84,9 @@ class ApproxConv2dDist(WeightSampled, _ApproxConvBase):
         if not self.training:
             self._note_dense_use()
             return self._conv_forward(input, contiguous_weight(self.weight), self.bias)
-        idx, scale, prepared = self._selection()
-        self._record(idx)
+        records = self._records_grad(input)
+        idx, scale, prepared = self._selection(records)
+        self._record(idx, records)
         if idx is None:
             return self._conv_forward(input, contiguous_weight(self.weight), self.bias)
         x, padding = self._padded(input)
