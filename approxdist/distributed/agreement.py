@@ -11,6 +11,36 @@ class IndexMismatchError(RuntimeError):
     """Ranks selected different channels for a layer: the sparse reduction would be wrong."""
 
 
+class PayloadSizeError(IndexMismatchError):
+    """Ranks would send sparse payloads of different sizes for a bucket (found before the
+    collective, which gloo would abort and NCCL would hang or misread)."""
+
+
+def check_payload_sizes(state, group, sizes, names, device):
+    """Compare the sizes of one bucket's payload pieces across ranks before it is sent:
+    `sizes` holds the element count of each sampled weight's piece and, last, the
+    whole payload's; one all_reduce(MAX) of [sizes, -sizes] (16 bytes a row, counted in
+    state.check_bytes). Raises PayloadSizeError on every rank, naming the first
+    sampled weight whose piece differs (names[i]) and the sizes."""
+    local = torch.tensor(sizes, dtype=torch.int64)
+    both = torch.cat([local, -local]).to(device)
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    state.check_bytes += both.numel() * both.element_size()
+    both = both.cpu()
+    hi, lo = both[: len(sizes)], -both[len(sizes):]  # max and min across ranks
+    if torch.equal(hi, lo):
+        return
+    row = next(i for i in range(len(sizes)) if hi[i] != lo[i])
+    what = f"layer {names[row]!r}" if row < len(names) else "a bucket's dense part"
+    raise PayloadSizeError(
+        f"approxdist: the sparse payload differs across ranks at step {state.steps} for {what}: "
+        f"{int(local[row])} elements on this rank, {int(lo[row])} to {int(hi[row])} across ranks "
+        f"(whole bucket payload: {int(local[-1])} here, {int(lo[-1])} to {int(hi[-1])} across "
+        "ranks). The ranks selected different channels: a training forward that recorded a "
+        "gradient ran on some ranks only, or the weights diverged. Run the same forwards on "
+        "every rank (a logging pass under torch.no_grad() is fine) or use agreement='broadcast'.")
+
+
 def index_digest(indices, n):
     """(count, sum(i+1), sum((i+1)^2)) of a sorted index set; (n, -1, -1) for 'all'."""
     if indices is None:
@@ -25,6 +55,7 @@ def check_indices(state, group, layers, indices, names):
     digests = torch.stack([index_digest(idx, layer.weight.shape[1]) for layer, idx in zip(layers, indices)])
     both = torch.cat([digests, -digests]).to(layers[0].weight.device)
     dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    state.check_bytes += both.numel() * both.element_size()
     both = both.cpu()
     hi, neg_lo = both[: len(layers)], both[len(layers):]
     state.checks += 1
@@ -32,8 +63,11 @@ def check_indices(state, group, layers, indices, names):
         if not torch.equal(hi[row], -neg_lo[row]):
             raise IndexMismatchError(
                 f"approxdist: ranks selected different channels for layer {name!r} at step "
-                f"{state.steps} (local digest {digests[row].tolist()}); the weights have diverged "
-                "across ranks. Use agreement='broadcast' to follow rank 0's selection.")
+                f"{state.steps} (local digest {digests[row].tolist()}; channels: "
+                f"{int(digests[row][0])} on this rank, {int(-neg_lo[row][0])} to {int(hi[row][0])} "
+                "across ranks); the weights have diverged across ranks, or a training forward "
+                "that recorded a gradient ran on some ranks only. Use agreement='broadcast' to "
+                "follow rank 0's selection.")
 
 
 def install_broadcast(layer, group):

@@ -20,7 +20,7 @@ n/k) scale each kept channel by 1/p; at lr 0.1 that variance kept the digits CNN
 import torch
 
 from ..functional import channel_norms, num_samples, select_columns
-from ..functional._checks import DIST_POLICIES, check_explore
+from ..functional._checks import DIST_POLICIES, check_explore, check_seed
 from ._config import SamplingConfig
 from ._registry import register_sampled, sampled_layers_of
 
@@ -31,10 +31,7 @@ class WeightSampled(SamplingConfig):
     def _init_dist(self, seed, weight_layout="input_major", explore=0.25):
         self._init_layout(weight_layout)
         self.explore = explore
-        self.seed = int(seed)
-        self._rotation = None  # (permutation of the channels, position) of 'topk_explore'
-        self._generator = None
-        self._generator_state = None  # restored state waiting for the first draw
+        self.seed = seed  # (also sets the generator and rotation: none drawn yet)
         self.last_indices = None
         self._touched = None
         self._index_sync = None  # set by the distributed agreement mode 'broadcast'
@@ -48,6 +45,21 @@ class WeightSampled(SamplingConfig):
         self._prepared = None
         self.__dict__.setdefault("_rotation", None)
         self.__dict__.setdefault("_explore", 0.25)
+        if "seed" in self.__dict__:  # pickled before seed was a property
+            self.__dict__["_seed"] = self.__dict__.pop("seed")
+
+    @property
+    def seed(self):
+        return self._seed
+
+    @seed.setter
+    def seed(self, value):
+        """Validated; assigning one restarts the selection stream from it (the generator
+        is drawn from the seed, so keeping the old one would ignore the assignment)."""
+        self._seed = check_seed(value)
+        self._rotation = None  # (permutation of the channels, position) of 'topk_explore'
+        self._generator = None
+        self._generator_state = None  # restored state waiting for the first draw
 
     @property
     def explore(self):
@@ -228,8 +240,7 @@ class WeightSampled(SamplingConfig):
                 "rotation": None if rotation is None else (rotation[0].cpu(), rotation[1])}
 
     def load_sampler_state(self, state):
-        self.seed = int(state["seed"])
-        self._generator = None
+        self.seed = int(state["seed"])  # (drops the generator and the rotation)
         self._generator_state = state.get("generator")
         rotation = state.get("rotation")
         self._rotation = None if rotation is None else (rotation[0].to(self.weight.device), int(rotation[1]))

@@ -9,10 +9,12 @@ from ..functional._checks import (
     DIST_POLICIES,
     POLICIES,
     check_explore,
+    check_flag,
     check_minimal_k,
     check_mode,
     check_policy,
     check_sample_ratio,
+    check_seed,
     check_weight_layout,
 )
 from ._dist import WeightSampled
@@ -120,6 +122,11 @@ def convert_model(module, sample_ratio=None, minimal_k=1, *, budget=None, distri
     accuracy of a BatchNorm model then falls far below what it learned (resnet18 on
     digits at 0.33: 10.6% against 98.3%). Models without BatchNorm are unaffected.
     """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    check_flag("distributed", distributed)
+    check_flag("skip_first_conv", skip_first_conv)
+    check_seed(seed)
     if (sample_ratio is None) == (budget is None):
         raise ValueError("convert_model takes either sample_ratio (one ratio for every layer) or budget "
                          f"(per-layer ratios from a byte budget), got sample_ratio={sample_ratio!r}, budget={budget!r}")
