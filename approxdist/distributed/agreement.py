@@ -11,6 +11,12 @@ class IndexMismatchError(RuntimeError):
     """Ranks selected different channels for a layer: the sparse reduction would be wrong."""
 
 
+class UnsampledGradientError(RuntimeError):
+    """A sampled weight's gradient outside its layers' selected channels differs across
+    ranks: something else uses the weight (a functional use outside its module), and the
+    sparse hook, which sends only the selected channels, would drop that gradient."""
+
+
 class PayloadSizeError(IndexMismatchError):
     """Ranks would send sparse payloads of different sizes for a bucket (found before the
     collective, which gloo would abort and NCCL would hang or misread)."""
@@ -49,10 +55,27 @@ def index_digest(indices, n):
     return torch.stack([i.new_tensor(i.numel()), i.sum(), (i * i).sum()]).cpu()
 
 
-def check_indices(state, group, layers, indices, names):
+def outside_digest(grad, indices):
+    """Two integers that equal on every rank when the gradient `grad` outside the channels
+    `indices` (dim 1) is the same on every rank: the bits of its float64 sum and sum of
+    squares (halved, so that negating them cannot overflow). Zeros for 'all channels'."""
+    if indices is None or indices.numel() == grad.shape[1]:
+        return [0, 0]
+    outside = torch.ones(grad.shape[1], dtype=torch.bool, device=grad.device)
+    outside[indices] = False
+    v = grad[:, outside].double()
+    sums = torch.stack([v.sum(), (v * v).sum()]).cpu()
+    return (sums.view(torch.int64) >> 1).tolist()
+
+
+def check_indices(state, group, layers, indices, names, outside=None):
     """Compare the digests of these layers' indices across ranks (one all_reduce of MAX
-    over [d, -d], so max == min means all equal); raise naming the first mismatch."""
+    over [d, -d], so max == min means all equal); raise naming the first mismatch.
+    outside: per layer, outside_digest of its gradient; it rides in the same all_reduce,
+    and where it differs across ranks every rank raises UnsampledGradientError."""
     digests = torch.stack([index_digest(idx, layer.weight.shape[1]) for layer, idx in zip(layers, indices)])
+    if outside is not None:
+        digests = torch.cat([digests, torch.tensor(outside, dtype=torch.int64).view(-1, 2)], dim=1)
     both = torch.cat([digests, -digests]).to(layers[0].weight.device)
     dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
     state.check_bytes += both.numel() * both.element_size()
@@ -60,7 +83,7 @@ def check_indices(state, group, layers, indices, names):
     hi, neg_lo = both[: len(layers)], both[len(layers):]
     state.checks += 1
     for row, name in enumerate(names):
-        if not torch.equal(hi[row], -neg_lo[row]):
+        if not torch.equal(hi[row, :3], -neg_lo[row, :3]):
             raise IndexMismatchError(
                 f"approxdist: ranks selected different channels for layer {name!r} at step "
                 f"{state.steps} (local digest {digests[row].tolist()}; channels: "
@@ -68,6 +91,14 @@ def check_indices(state, group, layers, indices, names):
                 "across ranks); the weights have diverged across ranks, or a training forward "
                 "that recorded a gradient ran on some ranks only. Use agreement='broadcast' to "
                 "follow rank 0's selection.")
+    for row, name in enumerate(names):
+        if not torch.equal(hi[row, 3:], -neg_lo[row, 3:]):
+            raise UnsampledGradientError(
+                f"approxdist: the gradient of layer {name!r} outside its sampled channels differs "
+                f"across ranks at step {state.steps}: the weight is also used outside its sampled "
+                "layers (e.g. F.linear(x, layer.weight)), and the sparse hook would drop that "
+                "gradient. Exclude the layer from convert_model (exclude=[...]) or use the weight "
+                "through the layer only.")
 
 
 def install_broadcast(layer, group):

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from .. import kernels
 from ..nn import pop_touched_of, sampled_layers_of
-from .agreement import check_indices, check_payload_sizes, install_broadcast
+from .agreement import check_indices, check_payload_sizes, install_broadcast, outside_digest
 from .buckets import sampling_views
 from .compress import compress_wrapper
 from .forward_overlap import EAGER_FRACTION, forward_overlap
@@ -85,7 +85,8 @@ def sparse_payload(state: SparseAllReduceState, bucket: dist.GradBucket):
         names = [state.param_names.get(id(layer.weight), f"{type(layer).__name__}{tuple(layer.weight.shape)}")
                  for layer in layers]
         if state.agreement == "check" and state.steps % state.check_every == 0:
-            check_indices(state, group, layers, layer_idx, names)  # the digests hold the counts
+            check_indices(state, group, layers, layer_idx, names,  # the digests hold the counts
+                          outside=[outside_digest(views[i], indices[i]) for i in where])
         else:
             sizes = [pieces[i] for i in where] + [sum(pieces)]
             check_payload_sizes(state, group, sizes, names, buffer.device)

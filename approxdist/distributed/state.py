@@ -101,7 +101,7 @@ class SparseAllReduceState:
         dense_bytes (what the default hook would have sent), their ratio, and the hook's
         own pack/unpack seconds. check_bytes: what the checks that keep the ranks' payloads
         alike sent besides (16 bytes per sampled weight and bucket, plus 16 per bucket
-        that holds one; agreement 'check' a digest of 48 bytes per weight instead);
+        that holds one; agreement 'check' a digest of 80 bytes per weight on its checked steps);
         payload_bytes does not include them."""
         return {
             "steps": self.steps,
