@@ -1,6 +1,7 @@
 """Index agreement across ranks: 'check' detects diverged selections, 'broadcast' makes
 every rank follow rank 0."""
 import copy
+import re
 
 import pytest
 import torch
@@ -92,3 +93,93 @@ def test_broadcast_follows_rank0():
     for r in (r0, r1):
         for ps, pd in zip(r["sparse"], r["dense"]):
             assert torch.equal(ps, pd)
+
+
+def _diverge(ddp, model, rank, how):
+    """Make rank 1 select other channels than rank 0 in the next step."""
+    if rank != 1:
+        return
+    if how == "extra_forward":  # a training forward that records a gradient, on rank 1 only
+        model(batch_for("cnn", rank, 99)[0])
+    else:  # a selection perturbed directly: conv2 touched one channel more, or one less
+        layer = model.conv2
+        flip = int((~layer._touched).nonzero()[0]) if not layer._touched.all() else 0
+        layer._touched[flip] = ~layer._touched[flip]
+
+
+def size_mismatch_worker(rank, world, agreement, how):
+    model = ad.convert_model(make_model("cnn"), 0.5, distributed=True, policy="bernoulli_weight")
+    ddp = DDP(model)
+    ad.distributed.register(ddp, ad.distributed.SparseAllReduceState(agreement=agreement,
+                                                                       check_every=2))
+    loss_fn = nn.CrossEntropyLoss()
+    for step in range(3):
+        x, y = batch_for("cnn", rank, step)
+        out = ddp(x)
+        if step == 1:
+            _diverge(ddp, model, rank, how)
+        try:
+            loss_fn(out, y).backward()
+        except Exception as exc:  # noqa: BLE001 - the test asserts on it
+            return {"step": step, "error": f"{type(exc).__name__}: {exc}"}
+    return {"step": None, "error": None}
+
+
+@pytest.mark.parametrize("agreement,how", [
+    ("local", "extra_forward"),
+    ("local", "perturbed"),
+    ("check", "extra_forward"),  # step 1 is not a check step (check_every=2): the size check
+    ("broadcast", "perturbed"),
+])
+def test_payload_size_mismatch_is_an_error_naming_the_layer(agreement, how):
+    # Before the size check gloo aborted: "Received data size doesn't match expected size".
+    for r in run_ranks(size_mismatch_worker, 2, agreement, how):
+        assert r["step"] == 1
+        assert r["error"].startswith("PayloadSizeError: ")
+        assert "'conv2'" in r["error"] or how == "extra_forward"
+        assert re.search(r"layer '[\w.]+': \d+ elements on this rank, \d+ to \d+ across ranks", r["error"])
+
+
+class SideUse(nn.Module):
+    """fc's weight is also read directly, outside the sampled layer: its gradient then
+    reaches channels fc did not select, which the sparse hook would not send."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.fc(x) + nn.functional.linear(x, self.fc.weight)))
+
+
+def side_use_worker(rank, world, keep_grads):
+    torch.manual_seed(0)
+    model = ad.convert_model(SideUse(), 0.5, distributed=True) if not keep_grads else \
+        ad.convert_model(make_model("mlp"), 0.5, distributed=True, policy="bernoulli_weight")
+    ddp = DDP(model)
+    state = ad.distributed.register(ddp, ad.distributed.SparseAllReduceState(agreement="check", check_every=1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for step in range(3):
+        g = torch.Generator().manual_seed(10 * rank + step)
+        x = torch.randn(4, 16 if not keep_grads else 32, generator=g)
+        try:
+            ddp(x).square().mean().backward()
+        except Exception as exc:  # noqa: BLE001 - the test asserts on it
+            return f"{type(exc).__name__}: {exc}"
+        opt.step()  # gradients never cleared (keep_grads): identical outside parts on every rank
+    fc2 = model.fc2
+    outside = torch.ones(fc2.weight.shape[1], dtype=torch.bool)
+    outside[fc2.last_indices] = False
+    assert keep_grads is False or bool((fc2.weight.grad[:, outside] != 0).any())  # the case is real
+    return state.stats["checks"]
+
+
+def test_check_detects_a_weight_used_outside_its_layer():
+    for r in run_ranks(side_use_worker, 2, False):
+        assert r.startswith("UnsampledGradientError: ") and "'fc'" in r, r
+
+
+def test_check_accepts_gradients_kept_across_steps():
+    # Never-cleared gradients are non-zero outside the selection, but the same on every rank.
+    assert all(r == 3 for r in run_ranks(side_use_worker, 2, True))

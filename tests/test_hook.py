@@ -19,16 +19,21 @@ from models import analytic_bytes, batch_for, make_model
 
 
 class ByteCounter:
-    """Counts what goes through torch.distributed.all_reduce, independently of the hook."""
+    """Counts what goes through torch.distributed.all_reduce, independently of the hook:
+    gradient payloads (floating point) in `bytes`, the integer size and index checks in
+    `check_bytes`."""
 
     def __init__(self):
-        self.bytes, self.calls, self._orig = 0, 0, None
+        self.bytes, self.check_bytes, self.calls, self._orig = 0, 0, 0, None
 
     def __enter__(self):
         self._orig = dist.all_reduce
 
         def counting(tensor, *args, **kwargs):
-            self.bytes += tensor.numel() * tensor.element_size()
+            if tensor.is_floating_point():
+                self.bytes += tensor.numel() * tensor.element_size()
+            else:
+                self.check_bytes += tensor.numel() * tensor.element_size()
             self.calls += 1
             return self._orig(tensor, *args, **kwargs)
 
@@ -113,6 +118,8 @@ def compare_worker(rank, world, name, ratio, policy, steps, ddp_kw, accum=1, dty
         "dense": [p.detach().clone() for p in models[1].parameters()],
         "stats": state.stats,
         "counted": counter.bytes,
+        "counted_checks": counter.check_bytes,
+        "sampled_weights": len({id(m.weight) for m in models[0].modules() if isinstance(m, WeightSampled)}),
         "analytic": analytic_bytes(models[0]) * steps,
         "dense_bytes": sum(p.numel() * p.element_size() for p in models[0].parameters()) * steps,
         "dense_conv_analytic": analytic_bytes(models[0], dense=_unsampleable) * steps,
@@ -140,6 +147,11 @@ def test_sparse_equals_dense_small_cnn(world):
         assert r["stats"]["payload_bytes"] == r["analytic"] == r["counted"]
         assert r["stats"]["payload_bytes"] < r["stats"]["dense_bytes"]
         assert r["stats"]["steps"] == 4
+        # The size checks before each collective: 16 bytes per sampled weight and step,
+        # plus 16 per bucket that holds one; counted apart from the payload.
+        checks, weights, steps = r["stats"]["check_bytes"], r["sampled_weights"], r["stats"]["steps"]
+        assert r["counted_checks"] == checks
+        assert 16 * (weights + 1) * steps <= checks <= 16 * (weights * steps + r["stats"]["buckets"])
 
 
 @pytest.mark.parametrize("world", [2, pytest.param(3, marks=pytest.mark.slow)])

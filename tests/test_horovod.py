@@ -126,6 +126,60 @@ def _divergence(hvd):
     return None
 
 
+def _tied(hvd):
+    """Tied weights (two layers holding one Parameter, each drawing its own channels): the
+    union of both uses' channels is reduced, so the result is Horovod's bit for bit."""
+    import torch
+    import torch.nn.functional as F
+
+    import approxdist
+    from test_shared_weights import TiedNet, _batch
+
+    params, differ = [], False
+    for ours in (True, False):
+        torch.manual_seed(0)
+        model = approxdist.convert_model(TiedNet(), 0.5, distributed=True, policy="bernoulli_weight",
+                                         seed=3, weight_layout="contiguous")
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        wrap = approxdist.horovod.DistributedOptimizer if ours else hvd.DistributedOptimizer
+        opt = wrap(opt, named_parameters=model.named_parameters())
+        for step in range(3):
+            x, y = _batch(hvd.rank(), step)
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        params.append([p.detach().clone() for p in model.parameters()])
+        differ = differ or not torch.equal(model.fc_a.last_indices, model.fc_b.last_indices)
+    return {"same_as_horovod": all(torch.equal(a, b) for a, b in zip(*params)), "uses_differ": differ}
+
+
+def _payload_mismatch(hvd):
+    """One rank runs an extra training forward (bernoulli_weight draws move on): the
+    payloads differ in size, and every rank gets an error naming the sampled weights."""
+    import torch
+    import torch.nn.functional as F
+
+    import approxdist
+    from approxdist.distributed.agreement import PayloadSizeError
+    from models import batch_for, make_model
+
+    model = approxdist.convert_model(make_model("cnn", seed=0), 0.5, distributed=True,
+                                     policy="bernoulli_weight", weight_layout="contiguous")
+    opt = approxdist.horovod.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                                  named_parameters=model.named_parameters())
+    try:
+        for step in range(3):
+            x, y = batch_for("cnn", hvd.rank(), step)
+            if step == 1 and hvd.rank() == 1:
+                model(x)
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    except PayloadSizeError as exc:
+        return str(exc)
+    return None
+
+
 def worker(out_dir):
     import horovod.torch as hvd
     import torch
@@ -137,6 +191,8 @@ def worker(out_dir):
     for name, *spec in CASES:
         result["cases"][name] = _case(hvd, name, *spec)
     result["divergence"] = _divergence(hvd)
+    result["tied"] = _tied(hvd)
+    result["payload_mismatch"] = _payload_mismatch(hvd)  # last: it leaves a failed collective behind
     with open(os.path.join(out_dir, f"rank{hvd.rank()}.json"), "w") as f:
         json.dump(result, f)
 
@@ -201,6 +257,9 @@ def _check(results):
             assert case["analytic_bytes"] < case["dense_bytes"], where
         assert r["cases"]["sgd_momentum"]["buckets"] > 1 and r["cases"]["adam_one_bucket"]["buckets"] == 1
         assert r["divergence"] is not None and "conv2.weight" in r["divergence"], r["divergence"]
+        assert r["tied"] == {"same_as_horovod": True, "uses_differ": True}, r["tied"]
+        mismatch = r["payload_mismatch"]
+        assert mismatch is not None and "differs across ranks" in mismatch and ".weight'" in mismatch, mismatch
 
 
 def _worker_cmd(tmp_path):

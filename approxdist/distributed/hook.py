@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 
 from .. import kernels
-from ..nn import sampled_layer_of
-from .agreement import check_indices, install_broadcast
+from ..nn import pop_touched_of, sampled_layers_of
+from .agreement import check_indices, check_payload_sizes, install_broadcast, outside_digest
 from .buckets import sampling_views
 from .compress import compress_wrapper
 from .forward_overlap import EAGER_FRACTION, forward_overlap
@@ -24,24 +24,30 @@ from .state import SparseAllReduceState
 
 
 def _selection(state, group, params, views):
-    """(indices per parameter, sampled layers, their indices) for the bucket."""
-    indices, layers, layer_idx = [], [], []
-    for p, view in zip(params, views):
-        layer = sampled_layer_of(p)
-        if layer is None:
+    """(indices per parameter, sampled layers, their indices, their positions in the
+    bucket): one layer per sampled weight, with the union of the channels of every layer
+    holding it."""
+    indices, layers, layer_idx, where = [], [], [], []
+    for i, (p, view) in enumerate(zip(params, views)):
+        holders = sampled_layers_of(p)
+        if not holders:
             indices.append(None)
             continue
-        idx = layer.pop_touched()
-        if state.agreement == "broadcast" and id(layer) not in state._synced_layers:
-            # Registered without register(): this step's forward ran unsynchronised, so
-            # reduce this layer densely once; later forwards follow rank 0.
-            install_broadcast(layer, group)
-            state._synced_layers.add(id(layer))
-            idx = None
+        idx = pop_touched_of(p)
+        if state.agreement == "broadcast":
+            for layer in holders:
+                if id(layer) not in state._synced_layers:
+                    # Registered without register(): this step's forward ran
+                    # unsynchronised, so reduce this weight densely once; later forwards
+                    # follow rank 0.
+                    install_broadcast(layer, group)
+                    state._synced_layers.add(id(layer))
+                    idx = None
         indices.append(idx if view.dim() == p.dim() else None)  # a flat piece goes whole
-        layers.append(layer)
+        layers.append(holders[0])
         layer_idx.append(idx)
-    return indices, layers, layer_idx
+        where.append(i)
+    return indices, layers, layer_idx, where
 
 
 def sparse_allreduce_hook(state: SparseAllReduceState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -69,11 +75,21 @@ def sparse_payload(state: SparseAllReduceState, bucket: dist.GradBucket):
                         "(use dense gradients, e.g. nn.Embedding(sparse=False))")
     params = bucket.parameters()
     views = sampling_views(buffer, params)
-    indices, layers, layer_idx = _selection(state, group, params, views)
-    if state.agreement == "check" and layers and state.steps % state.check_every == 0:
+    indices, layers, layer_idx, where = _selection(state, group, params, views)
+    # The views and indices are the hook's own, so packed_numel's structural checks
+    # (~0.4 ms for a resnet50 bucket) are skipped; pack checks the size against its plan.
+    pieces = kernels.reference.slice_numels(views, indices)
+    if layers:
+        # Ranks that selected different channels would hand all_reduce tensors of other
+        # sizes (gloo aborts, NCCL hangs or misreads): compare first, raise naming the layer.
         names = [state.param_names.get(id(layer.weight), f"{type(layer).__name__}{tuple(layer.weight.shape)}")
                  for layer in layers]
-        check_indices(state, group, layers, layer_idx, names)
+        if state.agreement == "check" and state.steps % state.check_every == 0:
+            check_indices(state, group, layers, layer_idx, names,  # the digests hold the counts
+                          outside=[outside_digest(views[i], indices[i]) for i in where])
+        else:
+            sizes = [pieces[i] for i in where] + [sum(pieces)]
+            check_payload_sizes(state, group, sizes, names, buffer.device)
 
     state.buckets += 1
     state.dense_bytes += buffer.numel() * buffer.element_size()
@@ -84,10 +100,7 @@ def sparse_payload(state: SparseAllReduceState, bucket: dist.GradBucket):
         sent = buffer
     else:
         t0 = time.perf_counter()
-        # The views and indices are the hook's own, so packed_numel's structural checks
-        # (~0.4 ms for a resnet50 bucket) are skipped; pack checks the size against its plan.
-        numel = sum(kernels.reference.slice_numels(views, indices))
-        out = state.packed_buffer(params, numel, buffer.dtype, buffer.device)
+        out = state.packed_buffer(params, sum(pieces), buffer.dtype, buffer.device)
         sent = kernels.pack(views, indices, out, validate=False, divisor=world)
         state.pack_seconds += time.perf_counter() - t0
     if bucket.is_last():  # every bucket of the step has taken its buffer by now

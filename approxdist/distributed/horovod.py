@@ -21,8 +21,8 @@ from contextlib import contextmanager
 import torch
 
 from .. import kernels
-from ..nn import sampled_layer_of
-from .agreement import IndexMismatchError, index_digest
+from ..nn import pop_touched_of, sampled_layer_of
+from .agreement import IndexMismatchError, PayloadSizeError, index_digest
 from .state import SparseAllReduceState
 
 __all__ = ["DistributedOptimizer", "INSTALL_HINT", "load_horovod"]
@@ -145,8 +145,8 @@ class _SparseDistributedOptimizer(torch.optim.Optimizer):
             if p.grad.is_sparse or p.grad.layout != torch.strided:
                 raise TypeError("approxdist.horovod: sparse gradients are not supported "
                                 "(use dense gradients, e.g. nn.Embedding(sparse=False))")
-            layer = sampled_layer_of(p)
-            idx = layer.pop_touched() if layer is not None else None
+            layer = sampled_layer_of(p)  # one of them where layers share p (tied weights)
+            idx = pop_touched_of(p)  # the union of every use's channels
             if layer is not None:
                 layers.append((layer, idx))
             grads.append(p.grad)
@@ -204,7 +204,7 @@ class _SparseDistributedOptimizer(torch.optim.Optimizer):
                 self._ad_launch(bucket)
         t_unpack = 0.0
         for bucket in self._ad_buckets:
-            output = self._ad_hvd.synchronize(bucket.handle)
+            output = self._ad_synchronize(bucket)
             reduced = self._ad_compression.decompress(output, bucket.ctx)
             t0 = time.perf_counter()
             if bucket.indices is None:  # reduced in place in the gradient itself
@@ -219,6 +219,25 @@ class _SparseDistributedOptimizer(torch.optim.Optimizer):
         self._ad_state.unpack_seconds += t_unpack
         self._ad_state.steps += 1
         self._ad_synchronized = True
+
+    def _ad_synchronize(self, bucket):
+        """hvd.synchronize(bucket.handle). Horovod compares the shapes across ranks itself
+        and fails every rank cleanly; the error is re-raised naming the bucket's sampled
+        weights, whose selections are what differ."""
+        try:
+            return self._ad_hvd.synchronize(bucket.handle)
+        except Exception as exc:
+            if "mismatched" not in str(exc).lower():
+                raise
+            state = self._ad_state
+            here = [f"{state.param_names.get(id(p), tuple(p.shape))!r} ({idx.numel()} of {p.shape[1]} channels)"
+                    for p, idx in zip(bucket.params, bucket.indices or []) if idx is not None]
+            raise PayloadSizeError(
+                f"approxdist.horovod: the sparse payload of a bucket differs across ranks at step "
+                f"{state.steps} ({bucket.flat.numel()} elements here; its sampled weights here: "
+                f"{', '.join(here) or 'none sampled'}): the ranks selected different channels (a "
+                "training forward that recorded a gradient ran on some ranks only, or the weights "
+                f"diverged). Horovod: {str(exc).splitlines()[0]}") from exc
 
     @contextmanager
     def skip_synchronize(self):

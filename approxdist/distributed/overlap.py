@@ -23,7 +23,7 @@ import threading
 
 import torch
 
-from ..nn import sampled_layer_of
+from ..nn import sampled_layers_of
 from .buckets import parameter_views
 
 __all__ = ["optimizer_wrapper", "in_hook_steps"]
@@ -159,8 +159,7 @@ class BucketStepper:
         self.step_bucket(params, grads, claimed=claimed, hyper=hyper)
         if prepare:
             for p in params:
-                layer = sampled_layer_of(p)
-                if layer is not None:
+                for layer in sampled_layers_of(p):
                     layer.prepare_next()
         return reduced
 

@@ -5,6 +5,7 @@ so it can travel in a checkpoint; the group is set again on the restored object 
 None, meaning the default group)."""
 
 import torch
+import torch.distributed as dist
 
 AGREEMENTS = ("local", "check", "broadcast")
 
@@ -21,15 +22,11 @@ class SparseAllReduceState:
                    layer per forward): safe even when weights drift apart.
     """
 
-    __slots__ = ("process_group", "agreement", "check_every", "steps", "payload_bytes",
-                 "dense_bytes", "buckets", "pack_seconds", "unpack_seconds", "checks",
+    __slots__ = ("_process_group", "_agreement", "_check_every", "steps", "payload_bytes",
+                 "dense_bytes", "buckets", "pack_seconds", "unpack_seconds", "checks", "check_bytes",
                  "param_names", "_synced_layers", "_buffers")
 
     def __init__(self, process_group=None, *, agreement="local", check_every=100):
-        if agreement not in AGREEMENTS:
-            raise ValueError(f"agreement must be one of {', '.join(map(repr, AGREEMENTS))}; got {agreement!r}")
-        if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
-            raise ValueError(f"check_every must be an integer >= 1, got {check_every!r}")
         self.process_group = process_group
         self.agreement = agreement
         self.check_every = check_every
@@ -40,12 +37,46 @@ class SparseAllReduceState:
         self.pack_seconds = 0.0
         self.unpack_seconds = 0.0
         self.checks = 0
+        self.check_bytes = 0  # the size and index checks' small all-reduces (not payload)
         self.param_names = {}  # id(weight) -> sampled layer's name, filled by register()
         self._synced_layers = set()  # ids of layers given the broadcast index sync
         # Packed buffers kept from step to step, one per bucket (keyed by its parameters):
         # a fresh tens-of-MB allocation each step costs more in page faults on the CPU than
         # packing it. Entry: key -> [tensor, last step used].
         self._buffers = {}
+
+    # The settings are validated on every assignment, not only in the constructor: a state
+    # changed after construction must not run with a value the hook does not know.
+    @property
+    def process_group(self):
+        return self._process_group
+
+    @process_group.setter
+    def process_group(self, value):
+        if value is not None and not isinstance(value, dist.ProcessGroup):
+            raise ValueError(f"process_group must be None (the default group) or a "
+                             f"torch.distributed.ProcessGroup, got {value!r}")
+        self._process_group = value
+
+    @property
+    def agreement(self):
+        return self._agreement
+
+    @agreement.setter
+    def agreement(self, value):
+        if value not in AGREEMENTS:
+            raise ValueError(f"agreement must be one of {', '.join(map(repr, AGREEMENTS))}; got {value!r}")
+        self._agreement = value
+
+    @property
+    def check_every(self):
+        return self._check_every
+
+    @check_every.setter
+    def check_every(self, value):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"check_every must be an integer >= 1, got {value!r}")
+        self._check_every = value
 
     def packed_buffer(self, params, numel, dtype, device):
         """A flat tensor of `numel` elements for the bucket holding `params`, reused from
@@ -68,7 +99,10 @@ class SparseAllReduceState:
     def stats(self):
         """Cumulative counters: steps, payload_bytes (what the hook handed to all_reduce),
         dense_bytes (what the default hook would have sent), their ratio, and the hook's
-        own pack/unpack seconds."""
+        own pack/unpack seconds. check_bytes: what the checks that keep the ranks' payloads
+        alike sent besides (16 bytes per sampled weight and bucket, plus 16 per bucket
+        that holds one; agreement 'check' a digest of 80 bytes per weight on its checked steps);
+        payload_bytes does not include them."""
         return {
             "steps": self.steps,
             "buckets": self.buckets,
@@ -79,13 +113,14 @@ class SparseAllReduceState:
             "pack_seconds": self.pack_seconds,
             "unpack_seconds": self.unpack_seconds,
             "checks": self.checks,
+            "check_bytes": self.check_bytes,
         }
 
     def __getstate__(self):
         # Plain data only (no group, no parameter ids, which mean nothing in another
         # process), so the result also loads with torch.load(weights_only=True).
         keep = ("agreement", "check_every", "steps", "payload_bytes", "dense_bytes", "buckets",
-                "pack_seconds", "unpack_seconds", "checks")
+                "pack_seconds", "unpack_seconds", "checks", "check_bytes")
         return {name: getattr(self, name) for name in keep}
 
     def __setstate__(self, state):

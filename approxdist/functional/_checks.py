@@ -63,3 +63,59 @@ def check_weight_layout(weight_layout):
     if weight_layout not in WEIGHT_LAYOUTS:
         raise ValueError(f"weight_layout must be one of {WEIGHT_LAYOUTS}, got {weight_layout!r}")
     return weight_layout
+
+
+def check_seed(seed):
+    """A generator seed: an integer torch.Generator.manual_seed takes (bool refused)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not -2 ** 63 <= seed < 2 ** 63:
+        raise ValueError(f"seed must be an integer in [-2**63, 2**63), got {seed!r}")
+    return seed
+
+
+def check_flag(name, value):
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def _pair_of(name, value, least):
+    pair = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2 \
+            or any(isinstance(v, bool) or not isinstance(v, int) or v < least for v in pair):
+        raise ValueError(f"{name} must be an integer >= {least} or a pair of them, got {value!r}")
+    return tuple(pair)
+
+
+def check_conv_geometry(stride, padding, dilation):
+    """(stride, padding, dilation) as pairs: stride and dilation >= 1, padding >= 0."""
+    return _pair_of("stride", stride, 1), _pair_of("padding", padding, 0), _pair_of("dilation", dilation, 1)
+
+
+def check_kernel_size(kernel_size):
+    return _pair_of("kernel_size", kernel_size, 1)
+
+
+def _check_bias(bias, out):
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != out):
+        raise ValueError(f"bias must have shape ({out},), got {tuple(bias.shape)}")
+
+
+def check_linear_operands(input, weight, bias):
+    """Shapes F.linear takes: weight (out_features, in_features), input (..., in_features)."""
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    if input.dim() < 1 or input.shape[-1] != weight.shape[1]:
+        raise ValueError(f"input must have shape (..., {weight.shape[1]}) (in_features of the weight), "
+                         f"got {tuple(input.shape)}")
+    _check_bias(bias, weight.shape[0])
+
+
+def check_conv_operands(input, weight, bias):
+    """Shapes F.conv2d takes (groups=1): weight (out, in, kh, kw), input (N, in, H, W) or
+    unbatched (in, H, W)."""
+    if weight.dim() != 4:
+        raise ValueError(f"weight must be 4-D (out_channels, in_channels, kh, kw), got shape {tuple(weight.shape)}")
+    if input.dim() not in (3, 4) or input.shape[-3] != weight.shape[1]:
+        raise ValueError(f"input must have shape (N, {weight.shape[1]}, H, W) or ({weight.shape[1]}, H, W), "
+                         f"got {tuple(input.shape)}")
+    _check_bias(bias, weight.shape[0])

@@ -1,8 +1,11 @@
 """approx_linear: a linear layer whose product keeps k of the in_features pairs."""
+import math
+
 import torch
 
 from ._amp import cast_for_autocast
 from ._autograd import sampled_weight
+from ._checks import check_linear_operands
 from ._core import approx_product, sampled_product
 from ._products import LinearProduct
 
@@ -10,7 +13,8 @@ _PRODUCT = LinearProduct()
 
 
 def _flat(input):
-    return input.reshape(-1, input.shape[-1])
+    # (not reshape(-1, n): with n == 0 the -1 would be ambiguous)
+    return input.reshape(math.prod(input.shape[:-1]), input.shape[-1])
 
 
 def approx_linear(input, weight, bias=None, *, sample_ratio, minimal_k=1, policy="topk",
@@ -21,6 +25,7 @@ def approx_linear(input, weight, bias=None, *, sample_ratio, minimal_k=1, policy
     ``F.linear``. ``generator`` drives the random policies (never the global RNG when
     given). See docs/design.md for the policies and modes.
     """
+    check_linear_operands(input, weight, bias)
     (input, weight, bias), ctx = cast_for_autocast((input, weight, bias), input.device.type)
     with ctx:
         out = approx_product(_flat(input), weight, bias, _PRODUCT, sample_ratio, minimal_k,
@@ -33,6 +38,7 @@ def sampled_linear(input, weight, bias, indices, scale=None, mode="forward", *, 
 
     ``prepared_weight``: what ``sampled_linear_weight`` returned for the same weight
     values, indices and scale (mode 'forward'), so the forward skips the gather."""
+    check_linear_operands(input, weight, bias)
     (input, weight, bias), ctx = cast_for_autocast((input, weight, bias), input.device.type)
     with ctx:
         out = sampled_product(_flat(input), weight, bias, indices, scale, _PRODUCT, mode, prepared_weight)

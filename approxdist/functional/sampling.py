@@ -5,6 +5,8 @@ Every policy returns *sorted, unique* indices plus optional per-pair scale facto
 that the ops can gather once and write gradients back with plain copies (duplicates
 from sampling with replacement are merged into a count-weighted scale).
 """
+import operator
+
 import torch
 
 from ._checks import POLICIES, check_minimal_k, check_policy, check_sample_ratio
@@ -20,8 +22,13 @@ def num_samples(n, sample_ratio, minimal_k=1):
     """k = min(max(int(n * sample_ratio), minimal_k), n)."""
     sample_ratio = check_sample_ratio(sample_ratio)
     minimal_k = check_minimal_k(minimal_k)
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
+    try:
+        n_int = operator.index(n)  # ints and integer scalars (numpy, 0-d integer tensors)
+    except TypeError:
+        n_int = -1
+    if isinstance(n, bool) or n_int < 0:
+        raise ValueError(f"n must be an integer >= 0, got {n!r}")
+    n = n_int
     return min(max(int(n * sample_ratio), minimal_k), n)
 
 

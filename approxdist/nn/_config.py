@@ -61,7 +61,18 @@ class SamplingConfig:
         self._mode = check_mode(value, self._policy)
 
     def _init_layout(self, weight_layout):
-        self.weight_layout = check_weight_layout(weight_layout)
+        self.weight_layout = weight_layout
+
+    @property
+    def weight_layout(self):
+        # (layers pickled before this was a property hold it in their __dict__)
+        return self.__dict__.get("_weight_layout", self.__dict__.get("weight_layout", "input_major"))
+
+    @weight_layout.setter
+    def weight_layout(self, value):
+        """Validated, and applied to the weight at once (an assignment after construction
+        relays the weight out, as the constructor would have)."""
+        self.__dict__["_weight_layout"] = check_weight_layout(value)
         self._apply_weight_layout()
 
     def _apply_weight_layout(self):
@@ -74,7 +85,7 @@ class SamplingConfig:
         torch's row-major layout (Horovod's collectives and `.view()` on weights need it).
         The exact paths (eval, k == n) take a row-major copy, so they stay bit-identical
         to torch.nn."""
-        w = self.weight
+        w = getattr(self, "weight", None)
         if w is None or w.dim() < 2 or w.is_meta:
             return
         relaid = to_dim1_major(w.data) if self.weight_layout == "input_major" else w.data.contiguous()

@@ -20,9 +20,9 @@ n/k) scale each kept channel by 1/p; at lr 0.1 that variance kept the digits CNN
 import torch
 
 from ..functional import channel_norms, num_samples, select_columns
-from ..functional._checks import DIST_POLICIES, check_explore
+from ..functional._checks import DIST_POLICIES, check_explore, check_seed
 from ._config import SamplingConfig
-from ._registry import register_sampled, sampled_layer_of
+from ._registry import register_sampled, sampled_layers_of
 
 
 class WeightSampled(SamplingConfig):
@@ -31,10 +31,7 @@ class WeightSampled(SamplingConfig):
     def _init_dist(self, seed, weight_layout="input_major", explore=0.25):
         self._init_layout(weight_layout)
         self.explore = explore
-        self.seed = int(seed)
-        self._rotation = None  # (permutation of the channels, position) of 'topk_explore'
-        self._generator = None
-        self._generator_state = None  # restored state waiting for the first draw
+        self.seed = seed  # (also sets the generator and rotation: none drawn yet)
         self.last_indices = None
         self._touched = None
         self._index_sync = None  # set by the distributed agreement mode 'broadcast'
@@ -48,6 +45,21 @@ class WeightSampled(SamplingConfig):
         self._prepared = None
         self.__dict__.setdefault("_rotation", None)
         self.__dict__.setdefault("_explore", 0.25)
+        if "seed" in self.__dict__:  # pickled before seed was a property
+            self.__dict__["_seed"] = self.__dict__.pop("seed")
+
+    @property
+    def seed(self):
+        return self._seed
+
+    @seed.setter
+    def seed(self, value):
+        """Validated; assigning one restarts the selection stream from it (the generator
+        is drawn from the seed, so keeping the old one would ignore the assignment)."""
+        self._seed = check_seed(value)
+        self._rotation = None  # (permutation of the channels, position) of 'topk_explore'
+        self._generator = None
+        self._generator_state = None  # restored state waiting for the first draw
 
     @property
     def explore(self):
@@ -69,8 +81,40 @@ class WeightSampled(SamplingConfig):
             self._generator = g
         return self._generator
 
-    def _select(self):
-        """(indices or None for all, scale or None) for a training forward."""
+    def _records_grad(self, input):
+        """Whether a training forward on `input` records an autograd graph. One that does
+        not (under no_grad, or nothing requiring grad: a logging pass) cannot produce a
+        gradient, so it must not move the selection stream either: a rank running an
+        extra one would otherwise select other channels than the others from then on."""
+        if not torch.is_grad_enabled():
+            return False
+        bias = getattr(self, "bias", None)
+        return bool(input.requires_grad or self.weight.requires_grad
+                    or (bias is not None and bias.requires_grad))
+
+    def _select(self, records=True):
+        """(indices or None for all, scale or None) for a training forward. records=False
+        (a forward that records no gradient): the generator and the rotation are read
+        but left where they were, and the 'broadcast' agreement's collective is skipped
+        (the selection reaches no gradient; the other ranks run no such forward)."""
+        if not records:
+            saved = (self._rotation, self._generator_state,
+                     None if self._generator is None else (self._generator, self._generator.get_state()))
+            try:
+                return self._draw()
+            finally:
+                self._rotation, self._generator_state = saved[0], saved[1]
+                if saved[2] is None:
+                    self._generator = None
+                else:
+                    self._generator = saved[2][0]
+                    self._generator.set_state(saved[2][1])
+        idx, scale = self._draw()
+        if self._index_sync is not None:
+            idx, scale = self._index_sync(self, idx, scale)
+        return idx, scale
+
+    def _draw(self):
         n = self.weight.shape[1]
         k = num_samples(n, self.sample_ratio, self.minimal_k)
         idx, scale = None, None
@@ -81,20 +125,16 @@ class WeightSampled(SamplingConfig):
             else:
                 gen = self.generator if self.policy == "bernoulli_weight" else None
                 idx, scale = select_columns(scores, k, self.policy, gen)
-        if self._index_sync is not None:
-            idx, scale = self._index_sync(self, idx, scale)
         return idx, scale
 
     def _explore_select(self, scores, k):
-        """Top k - r by norm plus the next r unselected channels of the rotation. A
-        forward without autograd (a logging pass) reads the rotation but does not move
-        it, so it cannot put one rank's selection stream ahead of the others'."""
+        """Top k - r by norm plus the next r unselected channels of the rotation (which a
+        forward recording no gradient reads without moving: _select)."""
         n = scores.numel()
         r = min(k, max(1, round(self.explore * k))) if self.explore > 0 else 0
         chosen = torch.zeros(n, dtype=torch.bool, device=scores.device)
         if k - r > 0:
             chosen[torch.topk(scores.float(), k - r, sorted=False).indices] = True
-        saved = (self._rotation, self.generator.get_state()) if not torch.is_grad_enabled() else None
         need = r
         while need > 0:
             if self._rotation is None or self._rotation[1] >= n or self._rotation[0].numel() != n:
@@ -114,9 +154,6 @@ class WeightSampled(SamplingConfig):
                 chosen[rest] = True
                 need -= have
                 self._rotation = (perm, n)
-        if saved is not None:
-            self._rotation = saved[0]
-            self.generator.set_state(saved[1])
         return chosen.nonzero().squeeze(1)
 
     def prepare_next(self):
@@ -137,8 +174,7 @@ class WeightSampled(SamplingConfig):
         if not self.training or self.policy not in ("topk_weight", "topk_explore") \
                 or self.mode != "forward" or self._index_sync is not None:
             return
-        with torch.enable_grad():  # a selection for a training forward: the rotation moves
-            idx, scale = self._select()
+        idx, scale = self._select()  # for a training forward: the rotation moves
         w_s = None if idx is None else self._sampled_weight(self.weight.detach(), idx, scale)
         self._prepared = (self._prepared_key(), idx, scale, w_s)
 
@@ -150,10 +186,11 @@ class WeightSampled(SamplingConfig):
         return (w._version, w.data_ptr(), w.dtype, w.device, self.sample_ratio, self.minimal_k,
                 self.policy, self.mode)
 
-    def _selection(self):
-        """(indices, scale, prepared weight operand or None) for a training forward."""
-        if not torch.is_grad_enabled():  # a pass without autograd leaves the prepared one
-            idx, scale = self._select()
+    def _selection(self, records=True):
+        """(indices, scale, prepared weight operand or None) for a training forward;
+        records: whether it records a gradient (_records_grad)."""
+        if not records:  # a pass without autograd leaves the prepared one
+            idx, scale = self._select(records=False)
             return idx, scale, None
         prepared, self._prepared = self._prepared, None
         if prepared is not None and prepared[0] == self._prepared_key():
@@ -161,16 +198,16 @@ class WeightSampled(SamplingConfig):
         idx, scale = self._select()
         return idx, scale, None
 
-    def _record(self, idx):
+    def _record(self, idx, records=True):
         # The comm hooks find this layer through its weight. A deep copy, an unpickled
         # layer or a replaced weight is not in the registry yet; every training forward
-        # makes sure it is, or the hook would reduce this gradient densely.
-        if sampled_layer_of(self.weight) is not self:
+        # makes sure it is, or the hook would miss this layer's channels.
+        if self not in sampled_layers_of(self.weight):
             register_sampled(self)
         n = self.weight.shape[1]
         used = idx if idx is not None else torch.arange(n, device=self.weight.device)
         self.last_indices = used
-        if torch.is_grad_enabled() and self.weight.requires_grad:
+        if records and self.weight.requires_grad:
             if self._touched is None:
                 self._touched = torch.zeros(n, dtype=torch.bool, device=self.weight.device)
             self._touched[used] = True
@@ -203,11 +240,27 @@ class WeightSampled(SamplingConfig):
                 "rotation": None if rotation is None else (rotation[0].cpu(), rotation[1])}
 
     def load_sampler_state(self, state):
-        self.seed = int(state["seed"])
-        self._generator = None
+        self.seed = int(state["seed"])  # (drops the generator and the rotation)
         self._generator_state = state.get("generator")
         rotation = state.get("rotation")
         self._rotation = None if rotation is None else (rotation[0].to(self.weight.device), int(rotation[1]))
+
+
+def pop_touched_of(param):
+    """The channels of `param` whose gradient may be non-zero since the last call, over
+    every weight-sampled layer holding it (a tied weight's gradient is the sum of each
+    use's), and reset them: None for all channels (reduce densely, also when no layer
+    holds `param`), else a sorted LongTensor (possibly empty)."""
+    layers = sampled_layers_of(param)
+    if not layers:
+        return None
+    touched = [layer.pop_touched() for layer in layers]  # every layer resets
+    if any(idx is None for idx in touched):
+        return None
+    if len(touched) == 1:
+        return touched[0]
+    union = torch.unique(torch.cat(touched))  # sorted
+    return None if union.numel() == param.shape[1] else union
 
 
 def sampler_state(model):

@@ -1,20 +1,38 @@
 """Which parameters belong to weight-sampled layers.
 
-The comm hook receives bare gradient buckets; this weak map lets it find the layer of a
+The comm hook receives bare gradient buckets; this weak map lets it find the layers of a
 weight (and so its selected channels) without holding the model or keying on bucket
-positions, which DDP changes when it rebuilds buckets after the first iteration."""
+positions, which DDP changes when it rebuilds buckets after the first iteration.
+
+One weight may belong to several layers (tied weights: two modules holding one
+Parameter). Each selects its own channels, and the weight's gradient is the sum of
+theirs, so the hook must send the union of their selections: the map keeps every
+layer of a weight, not the last one registered."""
 import weakref
 
-_LAYERS = weakref.WeakValueDictionary()
+_LAYERS = {}  # id(weight) -> WeakSet of the layers holding it
 
 
 def register_sampled(layer):
-    _LAYERS[id(layer.weight)] = layer
+    key = id(layer.weight)
+    layers = _LAYERS.get(key)
+    if layers is None:
+        for stale in [k for k, s in _LAYERS.items() if not s]:  # weights whose layers are gone
+            del _LAYERS[stale]
+        layers = _LAYERS[key] = weakref.WeakSet()
+    layers.add(layer)
+
+
+def sampled_layers_of(param):
+    """Every weight-sampled layer whose weight is `param` (an empty tuple if none)."""
+    layers = _LAYERS.get(id(param))
+    if not layers:
+        return ()
+    return tuple(m for m in layers if m.weight is param)
 
 
 def sampled_layer_of(param):
-    """The weight-sampled layer whose weight is `param`, or None."""
-    layer = _LAYERS.get(id(param))
-    if layer is not None and layer.weight is param:
-        return layer
-    return None
+    """A weight-sampled layer whose weight is `param`, or None (one of them where
+    several share it: use sampled_layers_of for all)."""
+    layers = sampled_layers_of(param)
+    return layers[0] if layers else None

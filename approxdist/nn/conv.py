@@ -4,10 +4,17 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
 from ..functional import approx_conv2d, sampled_conv2d, sampled_conv2d_weight
-from ..functional._checks import check_groups
+from ..functional._checks import check_conv_geometry, check_groups, check_kernel_size
 from ..functional._layout import contiguous_weight
 from ._config import SamplingConfig
 from ._dist import WeightSampled
+
+
+def _check_conv_args(kernel_size, stride, padding, dilation, groups):
+    """What nn.Conv2d accepts but cannot run (stride 0 divides by zero later, ...)."""
+    check_groups(groups)
+    check_kernel_size(kernel_size)
+    check_conv_geometry(stride, 0 if isinstance(padding, str) else padding, dilation)
 
 
 class _ApproxConvBase(nn.Conv2d):
@@ -46,7 +53,7 @@ class ApproxConv2d(SamplingConfig, _ApproxConvBase):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
                  groups=1, bias=True, padding_mode="zeros", *, sample_ratio=1.0, minimal_k=1,
                  policy="topk", mode="forward", weight_layout="input_major", device=None, dtype=None):
-        check_groups(groups)
+        _check_conv_args(kernel_size, stride, padding, dilation, groups)
         self._init_sampling(sample_ratio, minimal_k, policy, mode)
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                          bias, padding_mode, device=device, dtype=dtype)
@@ -55,6 +62,8 @@ class ApproxConv2d(SamplingConfig, _ApproxConvBase):
     def forward(self, input):
         if not self.training:
             return self._conv_forward(input, contiguous_weight(self.weight), self.bias)
+        if input.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d takes it
+            return self.forward(input.unsqueeze(0)).squeeze(0)
         x, padding = self._padded(input)
         return approx_conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, 1,
                              sample_ratio=self.sample_ratio, minimal_k=self.minimal_k,
@@ -72,7 +81,7 @@ class ApproxConv2dDist(WeightSampled, _ApproxConvBase):
                  groups=1, bias=True, padding_mode="zeros", *, sample_ratio=1.0, minimal_k=1,
                  policy="topk_weight", mode="forward", seed=0, weight_layout="input_major", explore=0.25,
                  device=None, dtype=None):
-        check_groups(groups)
+        _check_conv_args(kernel_size, stride, padding, dilation, groups)
         self._init_sampling(sample_ratio, minimal_k, policy, mode)
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                          bias, padding_mode, device=device, dtype=dtype)
@@ -84,8 +93,11 @@ class ApproxConv2dDist(WeightSampled, _ApproxConvBase):
         if not self.training:
             self._note_dense_use()
             return self._conv_forward(input, contiguous_weight(self.weight), self.bias)
-        idx, scale, prepared = self._selection()
-        self._record(idx)
+        if input.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d takes it
+            return self.forward(input.unsqueeze(0)).squeeze(0)
+        records = self._records_grad(input)
+        idx, scale, prepared = self._selection(records)
+        self._record(idx, records)
         if idx is None:
             return self._conv_forward(input, contiguous_weight(self.weight), self.bias)
         x, padding = self._padded(input)

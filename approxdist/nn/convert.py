@@ -9,12 +9,15 @@ from ..functional._checks import (
     DIST_POLICIES,
     POLICIES,
     check_explore,
+    check_flag,
     check_minimal_k,
     check_mode,
     check_policy,
     check_sample_ratio,
+    check_seed,
     check_weight_layout,
 )
+from ._dist import WeightSampled
 from .budget import budget_ratios
 from .conv import ApproxConv2d, ApproxConv2dDist
 from .linear import ApproxLinear, ApproxLinearDist
@@ -59,6 +62,25 @@ def _swap(old, cls, kwargs):
     return new
 
 
+def _without_shared_with_exact(module, candidates):
+    """The candidates whose weight no module left exact also holds. A weight tied to
+    one (a head sharing an nn.Embedding's table, a layer tied to an excluded one) gets
+    gradient in every channel from that module, so the sparse hook, which sends the
+    sampled channels of a sampled layer's weight, would lose it: such a layer stays
+    exact. Weights shared between sampled layers are fine (the hook sends the union)."""
+    chosen = {id(m) for _, m in candidates}
+    held_elsewhere = {id(p) for m in module.modules()
+                      if id(m) not in chosen and not isinstance(m, WeightSampled)
+                      for p in m.parameters(recurse=False)}
+    kept = []
+    for name, m in candidates:
+        if id(m.weight) in held_elsewhere:
+            log.debug("convert_model: %s shares its weight with a module left exact, left exact", name)
+            continue
+        kept.append((name, m))
+    return kept
+
+
 def convert_model(module, sample_ratio=None, minimal_k=1, *, budget=None, distributed=False, policy=None,
                   mode="forward", skip_first_conv=True, exclude=(), seed=0, weight_layout="input_major",
                   explore=0.25, norm_stats="exact", norm_stats_fraction=0.25, norm_stats_every=1):
@@ -68,8 +90,11 @@ def convert_model(module, sample_ratio=None, minimal_k=1, *, budget=None, distri
     State_dict keys and values do not change: the new layers take over the old Parameter
     objects. Left exact: the first convolution when skip_first_conv (it sees the raw
     image, whose few channels are all needed), anything named or typed in `exclude`
-    (names may be glob patterns), and grouped/depthwise convolutions (CRS across groups
-    is not defined). With distributed=True the layers choose channels from the weights
+    (names may be glob patterns), grouped/depthwise convolutions (CRS across groups
+    is not defined) and, with distributed=True, a layer whose weight a module left exact
+    also holds (a head tied to an embedding: that module's gradient reaches every
+    channel, which the sparse hook would not send). Layers that share a weight with each
+    other are all converted; the hook sends the union of their channels. With distributed=True the layers choose channels from the weights
     (policy 'topk_weight' by default), or from the weights and a generator seeded with
     seed + layer number, the same on every rank ('topk_explore', whose `explore` share of
     the k channels rotates over all of them; 'bernoulli_weight').
@@ -97,6 +122,11 @@ def convert_model(module, sample_ratio=None, minimal_k=1, *, budget=None, distri
     accuracy of a BatchNorm model then falls far below what it learned (resnet18 on
     digits at 0.33: 10.6% against 98.3%). Models without BatchNorm are unaffected.
     """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    check_flag("distributed", distributed)
+    check_flag("skip_first_conv", skip_first_conv)
+    check_seed(seed)
     if (sample_ratio is None) == (budget is None):
         raise ValueError("convert_model takes either sample_ratio (one ratio for every layer) or budget "
                          f"(per-layer ratios from a byte budget), got sample_ratio={sample_ratio!r}, budget={budget!r}")
@@ -135,6 +165,8 @@ def convert_model(module, sample_ratio=None, minimal_k=1, *, budget=None, distri
             log.debug("convert_model: %s has groups=%d, left exact", name, m.groups)
             continue
         candidates.append((name, m))
+    if distributed:
+        candidates = _without_shared_with_exact(module, candidates)
 
     if budget is None:
         ratios = [sample_ratio] * len(candidates)

@@ -54,8 +54,9 @@ class ApproxLinearDist(WeightSampled, nn.Linear):
         if not self.training:
             self._note_dense_use()
             return self._exact(input)
-        idx, scale, prepared = self._selection()
-        self._record(idx)
+        records = self._records_grad(input)
+        idx, scale, prepared = self._selection(records)
+        self._record(idx, records)
         if idx is None:
             return self._exact(input)
         return sampled_linear(input, self.weight, self.bias, idx, scale, self.mode,
