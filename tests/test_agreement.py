@@ -107,11 +107,14 @@ def _diverge(ddp, model, rank, how):
         layer._touched[flip] = ~layer._touched[flip]
 
 
-def size_mismatch_worker(rank, world, agreement, how):
+def size_mismatch_worker(rank, world, agreement, how, direct=False):
     model = ad.convert_model(make_model("cnn"), 0.5, distributed=True, policy="bernoulli_weight")
     ddp = DDP(model)
-    ad.distributed.register(ddp, ad.distributed.SparseAllReduceState(agreement=agreement,
-                                                                       check_every=2))
+    state = ad.distributed.SparseAllReduceState(agreement=agreement, check_every=2)
+    if direct:  # without register(): the sizes are compared bucket by bucket
+        ddp.register_comm_hook(state, ad.distributed.sparse_allreduce_hook)
+    else:  # register() knows every sampled weight: compared once per step
+        ad.distributed.register(ddp, state)
     loss_fn = nn.CrossEntropyLoss()
     for step in range(3):
         x, y = batch_for("cnn", rank, step)
@@ -130,14 +133,16 @@ def size_mismatch_worker(rank, world, agreement, how):
     ("local", "perturbed"),
     ("check", "extra_forward"),  # step 1 is not a check step (check_every=2): the size check
     ("broadcast", "perturbed"),
+    ("local-direct", "perturbed"),  # the hook registered without register()
 ])
 def test_payload_size_mismatch_is_an_error_naming_the_layer(agreement, how):
     # Before the size check gloo aborted: "Received data size doesn't match expected size".
-    for r in run_ranks(size_mismatch_worker, 2, agreement, how):
+    direct = agreement.endswith("-direct")
+    for r in run_ranks(size_mismatch_worker, 2, agreement.removesuffix("-direct"), how, direct):
         assert r["step"] == 1
         assert r["error"].startswith("PayloadSizeError: ")
-        assert "'conv2'" in r["error"] or how == "extra_forward"
-        assert re.search(r"layer '[\w.]+': \d+ elements on this rank, \d+ to \d+ across ranks", r["error"])
+        assert "'conv2'" in r["error"] or how == "extra_forward" or direct  # (direct: no names)
+        assert re.search(r"layer '[^']+': \d+ elements on this rank, \d+ to \d+ across ranks", r["error"])
 
 
 class SideUse(nn.Module):

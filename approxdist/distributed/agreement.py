@@ -22,12 +22,13 @@ class PayloadSizeError(IndexMismatchError):
     collective, which gloo would abort and NCCL would hang or misread)."""
 
 
-def check_payload_sizes(state, group, sizes, names, device):
-    """Compare the sizes of one bucket's payload pieces across ranks before it is sent:
-    `sizes` holds the element count of each sampled weight's piece and, last, the
-    whole payload's; one all_reduce(MAX) of [sizes, -sizes] (16 bytes a row, counted in
-    state.check_bytes). Raises PayloadSizeError on every rank, naming the first
-    sampled weight whose piece differs (names[i]) and the sizes."""
+def check_payload_sizes(state, group, sizes, names, device, scope="bucket"):
+    """Compare payload sizes across ranks before they are sent: `sizes` holds the element
+    count of each sampled weight's piece and, last, their total over the `scope` ("bucket":
+    one bucket's payload; "step": every sampled weight of the model); one
+    all_reduce(MAX) of [sizes, -sizes] (16 bytes a row, counted in state.check_bytes).
+    Raises PayloadSizeError on every rank, naming the first sampled weight whose piece
+    differs (names[i]) and the sizes."""
     local = torch.tensor(sizes, dtype=torch.int64)
     both = torch.cat([local, -local]).to(device)
     dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
@@ -41,7 +42,7 @@ def check_payload_sizes(state, group, sizes, names, device):
     raise PayloadSizeError(
         f"approxdist: the sparse payload differs across ranks at step {state.steps} for {what}: "
         f"{int(local[row])} elements on this rank, {int(lo[row])} to {int(hi[row])} across ranks "
-        f"(whole bucket payload: {int(local[-1])} here, {int(lo[-1])} to {int(hi[-1])} across "
+        f"(whole {scope} payload: {int(local[-1])} here, {int(lo[-1])} to {int(hi[-1])} across "
         "ranks). The ranks selected different channels: a training forward that recorded a "
         "gradient ran on some ranks only, or the weights diverged. Run the same forwards on "
         "every rank (a logging pass under torch.no_grad() is fine) or use agreement='broadcast'.")

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from .. import kernels
-from ..nn import pop_touched_of, sampled_layers_of
+from ..nn import pop_touched_of, sampled_layers_of, touched_count_of
 from .agreement import check_indices, check_payload_sizes, install_broadcast, outside_digest
 from .buckets import sampling_views
 from .compress import compress_wrapper
@@ -50,6 +50,22 @@ def _selection(state, group, params, views):
     return indices, layers, layer_idx, where
 
 
+def _check_step_sizes(state, group, device):
+    """Compare every sampled weight's payload size across ranks once per step, at the
+    step's first bucket. A blocking collective there waits for nothing:
+    later in the step it would queue behind the buckets already in flight and hold
+    backward until their transfer ends. The channels are counted without being reset
+    (each bucket still takes its own)."""
+    if state._sizes_step == state.steps:
+        return
+    state._sizes_step = state.steps
+    names, sizes = [], []
+    for name, weight in state.step_weights:
+        names.append(name)
+        sizes.append(touched_count_of(weight) * (weight.numel() // weight.shape[1]))
+    check_payload_sizes(state, group, sizes + [sum(sizes)], names, device, scope="step")
+
+
 def sparse_allreduce_hook(state: SparseAllReduceState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """Average the bucket's gradients across ranks, sending only the sampled slices.
 
@@ -75,6 +91,9 @@ def sparse_payload(state: SparseAllReduceState, bucket: dist.GradBucket):
                         "(use dense gradients, e.g. nn.Embedding(sparse=False))")
     params = bucket.parameters()
     views = sampling_views(buffer, params)
+    checking = state.agreement == "check" and state.steps % state.check_every == 0
+    if state.step_weights and not checking:
+        _check_step_sizes(state, group, buffer.device)  # (before _selection resets channels)
     indices, layers, layer_idx, where = _selection(state, group, params, views)
     # The views and indices are the hook's own, so packed_numel's structural checks
     # (~0.4 ms for a resnet50 bucket) are skipped; pack checks the size against its plan.
@@ -84,10 +103,10 @@ def sparse_payload(state: SparseAllReduceState, bucket: dist.GradBucket):
         # sizes (gloo aborts, NCCL hangs or misreads): compare first, raise naming the layer.
         names = [state.param_names.get(id(layer.weight), f"{type(layer).__name__}{tuple(layer.weight.shape)}")
                  for layer in layers]
-        if state.agreement == "check" and state.steps % state.check_every == 0:
+        if checking:
             check_indices(state, group, layers, layer_idx, names,  # the digests hold the counts
                           outside=[outside_digest(views[i], indices[i]) for i in where])
-        else:
+        elif not state.step_weights:  # registered without register(): per bucket
             sizes = [pieces[i] for i in where] + [sum(pieces)]
             check_payload_sizes(state, group, sizes, names, buffer.device)
 
@@ -154,6 +173,9 @@ def register(ddp_model, state=None, *, optimizer=None, overlap_forward=False,
     module = ddp_model.module
     state.param_names = {id(m.weight): name for name, m in module.named_modules()
                          if isinstance(m, WeightSampled)}
+    weights = {id(m.weight): (name, m.weight) for name, m in module.named_modules()
+               if isinstance(m, WeightSampled)}
+    state.step_weights = tuple(weights.values())
     if state.agreement == "broadcast":
         group = state.process_group if state.process_group is not None else dist.group.WORLD
         for m in module.modules():

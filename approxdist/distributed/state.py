@@ -24,7 +24,7 @@ class SparseAllReduceState:
 
     __slots__ = ("_process_group", "_agreement", "_check_every", "steps", "payload_bytes",
                  "dense_bytes", "buckets", "pack_seconds", "unpack_seconds", "checks", "check_bytes",
-                 "param_names", "_synced_layers", "_buffers")
+                 "param_names", "step_weights", "_sizes_step", "_synced_layers", "_buffers")
 
     def __init__(self, process_group=None, *, agreement="local", check_every=100):
         self.process_group = process_group
@@ -39,6 +39,11 @@ class SparseAllReduceState:
         self.checks = 0
         self.check_bytes = 0  # the size and index checks' small all-reduces (not payload)
         self.param_names = {}  # id(weight) -> sampled layer's name, filled by register()
+        # (name, weight) of every sampled weight of the registered model, filled by
+        # register(): the payload sizes are then compared once per step, at its first
+        # bucket, when nothing is queued on the group yet (else before every bucket).
+        self.step_weights = ()
+        self._sizes_step = -1  # the step whose sizes were compared
         self._synced_layers = set()  # ids of layers given the broadcast index sync
         # Packed buffers kept from step to step, one per bucket (keyed by its parameters):
         # a fresh tens-of-MB allocation each step costs more in page faults on the CPU than
@@ -133,6 +138,6 @@ class SparseAllReduceState:
         return self.__getstate__()
 
     def load_state_dict(self, state):
-        group, names = self.process_group, self.param_names
+        group, names, weights = self.process_group, self.param_names, self.step_weights
         self.__setstate__(state)
-        self.process_group, self.param_names = group, names
+        self.process_group, self.param_names, self.step_weights = group, names, weights

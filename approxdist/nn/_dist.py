@@ -263,6 +263,21 @@ def pop_touched_of(param):
     return None if union.numel() == param.shape[1] else union
 
 
+def touched_count_of(param):
+    """How many channels pop_touched_of(param) would return, without resetting them:
+    param.shape[1] for all channels (also when no layer holds `param`), else the size of
+    the union of every holding layer's touched channels."""
+    n = param.shape[1]
+    layers = sampled_layers_of(param)
+    if not layers or any(layer.mode != "forward" for layer in layers):
+        return n
+    masks = [layer._touched for layer in layers if layer._touched is not None]
+    if not masks:
+        return 0
+    union = masks[0] if len(masks) == 1 else torch.stack(masks).any(0)
+    return int(union.sum())
+
+
 def sampler_state(model):
     """Generator states of every weight-sampled layer, keyed by module name: save it with
     a checkpoint so a resumed run draws the same channels as an uninterrupted one."""
