@@ -53,7 +53,7 @@ class ApproxConv2d(SamplingConfig, _ApproxConvBase):
         self._init_layout(weight_layout)
 
     def forward(self, input):
-        if not self.training:
+        if not self.training or not self.sampling_enabled:
             return self._conv_forward(input, contiguous_weight(self.weight), self.bias)
         x, padding = self._padded(input)
         return approx_conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, 1,
