@@ -57,3 +57,49 @@ def test_corrupt_resume_checkpoint_is_one_line_before_any_group(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "corrupt" in lines[0] and str(bad) in lines[0], proc.stderr
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def _cifar(root, batch3=None):
+    import pickle
+
+    import numpy as np
+
+    root.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {"data": np.zeros((2, 3072), np.uint8), "labels": [0, 1]}
+        data = pickle.dumps(batch if name != "data_batch_3" or batch3 is None else batch3)
+        (root / name).write_bytes(data)
+
+
+@pytest.mark.parametrize("case", ["cifar-payload", "cifar-truncated", "empty-imagefolder", "folder-holds-a-run"])
+def test_unusable_data_folder_or_value_is_one_line_before_any_group(tmp_path, case):
+    marker = tmp_path / "payload-ran"
+    data = tmp_path / "data"
+    if case == "cifar-payload":
+        _cifar(data, batch3={"data": _Payload(str(marker)), "labels": [0]})
+        flags, needle = ["--dataset", "cifar10", "--data-path", str(data)], "refused to unpickle"
+    elif case == "cifar-truncated":
+        _cifar(data)
+        (data / "test_batch").write_bytes((data / "test_batch").read_bytes()[:50])
+        flags, needle = ["--dataset", "cifar10", "--data-path", str(data)], "corrupt or truncated"
+    elif case == "empty-imagefolder":
+        (data / "train").mkdir(parents=True)
+        (data / "val").mkdir()
+        flags, needle = ["--dataset", "imagefolder", "--data-path", str(data)], "no usable ImageFolder data"
+    else:
+        data.mkdir()
+        (data / "metrics.jsonl").write_text("{}\n")
+        flags, needle = ["--output-dir", str(data)], "already holds a run"
+    proc = _run(*flags)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("approxdist-train: error:") and needle in lines[0], proc.stderr
+    assert not marker.exists()

@@ -14,13 +14,13 @@ HOOKS = [("allreduce", 1.0), ("fp16", 1.0), ("bf16", 1.0), ("powersgd", 1.0), ("
          ("sparse-fp16", 0.5)]
 
 
-def torchrun(flags, *, max_restarts=0, env=None, timeout=300, entry=("-m", "approxdist.train")):
+def torchrun(flags, *, max_restarts=0, env=None, timeout=300, entry=("-m", "approxdist.train"), nproc=2):
     run_env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "PMI_", "MV2_"))}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         run_env.pop(k, None)
     run_env.update(OMP_NUM_THREADS="1", PYTHONPATH=REPO + os.pathsep + run_env.get("PYTHONPATH", ""))
     run_env.update(env or {})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
            "--max-restarts", str(max_restarts), "--monitor-interval", "0.5", *entry,
            "--no-progress", *flags]
     proc = subprocess.run(cmd, env=run_env, capture_output=True, text=True, timeout=timeout)

@@ -49,6 +49,12 @@ def _args(*flags):
         (["--norm-stats-every", "0"], "--norm-stats-every"),
         (["--policy", "bernoulli_weight", "--sample-ratio", "0.33"], "bernoulli_weight: its unbiased 1/p scaling"),
         (["--policy", "bernoulli_weight", "--budget", "0.5"], "--allow-unbiased-sampling"),
+        (["--lr", "inf"], "--lr must be a finite number"),
+        (["--momentum", "nan"], "--momentum must be a finite number"),
+        (["--weight-decay", "nan"], "--weight-decay must be a finite number"),
+        (["--bucket-cap-mb", "inf"], "--bucket-cap-mb must be a finite number"),
+        (["--sample-ratio", "nan"], "--sample-ratio must be a finite number"),
+        (["--momentum", "1.5"], r"--momentum must be in \[0, 1\)"),
     ],
 )
 def test_validate_names_the_flag(flags, match):
@@ -187,7 +193,8 @@ def _trainer(model, config=None):
     args = _args("--output-dir", "unused")
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
-    config = config or {"model": "cnn", "dataset": "digits", "num_classes": 10, "world_size": 1, "batch_size": 32}
+    config = config or {"model": "cnn", "dataset": "digits", "num_classes": 10, "world_size": 1, "batch_size": 32,
+                        "seed": 0}
     return Trainer(args, model, opt, sched, config=config, comm=_NoComm())
 
 
@@ -273,9 +280,9 @@ def test_mismatched_checkpoint_is_rejected_before_loading(tmp_path):
         config = dict(t.config, **{key: "something else"})
         with pytest.raises(ckpt.CheckpointError, match=key):
             _trainer(SmallCNN(width=16), config).load(str(path), str(path))
-    # A mid-epoch checkpoint cannot continue with another world size (the data order differs).
-    with pytest.raises(ckpt.CheckpointError, match="world_size"):
-        _trainer(SmallCNN(width=16), dict(t.config, world_size=4)).load(str(path), str(path))
+    # A mid-epoch checkpoint cannot continue with another seed (the data order differs).
+    with pytest.raises(ckpt.CheckpointError, match="seed"):
+        _trainer(SmallCNN(width=16), dict(t.config, seed=4)).load(str(path), str(path))
 
 
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

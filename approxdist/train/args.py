@@ -4,8 +4,10 @@ Everything here runs before a process group exists: a bad flag must cost one lin
 stderr and a non-zero exit, not a rendezvous timeout on the other ranks.
 """
 import argparse
+import math
 import os
 import sys
+import tempfile
 
 from .comm import SPARSE_HOOKS
 from .data import DATASETS, check_data_path
@@ -85,6 +87,13 @@ def build_parser(prog="approxdist-train"):
     p.add_argument("--backend", default=None, choices=BACKENDS, help="default: nccl with CUDA, gloo otherwise")
     p.add_argument("--output-dir", default=None, help="checkpoints, metrics.jsonl and TensorBoard events")
     p.add_argument("--resume", default=None, help="checkpoint path, or 'auto' for OUTPUT_DIR/checkpoint.pt if present")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --output-dir that holds a run (its checkpoint.pt and metrics.jsonl "
+                        "are replaced); without it such a run is refused")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume even though the sampling or optimizer settings (--sample-ratio, --budget, "
+                        "--policy, --minimal-k, --explore, --norm-stats, --norm-stats-every, --lr, --momentum, "
+                        "--weight-decay) differ from the checkpoint's: the new ones apply from the resume on")
     p.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (0: per epoch only)")
     p.add_argument("--eval-every", type=int, default=0,
                    help="also evaluate every N steps (0: at each epoch's end only); logged to metrics.jsonl as "
@@ -96,8 +105,31 @@ def build_parser(prog="approxdist-train"):
     return p
 
 
+def _check_finite(args):
+    """Every float flag, present and future: nan or inf is never a setting (inf passes
+    `> 0` and nan fails every comparison silently, so the range checks alone miss them)."""
+    for action in build_parser()._actions:
+        value = getattr(args, action.dest, None)
+        if action.type is float and isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{action.option_strings[0]} must be a finite number, got {value}")
+
+
+def check_output_dir(path):
+    """The folder exists or can be made, and a file can be written in it: a run must not
+    train for an epoch and then fail on its first checkpoint."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"--output-dir {path!r} exists and is not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise ValueError(f"--output-dir {path!r} is not writable: {exc.strerror or exc}") from None
+
+
 def validate(args):
     """Raise ValueError naming the flag; cheap checks first, then the ones that touch disk."""
+    _check_finite(args)
     if not 0.0 < args.sample_ratio <= 1.0:
         raise ValueError(f"--sample-ratio must be in (0, 1], got {args.sample_ratio}")
     if args.budget is not None:
@@ -123,6 +155,8 @@ def validate(args):
         raise ValueError(f"--powersgd-start-iter must be >= 2 (DDP rebuilds buckets after step 1), got {args.powersgd_start_iter}")
     if not args.lr > 0:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
+    if not 0.0 <= args.momentum < 1.0:
+        raise ValueError(f"--momentum must be in [0, 1), got {args.momentum}")
     for flag, value in {"--momentum": args.momentum, "--weight-decay": args.weight_decay, "--workers": args.workers,
                         "--max-steps": args.max_steps, "--checkpoint-every": args.checkpoint_every,
                         "--eval-every": args.eval_every}.items():
@@ -169,6 +203,8 @@ def validate(args):
     if args.resume not in (None, "auto"):
         if not os.path.isfile(args.resume):
             raise ValueError(f"--resume {args.resume!r}: no such file")
+    if args.output_dir:
+        check_output_dir(args.output_dir)
     return args
 
 
@@ -188,4 +224,5 @@ def fail(message, status=2):
     raise SystemExit(status)
 
 
-__all__ = ["COMM_HOOKS", "POLICIES", "AGREEMENTS", "build_parser", "validate", "parse_args", "fail"]
+__all__ = ["COMM_HOOKS", "POLICIES", "AGREEMENTS", "build_parser", "validate", "check_output_dir", "parse_args",
+           "fail"]

@@ -18,6 +18,8 @@ import torch
 
 FORMAT = "approxdist-train/1"
 LATEST = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+_TMP_PREFIX, _TMP_SUFFIX = ".tmp-", ".pt"
 
 
 class CheckpointError(RuntimeError):
@@ -46,7 +48,7 @@ def save_atomic(payload, path):
     payload = to_plain(payload)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=_TMP_SUFFIX, dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
@@ -65,6 +67,28 @@ def save_atomic(payload, path):
             os.close(dfd)
     except OSError:
         pass
+
+
+def remove_stale_temps(folder):
+    """Delete the temporary files of saves that never finished (a process killed between
+    mkstemp and os.replace leaves one, often of 0 bytes); returns their names. Call it at
+    startup, before this run saves: one run owns its output folder."""
+    if not folder or not os.path.isdir(folder):
+        return []
+    stale = sorted(f for f in os.listdir(folder) if f.startswith(_TMP_PREFIX) and f.endswith(_TMP_SUFFIX))
+    for name in stale:
+        try:
+            os.unlink(os.path.join(folder, name))
+        except FileNotFoundError:
+            pass
+    return stale
+
+
+def existing_run(folder):
+    """The files of a previous run in ``folder`` (a checkpoint, metrics), or []."""
+    if not folder:
+        return []
+    return [f for f in (LATEST, METRICS) if os.path.exists(os.path.join(folder, f))]
 
 
 def read(path):
@@ -136,6 +160,9 @@ def validate_config(saved, current, keys, path="checkpoint"):
 __all__ = [
     "FORMAT",
     "LATEST",
+    "METRICS",
+    "remove_stale_temps",
+    "existing_run",
     "CheckpointError",
     "save_atomic",
     "read",

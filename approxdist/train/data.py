@@ -57,13 +57,58 @@ def _cifar_root(data_path):
     return None
 
 
+# What the CIFAR-10 python batches hold: a dict of a uint8 numpy array, a list of ints and
+# strings. The globals a pickle of that names (numpy's array reconstruction under its old and
+# new module paths, and _codecs.encode for bytes in protocol-2 pickles) are all the
+# unpickler may look up: anything else in a data folder is refused before it can run.
+_CIFAR_GLOBALS = frozenset({
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("_codecs", "encode"),
+})
+
+
+class _Refused(pickle.UnpicklingError):
+    pass
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise _Refused(f"it names {module}.{name}, which CIFAR-10 batches never hold")
+        return super().find_class(module, name)
+
+
+def _read_cifar_batch(path):
+    """One batch file as (uint8 images [n, 3, 32, 32], int64 labels [n]), or ValueError
+    naming the file and what is wrong with it (one line, no traceback)."""
+    import numpy as np
+
+    try:
+        with open(path, "rb") as f:
+            batch = _CifarUnpickler(f, encoding="latin1").load()
+    except _Refused as exc:
+        raise ValueError(f"--data-path: {path} is not a CIFAR-10 batch, refused to unpickle it: {exc}") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, OSError) as exc:
+        raise ValueError(f"--data-path: {path} is corrupt or truncated ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})") from None
+    if isinstance(batch, dict):
+        batch = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    if not isinstance(batch, dict) or "data" not in batch or "labels" not in batch:
+        raise ValueError(f"--data-path: {path} is not a CIFAR-10 batch (a dict with 'data' and 'labels' expected)")
+    data, labels = batch["data"], batch["labels"]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        shape = getattr(data, "shape", type(data).__name__)
+        raise ValueError(f"--data-path: {path}: 'data' must be a uint8 array of shape (n, 3072), got {shape}")
+    if (not isinstance(labels, (list, np.ndarray)) or len(labels) != data.shape[0]
+            or not all(isinstance(y, (int, np.integer)) and 0 <= y < 10 for y in labels)):
+        raise ValueError(f"--data-path: {path}: 'labels' must be {data.shape[0]} integers in [0, 10)")
+    return torch.as_tensor(data).reshape(-1, 3, 32, 32), torch.as_tensor(np.asarray(labels, dtype=np.int64))
+
+
 def _load_cifar_batches(root, names):
-    xs, ys = [], []
-    for name in names:
-        with open(os.path.join(root, name), "rb") as f:
-            batch = pickle.load(f, encoding="latin1")
-        xs.append(torch.as_tensor(batch["data"], dtype=torch.uint8).reshape(-1, 3, 32, 32))
-        ys.append(torch.as_tensor(batch["labels"], dtype=torch.long))
+    xs, ys = zip(*(_read_cifar_batch(os.path.join(root, name)) for name in names))
     return torch.cat(xs), torch.cat(ys)
 
 
@@ -137,8 +182,18 @@ def _imagefolder(data_path, image_size):
     val_tf = transforms.Compose(
         [transforms.Resize(resize), transforms.CenterCrop(image_size), transforms.ToTensor(), normalize]
     )
-    train = datasets.ImageFolder(os.path.join(data_path, "train"), train_tf)
-    val = datasets.ImageFolder(os.path.join(data_path, "val"), val_tf)
+    splits = []
+    for split, tf in (("train", train_tf), ("val", val_tf)):
+        folder = os.path.join(data_path, split)
+        try:  # torchvision raises FileNotFoundError for a folder without classes or images
+            splits.append(datasets.ImageFolder(folder, tf))
+        except (FileNotFoundError, RuntimeError) as exc:
+            raise ValueError(f"--data-path: {folder} holds no usable ImageFolder data "
+                             f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    train, val = splits
+    if train.classes != val.classes:  # else the val labels would index other classes
+        raise ValueError(f"--data-path: {data_path} has {len(train.classes)} classes in train/ and "
+                         f"{len(val.classes)} in val/, not the same ones")
     return train, val, DataInfo(len(train.classes), 3, image_size)
 
 
@@ -164,6 +219,12 @@ class ResumableDistributedSampler(Sampler):
     ``start_batch`` of that epoch's order, so a mid-epoch resume replays nothing and skips
     nothing. Every rank gets the same number of batches (the tail that does not fill a
     batch on every rank is dropped), which keeps DDP's collectives in lock step.
+
+    Batch b of every rank together is the slice ``[b*W*B, (b+1)*W*B)`` of the epoch's
+    order (W ranks, B per rank), so the first s steps consume exactly the first s*W*B
+    samples whatever W and B are. That is what lets a run resized mid-epoch go on:
+    ``set_epoch(epoch, start_batch, start_sample=n)`` shards the order from sample n on
+    over this run's ranks, and `consumed` says how far the epoch has got, in samples.
     """
 
     def __init__(self, n, num_replicas, rank, batch_size, seed=0, shuffle=True):
@@ -171,15 +232,28 @@ class ResumableDistributedSampler(Sampler):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.n, self.num_replicas, self.rank = n, num_replicas, rank
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
-        self.batches_per_epoch = n // (num_replicas * batch_size)
+        self.global_batch = num_replicas * batch_size
+        self.batches_per_epoch = n // self.global_batch
         if self.batches_per_epoch == 0:
             raise ValueError(
                 f"--batch-size {batch_size} x {num_replicas} processes exceeds the {n} training samples"
             )
-        self.epoch, self.start_batch = 0, 0
+        self.epoch, self.start_batch, self.start_sample = 0, 0, 0
 
-    def set_epoch(self, epoch, start_batch=0):
-        self.epoch, self.start_batch = epoch, start_batch
+    def set_epoch(self, epoch, start_batch=0, *, start_sample=None):
+        """start_sample: the samples of the epoch's order already consumed (default
+        start_batch global batches); the epoch then has batches_per_epoch - start_batch
+        batches left, which must fit in what remains of the order."""
+        if start_sample is None:
+            start_sample = start_batch * self.global_batch
+        if start_sample + (self.batches_per_epoch - start_batch) * self.global_batch > self.n:
+            raise ValueError(f"{self.batches_per_epoch - start_batch} batches of {self.global_batch} do not fit "
+                             f"after sample {start_sample} of {self.n}")
+        self.epoch, self.start_batch, self.start_sample = epoch, start_batch, start_sample
+
+    def consumed(self, step_in_epoch):
+        """Samples of this epoch's order used once `step_in_epoch` steps of it are done."""
+        return self.start_sample + (step_in_epoch - self.start_batch) * self.global_batch
 
     def _order(self):
         if self.shuffle:
@@ -188,10 +262,9 @@ class ResumableDistributedSampler(Sampler):
         return torch.arange(self.n)
 
     def __iter__(self):
-        per_rank = self.batches_per_epoch * self.batch_size
-        order = self._order()[: per_rank * self.num_replicas]
-        mine = order[self.rank :: self.num_replicas]
-        return iter(mine[self.start_batch * self.batch_size :].tolist())
+        left = (self.batches_per_epoch - self.start_batch) * self.global_batch
+        rest = self._order()[self.start_sample : self.start_sample + left]
+        return iter(rest[self.rank :: self.num_replicas].tolist())
 
     def __len__(self):
         return (self.batches_per_epoch - self.start_batch) * self.batch_size

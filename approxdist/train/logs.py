@@ -53,6 +53,34 @@ class MetricsLogger:
         except ImportError:  # tensorboard not installed: JSON lines only
             self.tb = None
 
+    def rewind(self, step):
+        """Keep only the records of steps up to ``step``, where the run (re)starts: those
+        after it were made by an attempt whose later state no checkpoint holds, and the
+        steps are about to run again. A fresh start rewinds to 0 (an empty file)."""
+        if self.jsonl is None:
+            return
+        path = self.jsonl.name
+        self.jsonl.close()
+        kept, dropped = [], 0
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:  # a line cut short by a killed writer
+                    dropped += 1
+                    continue
+                if isinstance(record, dict) and record.get("step", 0) <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+                else:
+                    dropped += 1
+        if dropped:
+            tmp = path + ".rewind"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(kept)
+            os.replace(tmp, path)
+        self.jsonl = open(path, "a", encoding="utf-8")
+        return dropped
+
     def info(self, text):
         if self.enabled:
             print(text, flush=True)

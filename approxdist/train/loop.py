@@ -4,6 +4,7 @@ has them (`train_one_epoch`, `evaluate`), and where this process sits in the job
 Functions over what they are given, no module state: the `Trainer` calls them with its
 objects, a test can call them with its own.
 """
+import math
 import time
 from dataclasses import dataclass
 
@@ -11,7 +12,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-__all__ = ["Placement", "sum_across_ranks", "train_one_epoch", "evaluate"]
+__all__ = ["Placement", "NonFiniteLoss", "sum_across_ranks", "train_one_epoch", "evaluate"]
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became nan or inf: the run stops (exit status 1) before anything
+    of it is saved, so the last checkpoint is the last finite state."""
 
 
 @dataclass(frozen=True)
@@ -75,11 +81,15 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, *, device, amp=
             optimizer.step()
         scheduler.step()
         step += 1
-        loss_sum += loss.item() * images.size(0)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise NonFiniteLoss(f"the training loss is {value} at step {step}: training diverged (a lower --lr?); "
+                                "stopped, nothing of this step was saved")
+        loss_sum += value * images.size(0)
         samples += images.size(0)
         if progress is not None:
             progress.update(1)
-            progress.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+            progress.set_postfix(loss=f"{value:.4f}", refresh=False)
         if on_step is not None:
             on_step(step)
         if max_steps and step >= max_steps:

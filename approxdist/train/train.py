@@ -22,10 +22,10 @@ from .args import validate
 from .data import build_datasets
 from .loop import Placement, evaluate, train_one_epoch
 from .models import build_training_model, uses_sampled_layers
-from .trainer import STRICT_CONFIG, Trainer, restart_count
+from .trainer import STRICT_CONFIG, Trainer, check_resume_config, restart_count, run_config
 
 __all__ = ["main", "train_one_epoch", "evaluate", "build_training_model", "uses_sampled_layers", "Trainer",
-           "resolve_resume", "STRICT_CONFIG"]
+           "resolve_resume", "refuse_to_overwrite", "STRICT_CONFIG"]
 
 
 def resolve_resume(args):
@@ -34,6 +34,19 @@ def resolve_resume(args):
         path = os.path.join(args.output_dir, ckpt.LATEST)
         return path if os.path.isfile(path) else None
     return args.resume
+
+
+def refuse_to_overwrite(args, resume):
+    """A fresh start into a folder that holds a run would replace its checkpoint and mix two
+    runs in its metrics: refused unless --overwrite. A torchrun restart (which resumes when
+    there is a checkpoint) and --resume auto without a checkpoint yet are the same run."""
+    if resume is not None or args.overwrite or args.resume == "auto" or restart_count() > 0:
+        return
+    found = ckpt.existing_run(args.output_dir)
+    if found:
+        raise ValueError(f"--output-dir {args.output_dir!r} already holds a run ({', '.join(found)}): continue it "
+                         "with --resume auto, start the new run in a fresh --output-dir, or replace the old one "
+                         "with --overwrite")
 
 
 def main(args, *, callbacks=()):
@@ -45,11 +58,12 @@ def main(args, *, callbacks=()):
     info = datasets[2]
     model = build_training_model(args, info)
     resume = resolve_resume(args)
+    refuse_to_overwrite(args, resume)
     resume_data = None
     if resume:  # a corrupt or foreign checkpoint is also a one-line error before the group exists
         resume_data = ckpt.read(resume)
-        ckpt.validate_config(resume_data["config"], {"model": args.model, "dataset": args.dataset,
-                                                     "num_classes": info.num_classes}, STRICT_CONFIG, resume)
+        check_resume_config(resume_data["config"], run_config(args, info.num_classes), resume,
+                            allow_changes=args.allow_config_change)
         ckpt.validate_model_state(resume_data["model"], model, resume)
     horovod = args.dist == "horovod"
     if horovod:

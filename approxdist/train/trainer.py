@@ -7,6 +7,8 @@ parsed flags; `fit` trains it. Callbacks (`callbacks=`, each `fn(trainer, step)`
 every optimizer step) let a caller watch or interrupt the loop without the product
 carrying test code: the elastic-restart test kills a worker through one.
 """
+import copy
+import math
 import os
 from typing import Callable, Sequence
 
@@ -24,10 +26,50 @@ from .logs import MetricsLogger
 from .loop import Placement, evaluate, sum_across_ranks, train_one_epoch
 from .models import uses_sampled_layers
 
-__all__ = ["Trainer", "StepCallback", "STRICT_CONFIG", "restart_count"]
+__all__ = ["Trainer", "StepCallback", "STRICT_CONFIG", "SAMPLING_CONFIG", "check_resume_config", "run_config", "restart_count"]
 
 # Checkpoint fields that must match for a resume to make sense at all.
 STRICT_CONFIG = ("model", "dataset", "num_classes")
+# What the sampled layers do: another setting on resume trains another method from the
+# middle on, so it is refused unless --allow-config-change says it is meant.
+SAMPLING_CONFIG = ("sample_ratio", "budget", "minimal_k", "policy", "explore", "norm_stats", "norm_stats_every")
+# The optimizer's settings are restored with its state: another flag on resume would be
+# ignored silently, so it is refused too; --allow-config-change applies the new values.
+OPTIMIZER_CONFIG = ("lr", "momentum", "weight_decay")
+# A mid-epoch checkpoint continues the epoch's data order where it stopped: that order is
+# a function of the seed (the world size and batch only shard it; see the sampler).
+MID_EPOCH_CONFIG = ("seed",)
+
+
+def run_config(args, num_classes):
+    """What a checkpoint records of the run that a resume checks before any process group
+    exists (Trainer.build adds the world size, batch and the rest)."""
+    return {"model": args.model, "dataset": args.dataset, "num_classes": num_classes,
+            "sample_ratio": args.sample_ratio, "budget": args.budget, "minimal_k": args.minimal_k,
+            "policy": args.policy, "explore": args.explore, "norm_stats": args.norm_stats,
+            "norm_stats_every": args.norm_stats_every, "lr": args.lr, "momentum": args.momentum,
+            "weight_decay": args.weight_decay}
+
+
+def check_resume_config(saved, current, path, *, allow_changes=False, mid_epoch=False):
+    """Raise CheckpointError naming every setting that forbids resuming from `path`. Keys
+    an older checkpoint lacks are not compared; --explore only matters to topk_explore."""
+    ckpt.validate_config(saved, current, STRICT_CONFIG, path)
+    if not allow_changes:
+        keys = [k for k in SAMPLING_CONFIG + OPTIMIZER_CONFIG if k in saved
+                and (k != "explore" or "topk_explore" in (saved.get("policy"), current.get("policy")))]
+        diffs = [f"{k}={saved.get(k)!r} (now {current.get(k)!r})" for k in keys if saved.get(k) != current.get(k)]
+        if diffs:
+            raise ckpt.CheckpointError(
+                f"checkpoint {path!r} was made with other settings: {', '.join(diffs)}; resume with the "
+                "same flags, start a fresh --output-dir, or pass --allow-config-change")
+    if mid_epoch:
+        diffs = [f"{k}={saved.get(k)!r} (now {current.get(k)!r})" for k in MID_EPOCH_CONFIG
+                 if k in saved and saved.get(k) != current.get(k)]
+        if diffs:
+            raise ckpt.CheckpointError(
+                f"checkpoint {path!r} was saved mid-epoch with {', '.join(diffs)}: its epoch's data order cannot "
+                "continue with another seed; resume it with the same --seed")
 
 StepCallback = Callable[["Trainer", int], None]
 
@@ -69,6 +111,8 @@ class Trainer:
         self.log = log
         self.callbacks = tuple(callbacks)
         self.clock = TrainClock()
+        self.resume_notes = []
+        self._resume_sample = None  # where a resumed epoch starts in its data order, in samples
 
     @property
     def rank(self):
@@ -115,11 +159,8 @@ class Trainer:
                               optimizer=optimizer if args.step_in_hook else None,
                               overlap_forward=args.overlap_forward and ddp is not None)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
-        config = {"model": args.model, "dataset": args.dataset, "num_classes": info.num_classes,
-                  "sample_ratio": args.sample_ratio, "budget": args.budget, "minimal_k": args.minimal_k,
-                  "policy": args.policy, "norm_stats": args.norm_stats,
-                  "comm_hook": args.comm_hook, "world_size": place.world_size, "batch_size": args.batch_size,
-                  "seed": args.seed, "epochs": args.epochs, "dist": args.dist}
+        config = dict(run_config(args, info.num_classes), comm_hook=args.comm_hook, world_size=place.world_size,
+                      batch_size=args.batch_size, seed=args.seed, epochs=args.epochs, dist=args.dist)
         return cls(args, model, optimizer, scheduler, config=config, ddp=ddp, scaler=_make_scaler(device, args.amp),
                    comm=comm, place=place, device=device, loaders=loaders, log=log, callbacks=callbacks)
 
@@ -131,9 +172,22 @@ class Trainer:
         steps_per_epoch = self.sampler.batches_per_epoch
         epoch, step, step_in_epoch = 0, 0, 0
         resume_path, resume_data = resume
+        if self.rank == 0 and args.output_dir:
+            stale = ckpt.remove_stale_temps(args.output_dir)
+            if stale:
+                log.info(f"removed {len(stale)} temporary file(s) of an interrupted save: {', '.join(stale)}")
         if resume_data is not None:
             epoch, step, step_in_epoch = self.load(resume_data, resume_path)
             log.info(f"resumed from {resume_path} at epoch {epoch + 1} step {step} (restart {restart_count()})")
+            for note in self.resume_notes:
+                log.info(note)
+        elif self.rank == 0 and args.output_dir:  # a fresh start (--overwrite, or nothing to resume)
+            old = os.path.join(args.output_dir, ckpt.LATEST)
+            if os.path.exists(old):
+                os.unlink(old)
+        dropped = log.rewind(step)
+        if dropped:
+            log.info(f"metrics.jsonl: dropped {dropped} record(s) after step {step}, which this run makes again")
         log.info(f"approxdist-train: {args.model} on {args.dataset}, {self.place.world_size} process(es) on "
                  f"{self.device.type}, {steps_per_epoch} steps/epoch, sample_ratio {args.sample_ratio}, "
                  f"comm hook {args.comm_hook}")
@@ -158,8 +212,9 @@ class Trainer:
         (metrics, step reached, steps of the epoch done)."""
         args, clock = self.args, self.clock
         steps_per_epoch = self.sampler.batches_per_epoch
-        self.sampler.set_epoch(epoch, step_in_epoch)
-        first = step - step_in_epoch
+        self.sampler.set_epoch(epoch, step_in_epoch, start_sample=self._resume_sample)
+        self._resume_sample = None
+        first, start = step - step_in_epoch, step
         before = self.comm.stats()
         buckets_before = in_hook_steps(self.optimizer)
         progress = self._progress(steps_per_epoch, step_in_epoch, epoch)
@@ -183,7 +238,10 @@ class Trainer:
         metrics.update(
             epoch=epoch + 1, epochs=args.epochs, step=step, train_loss=loss_sum / max(samples, 1.0),
             images_per_s=rate, lr=self.optimizer.param_groups[0]["lr"],
-            partial_epoch=step_in_epoch < steps_per_epoch,
+            # train_loss and images_per_s cover train_steps steps: fewer than the epoch's when
+            # it was resumed mid-way (the steps before are in the previous attempt's records)
+            # or stopped by --max-steps
+            train_steps=step - start, partial_epoch=step - start < steps_per_epoch,
             payload_bytes=_delta(after, before, "payload_bytes"), dense_bytes=_delta(after, before, "dense_bytes"),
             payload_bytes_total=after["payload_bytes"], dense_bytes_total=after["dense_bytes"],
             world_size=self.place.world_size, sample_ratio=args.sample_ratio, comm_hook=args.comm_hook,
@@ -233,6 +291,8 @@ class Trainer:
             "epoch": epoch,
             "step": step,
             "step_in_epoch": step_in_epoch,
+            # samples of the epoch's order used: what a resume on another world size goes on from
+            "epoch_sample": self.sampler.consumed(step_in_epoch) if self.sampler is not None and step_in_epoch else 0,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -251,16 +311,80 @@ class Trainer:
             ckpt.save_atomic(self.checkpoint_payload(epoch, step, step_in_epoch), path)
 
     def load(self, data, path):
-        """Validate everything, then load everything: a bad file changes nothing."""
+        """Validate everything, then load everything: a bad file changes nothing. Should
+        applying fail anyway, what was applied is rolled back. Every error names `path`.
+
+        A checkpoint of another --epochs or world size continues on this run's learning-rate
+        schedule: the cosine then spans this run's length, at the position of the epochs
+        (and steps) done; `resume_notes` says what changed, for the log."""
         if isinstance(data, str):
             data = ckpt.read(data)
-        ckpt.validate_config(data["config"], self.config, STRICT_CONFIG, path)
-        if data["step_in_epoch"]:
-            ckpt.validate_config(data["config"], self.config, ("world_size", "batch_size"), path)
+        saved = data["config"]
+        check_resume_config(saved, self.config, path, allow_changes=getattr(self.args, "allow_config_change", False),
+                            mid_epoch=bool(data["step_in_epoch"]))
         ckpt.validate_model_state(data["model"], self.model, path)
         ckpt.validate_optimizer_state(data["optimizer"], self.optimizer, path)
         if not isinstance(data["scheduler"], dict):
             raise ckpt.CheckpointError(f"checkpoint {path!r}: scheduler state is malformed")
+        state = data.get("sampler_state") or {}
+        layers = sampler_state(self.model)
+        if state and set(state) != set(layers):
+            missing, unexpected = sorted(set(layers) - set(state)), sorted(set(state) - set(layers))
+            raise ckpt.CheckpointError(f"checkpoint {path!r}: its sampler state does not fit this model's sampled "
+                                       f"layers (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        before = self._snapshot()
+        fresh_schedule = self._schedule_span()
+        try:
+            self._apply(data, state)
+        except Exception as exc:
+            self._restore(before)
+            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ckpt.CheckpointError(f"checkpoint {path!r} could not be loaded, nothing changed: {detail}") from None
+        epoch, step, step_in_epoch = int(data["epoch"]), int(data["step"]), int(data["step_in_epoch"])
+        self.resume_notes = self._resize_notes(saved)
+        if step_in_epoch and self.sampler is not None:
+            epoch, step_in_epoch = self._reshard_epoch(data, epoch, step_in_epoch)
+        changed = self._apply_optimizer_flags(saved)
+        self.resume_notes += self._retarget_schedule(fresh_schedule, epoch, step_in_epoch, force=bool(changed))
+        return epoch, step, step_in_epoch
+
+    def _apply_optimizer_flags(self, saved):
+        """With --allow-config-change, this run's --lr, --momentum and --weight-decay replace
+        the restored ones (the learning rate as the schedule's peak)."""
+        args = self.args
+        changed = [k for k in OPTIMIZER_CONFIG if k in saved and saved[k] != self.config.get(k)]
+        if not changed:
+            return []
+        for group in self.optimizer.param_groups:
+            group["momentum"], group["weight_decay"] = args.momentum, args.weight_decay
+        if hasattr(self.scheduler, "base_lrs"):
+            self.scheduler.base_lrs = [args.lr] * len(self.optimizer.param_groups)
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = args.lr
+        self.resume_notes.append("--allow-config-change: " + ", ".join(
+            f"{k} {saved[k]} -> {self.config[k]}" for k in changed))
+        return changed
+
+    def _reshard_epoch(self, data, epoch, step_in_epoch):
+        """A mid-epoch checkpoint goes on from the samples its epoch has used. On the same
+        world size and batch that is its own step_in_epoch; on others, this run's epoch is
+        at the step that leaves as many whole global batches as the rest of the order holds
+        (the same drop-last rule as a whole epoch); with none left, the next epoch begins."""
+        saved = data["config"]
+        consumed = int(data.get("epoch_sample") or step_in_epoch * saved["world_size"] * saved["batch_size"])
+        sampler = self.sampler
+        left = (sampler.n - consumed) // sampler.global_batch
+        new_step = sampler.batches_per_epoch - max(min(left, sampler.batches_per_epoch), 0)
+        if new_step != step_in_epoch:
+            self.resume_notes.append(
+                f"mid-epoch resize: epoch {epoch + 1} goes on from sample {consumed} of its order, {left} step(s) "
+                f"of {sampler.global_batch} left (step {new_step} of {sampler.batches_per_epoch} here)")
+        if left <= 0:
+            return epoch + 1, 0
+        self._resume_sample = consumed
+        return epoch, new_step
+
+    def _apply(self, data, state):
         self.model.load_state_dict(data["model"], strict=True)
         self.optimizer.load_state_dict(data["optimizer"])
         self.scheduler.load_state_dict(data["scheduler"])
@@ -268,11 +392,64 @@ class Trainer:
             self.scaler.load_state_dict(data["scaler"])
         if data["config"].get("comm_hook") == self.config.get("comm_hook"):
             self.comm.load_state_dict(data.get("comm") or {})  # else: another hook, fresh counters
-        state = data.get("sampler_state") or {}
         if state:
             load_sampler_state(self.model, state)
         if "rng" in data:
             torch.set_rng_state(data["rng"]["torch"])
         # a checkpoint from before the training clock: count from here
         self.clock = TrainClock(float(data.get("train_seconds", 0.0)))
-        return int(data["epoch"]), int(data["step"]), int(data["step_in_epoch"])
+
+    def _snapshot(self):
+        return {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+                "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+                "scheduler": copy.deepcopy(self.scheduler.state_dict()),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "comm": copy.deepcopy(self.comm.state_dict()),
+                "sampler": copy.deepcopy(sampler_state(self.model)),
+                "rng": torch.get_rng_state(), "clock": self.clock}
+
+    def _restore(self, snap):
+        self.model.load_state_dict(snap["model"], strict=True)
+        self.optimizer.load_state_dict(snap["optimizer"])
+        self.scheduler.load_state_dict(snap["scheduler"])
+        if snap["scaler"] is not None:
+            self.scaler.load_state_dict(snap["scaler"])
+        self.comm.load_state_dict(snap["comm"])
+        if snap["sampler"]:
+            load_sampler_state(self.model, snap["sampler"])
+        torch.set_rng_state(snap["rng"])
+        self.clock = snap["clock"]
+
+    def _schedule_span(self):
+        """Steps the fresh (just built) schedule spans, or None for a schedule without one."""
+        return getattr(self.scheduler, "T_max", None)
+
+    def _retarget_schedule(self, span, epoch, step_in_epoch, force=False):
+        """Put a loaded cosine schedule on this run's span, at the position of the epochs
+        done (`epoch` whole ones plus `step_in_epoch` steps); a no-op for an exact resume.
+        CosineAnnealingLR steps recursively from the current rate, so the rate at the new
+        position is set from the closed form."""
+        sched = self.scheduler
+        if span is None or self.sampler is None or not hasattr(sched, "T_max"):
+            return []
+        position = epoch * self.sampler.batches_per_epoch + step_in_epoch
+        if (sched.T_max, sched.last_epoch) == (span, position) and not force:
+            return []
+        old_span, old_lr = sched.T_max, self.optimizer.param_groups[0]["lr"]
+        sched.T_max, sched.last_epoch = span, position
+        lrs = [sched.eta_min + (base - sched.eta_min) * (1 + math.cos(math.pi * min(position, span) / span)) / 2
+               for base in sched.base_lrs]
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        sched._last_lr = list(lrs)
+        return [f"learning-rate schedule: the checkpoint's cosine spanned {old_span} steps, this run's "
+                f"{self.args.epochs} epoch(s) x {self.sampler.batches_per_epoch} steps span {span}; it continues at "
+                f"step {position} of {span} (lr {old_lr:.6g} -> {lrs[0]:.6g})"]
+
+    def _resize_notes(self, saved):
+        old_world, old_batch = saved.get("world_size"), saved.get("batch_size")
+        world, batch = self.config.get("world_size"), self.config.get("batch_size")
+        if old_world is None or old_batch is None or (old_world, old_batch) == (world, batch):
+            return []
+        return [f"elastic resize: world size {old_world} -> {world}, global batch {old_world * old_batch} -> "
+                f"{world * batch} ({batch} per process); the data is re-sharded over {world} process(es)"]
