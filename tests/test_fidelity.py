@@ -59,12 +59,17 @@ def test_sampled_batchnorm_model_evaluates_like_the_exact_one(digits):
     ("budget0.33", {"distributed": True, "budget": 0.33}),
     ("0.33+sampledbn+explore0.25", {"distributed": True, "sample_ratio": 0.33, "norm_stats": "sampled",
                                     "policy": "topk_explore", "explore": 0.25}),
+    ("0.5+warmup50+exactlast20+exactevery4+every2", {
+        "distributed": True, "sample_ratio": 0.5, "norm_stats_every": 2,
+        "schedule": {"warmup": 50, "exact_last": 20, "exact_every": 4}}),
+    ("0.33+policybernoulli_weight", {"distributed": True, "sample_ratio": 0.33, "policy": "bernoulli_weight"}),
 ])
 def test_parse_config(text, want):
     assert fidelity.parse_config(text) == want
 
 
-@pytest.mark.parametrize("text", ["exact+sampledbn", "0.5+fast", "half", "0.5+explorex", "exact+explore0.5"])
+@pytest.mark.parametrize("text", ["exact+sampledbn", "0.5+fast", "half", "0.5+explorex", "exact+explore0.5",
+                                  "0.5+warmup2.5", "exact+warmup3"])
 def test_parse_config_refuses(text):
     with pytest.raises(ValueError, match="--configs"):
         fidelity.parse_config(text)
@@ -106,3 +111,19 @@ def test_resnet18_at_033_evaluates_within_2_points(resnet18_rows):
                    "Fidelity); strict, so it fails here once the target is met and this mark must go")
 def test_resnet18_at_05_evaluates_within_1_point(resnet18_rows):
     assert resnet18_rows["0.5"]["acc_vs_exact"] >= -0.01, resnet18_rows["0.5"]
+
+
+def test_payload_counts_exact_steps_dense(digits):
+    """The bytes beside the steps: an exact step of a schedule sends the dense gradient,
+    a sampled one the selected channels; bytes to the target sum the steps' fractions."""
+    opts = dict(steps=4, lr=0.1, batch_size=16, eval_every=1, target=0.0, data=digits)
+    exact = fidelity.run_one("cnn128", "exact", 0, **opts)
+    sampled = fidelity.run_one("cnn128", "0.5", 0, **opts)
+    warm = fidelity.run_one("cnn128", "0.5+warmup2", 0, **opts)
+    last = fidelity.run_one("cnn128", "0.5+exactlast1", 0, **opts)
+    assert exact["payload_fraction"] == 1.0 and exact["payload_to_target"] == 1.0
+    f = sampled["payload_fraction"]
+    assert 0.4 < f < 0.75 and sampled["payload_to_target"] == pytest.approx(f, abs=1e-3)
+    assert warm["payload_fraction"] == pytest.approx((2 + 2 * f) / 4, abs=1e-4)
+    assert warm["payload_to_target"] == 1.0  # the first step is exact
+    assert last["payload_fraction"] == pytest.approx((1 + 3 * f) / 4, abs=1e-4)

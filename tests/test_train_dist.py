@@ -132,8 +132,8 @@ def test_fake_data_every_hook(tmp_path, hook, ratio):
 # Bernoulli sampling draws from per-layer generators, so the resumed run must restore their
 # state (and the hook's byte counters) to end where the uninterrupted run ends.
 RESUMABLE = ["--dataset", "digits", "--model", "cnn", "--epochs", "2", "--batch-size", "32", "--max-steps", "30",
-             "--sample-ratio", "0.5", "--policy", "bernoulli_weight", "--comm-hook", "sparse",
-             "--checkpoint-every", "4"]
+             "--sample-ratio", "0.5", "--policy", "bernoulli_weight", "--allow-unbiased-sampling",
+             "--comm-hook", "sparse", "--checkpoint-every", "4"]
 
 
 @pytest.fixture(scope="module")

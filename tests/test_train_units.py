@@ -47,6 +47,8 @@ def _args(*flags):
         (["--budget", "0.33", "--sample-ratio", "0.5"], "--budget and --sample-ratio"),
         (["--explore", "1.5"], "--explore"),
         (["--norm-stats-every", "0"], "--norm-stats-every"),
+        (["--policy", "bernoulli_weight", "--sample-ratio", "0.33"], "bernoulli_weight: its unbiased 1/p scaling"),
+        (["--policy", "bernoulli_weight", "--budget", "0.5"], "--allow-unbiased-sampling"),
         (["--lr", "inf"], "--lr must be a finite number"),
         (["--momentum", "nan"], "--momentum must be a finite number"),
         (["--weight-decay", "nan"], "--weight-decay must be a finite number"),
@@ -63,6 +65,8 @@ def test_validate_names_the_flag(flags, match):
 def test_validate_accepts_defaults_and_torchvision_names():
     validate(_args())
     validate(_args("--model", "resnet18", "--dataset", "fake", "--sample-ratio", "0.33"))
+    validate(_args("--policy", "bernoulli_weight"))  # at ratio 1 it is the exact model
+    validate(_args("--policy", "bernoulli_weight", "--sample-ratio", "0.33", "--allow-unbiased-sampling"))
 
 
 def test_fidelity_flags_reach_convert_model():

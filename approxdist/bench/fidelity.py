@@ -15,8 +15,12 @@ digits) and 'resnet18' (torchvision's, BatchNorm throughout, on the digits upsca
 32 px in 3 channels). Configurations: 'exact', a ratio ('0.5': convert_model's defaults
 with that sample_ratio, distributed=True), 'budget0.33' (convert_model(budget=0.33)),
 with suffixes '+sampledbn' (norm_stats='sampled', the former behaviour) and '+exploreX'
-(policy 'topk_explore' with explore=X) to show what each part buys, and '+everyN'
-(norm_stats_every=N).
+(policy 'topk_explore' with explore=X) to show what each part buys, '+everyN'
+(norm_stats_every=N), '+policyNAME' (another distributed policy), and the schedules
+'+warmupN', '+exactlastN', '+exacteveryN' (SamplingSchedule: exact steps, counted in
+steps). Beside the steps each run records the bytes: the mean fraction of the dense
+gradient the sparse hook would send per step (an exact step sends it all) and the sum of
+those fractions up to the target step, the bytes to the target in dense steps.
 
 The JSON is rewritten after every run, so an interrupted benchmark keeps what it
 measured; `--render F.json` prints the table of a saved run.
@@ -39,13 +43,18 @@ TASKS = ("cnn128", "resnet18")
 # Per task: (learning rate, steps). The CNN at lr 0.1 is the setting of the time-to-accuracy
 # benchmark; resnet18 at 0.05 needs about 300 steps to near 97% exactly.
 TASK_DEFAULTS = {"cnn128": (0.1, 200), "resnet18": (0.05, 300)}
-# '+sampledbn', and the suffixes that carry a value: prefix -> (convert_model keyword, type).
-VALUED_SUFFIXES = {"explore": ("explore", float), "every": ("norm_stats_every", int)}
+# '+sampledbn', and the suffixes that carry a value: prefix -> (keyword, type, whose):
+# a keyword of convert_model, or (whose "schedule") of SamplingSchedule, whose `total`
+# is the run's steps. The longest prefix that matches wins.
+VALUED_SUFFIXES = {"explore": ("explore", float, "convert"), "every": ("norm_stats_every", int, "convert"),
+                   "policy": ("policy", str, "convert"), "warmup": ("warmup", int, "schedule"),
+                   "exactlast": ("exact_last", int, "schedule"), "exactevery": ("exact_every", int, "schedule")}
 
 
 def parse_config(text):
-    """'exact' | RATIO | 'budget'RATIO, then '+sampledbn' / '+exploreX' -> convert_model kwargs
-    (None for exact)."""
+    """'exact' | RATIO | 'budget'RATIO, then '+sampledbn' / '+exploreX' / '+everyN' /
+    '+policyNAME' / '+warmupN' / '+exactlastN' / '+exacteveryN' -> convert_model kwargs
+    (None for exact), with the SamplingSchedule's under 'schedule'."""
     head, *suffixes = text.split("+")
     if head == "exact":
         if suffixes:
@@ -63,16 +72,17 @@ def parse_config(text):
         if suffix == "sampledbn":
             kwargs["norm_stats"] = "sampled"
             continue
-        prefix = next((p for p in VALUED_SUFFIXES if suffix.startswith(p)), None)
+        prefix = max((p for p in VALUED_SUFFIXES if suffix.startswith(p)), key=len, default=None)
         if prefix is None:
-            raise ValueError(f"--configs: unknown suffix {suffix!r} in {text!r} "
-                             "(allowed: sampledbn, exploreX, everyN)")
-        key, cast = VALUED_SUFFIXES[prefix]
+            raise ValueError(f"--configs: unknown suffix {suffix!r} in {text!r} (allowed: sampledbn, "
+                             "exploreX, everyN, policyNAME, warmupN, exactlastN, exacteveryN)")
+        key, cast, whose = VALUED_SUFFIXES[prefix]
         try:
-            kwargs[key] = cast(suffix[len(prefix):])
+            value = cast(suffix[len(prefix):])
         except ValueError:
             raise ValueError(f"--configs: {suffix!r} in {text!r} is not {prefix} followed by a "
                              f"{cast.__name__}") from None
+        (kwargs.setdefault("schedule", {}) if whose == "schedule" else kwargs)[key] = value
         if prefix == "explore":
             kwargs["policy"] = "topk_explore"
     return kwargs
@@ -104,7 +114,12 @@ def run_one(task, config, seed, *, steps, lr, batch_size, eval_every, target, da
     model = build(task, seed)
     kwargs = parse_config(config)
     if kwargs is not None:
+        schedule = kwargs.pop("schedule", None)
         ad.convert_model(model, seed=seed, **kwargs)
+        if schedule is not None:
+            ad.nn.SamplingSchedule(model, total=steps, **schedule)
+    dense = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    sent = []  # per step: the fraction of the dense gradient elements the sparse hook sends
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
     order = torch.Generator().manual_seed(seed)
     perm, pos = torch.randperm(len(ytr), generator=order), 0
@@ -118,6 +133,7 @@ def run_one(task, config, seed, *, steps, lr, batch_size, eval_every, target, da
         loss = F.cross_entropy(model(xtr[idx]), ytr[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        sent.append(payload_elements(model) / dense)
         opt.step()
         if step % eval_every == 0 or step == steps:
             acc = accuracy(model, xva, yva)
@@ -129,7 +145,25 @@ def run_one(task, config, seed, *, steps, lr, batch_size, eval_every, target, da
     return {"task": task, "config": config, "seed": seed, "final_acc": curve[-1][1],
             "plain_acc": round(accuracy(plain, xva, yva), 5), "steps_to_target": hit,
             "curve": curve, "seconds": round(time.perf_counter() - t0, 1),
-            "sample_ratios": _ratios(model)}
+            "sample_ratios": _ratios(model), "payload_fraction": round(sum(sent) / len(sent), 5),
+            "payload_to_target": None if hit is None else round(sum(sent[:hit]), 3)}
+
+
+def payload_elements(model):
+    """Gradient elements the sparse hook sends for this step: the channels each
+    weight-sampled layer used in its training forward (every channel on an exact step),
+    every other parameter whole. One training forward per step, so those are the union
+    the hook reduces."""
+    total = 0
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        layer = ad.nn.sampled_layer_of(p)
+        if layer is None or layer.last_indices is None:
+            total += p.numel()
+        else:
+            total += p.numel() // p.shape[1] * layer.last_indices.numel()
+    return total
 
 
 def _ratios(model):
@@ -150,20 +184,31 @@ def summarise(runs, target):
                     "final_acc": statistics.median(r["final_acc"] for r in rs),
                     "plain_equal": all(r["plain_acc"] == r["final_acc"] for r in rs),
                     "steps_to_target": med, "last_step": rs[0]["curve"][-1][0],
-                    "reached": sum(s != float("inf") for s in steps)})
+                    "reached": sum(s != float("inf") for s in steps),
+                    "payload_fraction": statistics.median(r.get("payload_fraction", 1.0) for r in rs),
+                    "payload_to_target": statistics.median(
+                        _payload_to_target(r) if r["steps_to_target"] is not None else float("inf") for r in rs)})
     for row in out:
         exact = next((e for e in out if e["task"] == row["task"] and e["config"] == "exact"), None)
         row["acc_vs_exact"] = None if exact is None else row["final_acc"] - exact["final_acc"]
         # a ratio of steps only where every seed of both rows reached the target
         ok = exact is not None and exact["reached"] == exact["seeds"] and row["reached"] == row["seeds"]
         row["steps_vs_exact"] = row["steps_to_target"] / exact["steps_to_target"] if ok else None
+        row["payload_vs_exact"] = row["payload_to_target"] / exact["payload_to_target"] if ok else None
     return out
+
+
+def _payload_to_target(run):
+    # runs saved before the payload was recorded were all exact or sampled at a fixed ratio
+    value = run.get("payload_to_target")
+    return value if value is not None else run["steps_to_target"] * run.get("payload_fraction", 1.0)
 
 
 def render(doc):
     target = doc["options"]["target"]
     lines = [f"| task | config | seeds | eval top-1 (median) | vs exact | steps to {target:.0%} (median) "
-             "| vs exact | plain torchvision = eval |", "|---|---|---|---|---|---|---|---|"]
+             f"| vs exact | payload (mean, of dense) | dense steps of bytes to {target:.0%} | vs exact "
+             "| plain torchvision = eval |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in summarise(doc["runs"], target):
         st = row["steps_to_target"]
         st_txt = f"> {row['last_step']}" if st == float("inf") else f"{st:g}"
@@ -171,8 +216,12 @@ def render(doc):
             st_txt += f" ({row['reached']}/{row['seeds']} reached)"
         dv = "" if row["acc_vs_exact"] is None or row["config"] == "exact" else f"{row['acc_vs_exact'] * 100:+.1f} pt"
         sv = "" if row["steps_vs_exact"] is None or row["config"] == "exact" else f"{row['steps_vs_exact']:.2f}x"
+        pt = row["payload_to_target"]
+        pt_txt = "-" if pt == float("inf") else f"{pt:.1f}"
+        pv = "" if row["payload_vs_exact"] is None or row["config"] == "exact" else f"{row['payload_vs_exact']:.2f}x"
         lines.append(f"| {row['task']} | {row['config']} | {row['seeds']} | {row['final_acc']:.1%} | {dv} "
-                     f"| {st_txt} | {sv} | {'yes' if row['plain_equal'] else 'NO'} |")
+                     f"| {st_txt} | {sv} | {row['payload_fraction']:.2f} | {pt_txt} | {pv} "
+                     f"| {'yes' if row['plain_equal'] else 'NO'} |")
     return "\n".join(lines)
 
 
@@ -180,7 +229,8 @@ def _parser():
     p = argparse.ArgumentParser(prog="approxdist-bench fidelity", description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     p.add_argument("--configs", nargs="+", default=["exact", "0.5", "0.33"],
-                   help="exact | RATIO | budgetRATIO, each optionally +sampledbn, +exploreX, +everyN")
+                   help="exact | RATIO | budgetRATIO, each optionally +sampledbn, +exploreX, +everyN, "
+                   "+policyNAME, +warmupN, +exactlastN, +exacteveryN (schedules in steps)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=None, help="default per task: cnn128 200, resnet18 300")
     p.add_argument("--lr", type=float, default=None, help="SGD learning rate; default per task: cnn128 0.1, "

@@ -116,8 +116,8 @@ def install_broadcast(layer, group):
         dist.broadcast(vec, src=src, group=group)
         chosen = vec.nonzero().squeeze(1)
         scaled = layer.policy == "bernoulli_weight"  # the top-k policies keep channels unscaled
-        if chosen.numel() == n and not scaled:
-            return None, None
+        if chosen.numel() == n and (not scaled or bool((vec == 1).all())):
+            return None, None  # every channel unscaled: the exact forward (an exact step, k == n)
         return chosen, (vec[chosen] if scaled else None)
 
     layer._index_sync = sync

@@ -4,6 +4,7 @@ The attributes are validated on every assignment, so a schedule that changes
 sample_ratio between steps gets the same clear errors as the constructor."""
 import torch
 
+from ..functional import num_samples
 from ..functional._checks import (
     POLICIES,
     check_minimal_k,
@@ -25,6 +26,23 @@ class SamplingConfig:
         self._mode = check_mode(mode, policy)
         self.sample_ratio = sample_ratio
         self.minimal_k = minimal_k
+        self.sampling_enabled = True
+
+    @property
+    def sampling_enabled(self):
+        """False: training forwards are exact (every channel, k == n) while sample_ratio
+        keeps its value; a schedule (nn/schedule.py) switches it between steps."""
+        return self.__dict__.get("_sampling_enabled", True)  # (layers pickled before it existed)
+
+    @sampling_enabled.setter
+    def sampling_enabled(self, value):
+        if not isinstance(value, bool):
+            raise ValueError(f"sampling_enabled must be True or False, got {value!r}")
+        self._sampling_enabled = value
+
+    def num_samples_of(self, n):
+        """k, the channels a training forward keeps of n: n while sampling is disabled."""
+        return num_samples(n, self.sample_ratio, self.minimal_k) if self.sampling_enabled else n
 
     @property
     def sample_ratio(self):

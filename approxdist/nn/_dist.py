@@ -19,10 +19,11 @@ n/k) scale each kept channel by 1/p; at lr 0.1 that variance kept the digits CNN
 """
 import torch
 
-from ..functional import channel_norms, num_samples, select_columns
+from ..functional import channel_norms, select_columns
 from ..functional._checks import DIST_POLICIES, check_explore, check_seed
 from ._config import SamplingConfig
 from ._registry import register_sampled, sampled_layers_of
+from .schedule import SCHEDULE_KEY, schedule_of
 
 
 class WeightSampled(SamplingConfig):
@@ -116,7 +117,7 @@ class WeightSampled(SamplingConfig):
 
     def _draw(self):
         n = self.weight.shape[1]
-        k = num_samples(n, self.sample_ratio, self.minimal_k)
+        k = self.num_samples_of(n)
         idx, scale = None, None
         if k < n:
             scores = channel_norms(self.weight.detach(), 1)
@@ -184,7 +185,7 @@ class WeightSampled(SamplingConfig):
     def _prepared_key(self):
         w = self.weight
         return (w._version, w.data_ptr(), w.dtype, w.device, self.sample_ratio, self.minimal_k,
-                self.policy, self.mode)
+                self.policy, self.mode, self.sampling_enabled)
 
     def _selection(self, records=True):
         """(indices, scale, prepared weight operand or None) for a training forward;
@@ -279,16 +280,28 @@ def touched_count_of(param):
 
 
 def sampler_state(model):
-    """Generator states of every weight-sampled layer, keyed by module name: save it with
-    a checkpoint so a resumed run draws the same channels as an uninterrupted one."""
-    return {name: m.sampler_state() for name, m in model.named_modules() if isinstance(m, WeightSampled)}
+    """Generator states of every weight-sampled layer, keyed by module name, and the
+    count of an attached SamplingSchedule (key "#schedule"): save it with a checkpoint
+    so a resumed run draws the same channels, and runs the same steps exactly, as an
+    uninterrupted one."""
+    state = {name: m.sampler_state() for name, m in model.named_modules() if isinstance(m, WeightSampled)}
+    schedule = schedule_of(model)
+    if schedule is not None:
+        state[SCHEDULE_KEY] = schedule.state_dict()
+    return state
 
 
 def load_sampler_state(model, state):
     layers = {name: m for name, m in model.named_modules() if isinstance(m, WeightSampled)}
+    schedule = schedule_of(model)
+    if schedule is not None and SCHEDULE_KEY not in state:
+        raise ValueError("sampler state does not match the model: the model has a SamplingSchedule, "
+                         "the state no schedule count")
     missing = sorted(set(layers) - set(state))
-    unexpected = sorted(set(state) - set(layers))
+    unexpected = sorted(set(state) - set(layers) - ({SCHEDULE_KEY} if schedule is not None else set()))
     if missing or unexpected:
         raise ValueError(f"sampler state does not match the model: missing {missing}, unexpected {unexpected}")
     for name, layer in layers.items():
         layer.load_sampler_state(state[name])
+    if schedule is not None:
+        schedule.load_state_dict(state[SCHEDULE_KEY])

@@ -60,7 +60,7 @@ class ApproxConv2d(SamplingConfig, _ApproxConvBase):
         self._init_layout(weight_layout)
 
     def forward(self, input):
-        if not self.training:
+        if not self.training or not self.sampling_enabled:
             return self._conv_forward(input, contiguous_weight(self.weight), self.bias)
         if input.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d takes it
             return self.forward(input.unsqueeze(0)).squeeze(0)

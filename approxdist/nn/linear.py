@@ -21,7 +21,7 @@ class ApproxLinear(SamplingConfig, nn.Linear):
         self._init_layout(weight_layout)
 
     def forward(self, input):
-        if not self.training:
+        if not self.training or not self.sampling_enabled:
             return F.linear(input, contiguous_weight(self.weight), self.bias)
         return approx_linear(input, self.weight, self.bias, sample_ratio=self.sample_ratio,
                              minimal_k=self.minimal_k, policy=self.policy, mode=self.mode)

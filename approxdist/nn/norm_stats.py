@@ -27,7 +27,6 @@ import math
 import torch
 from torch import nn
 
-from ..functional import num_samples
 from ._config import SamplingConfig
 
 _BN = nn.modules.batchnorm._BatchNorm
@@ -55,7 +54,7 @@ def _norms_and_sampled(module):
                 norms.append(m)
         elif isinstance(m, SamplingConfig) and m.training and getattr(m, "weight", None) is not None:
             n = m.weight.shape[1]
-            if num_samples(n, m.sample_ratio, m.minimal_k) < n:
+            if m.num_samples_of(n) < n:
                 sampled.append(m)
     return norms, sampled
 

@@ -47,6 +47,9 @@ def build_parser(prog="approxdist-train"):
     p.add_argument("--sample-ratio", type=float, default=1.0, help="fraction of channels kept by sampled layers, in (0, 1]")
     p.add_argument("--minimal-k", type=int, default=1, help="keep at least this many channels per layer")
     p.add_argument("--policy", default="topk_weight", choices=POLICIES)
+    p.add_argument("--allow-unbiased-sampling", action="store_true",
+                   help="accept --policy bernoulli_weight below --sample-ratio 1: its unbiased 1/p scaling "
+                        "made the digits CNN diverge (docs/design.md)")
     p.add_argument("--budget", type=float, default=None,
                    help="instead of --sample-ratio: the fraction of the dense gradient bytes sent per step, "
                         "spread as per-layer ratios (convert_model(budget=...)), in (0, 1]")
@@ -136,6 +139,11 @@ def validate(args):
             raise ValueError("--budget and --sample-ratio are alternatives: give one of them")
     if not 0.0 <= args.explore <= 1.0:
         raise ValueError(f"--explore must be in [0, 1], got {args.explore}")
+    if args.policy == "bernoulli_weight" and (args.sample_ratio < 1.0 or args.budget is not None) \
+            and not args.allow_unbiased_sampling:
+        raise ValueError("--policy bernoulli_weight: its unbiased 1/p scaling (about 1/ratio on every kept "
+                         "channel) made the digits CNN diverge at ratios 0.5 and 0.33, lr 0.1 and 0.02 "
+                         "(docs/design.md); use topk_weight or topk_explore, or add --allow-unbiased-sampling")
     if args.norm_stats_every < 1:
         raise ValueError(f"--norm-stats-every must be >= 1, got {args.norm_stats_every}")
     positive = {"--epochs": args.epochs, "--batch-size": args.batch_size, "--minimal-k": args.minimal_k,
