@@ -3,8 +3,8 @@
 Nothing here imports torch.distributed."""
 from ._dist import WeightSampled, load_sampler_state, sampler_state
 from ._registry import sampled_layer_of
-from .attention import ApproxMultiheadAttention, ApproxMultiheadAttentionDist
 from .aliases import approx_Conv2d, approx_Conv2d_dist, approx_Linear
+from .attention import ApproxMultiheadAttention, ApproxMultiheadAttentionDist
 from .conv import ApproxConv2d, ApproxConv2dDist
 from .convert import convert_model
 from .linear import ApproxLinear, ApproxLinearDist

@@ -16,8 +16,8 @@ from ..functional._checks import (
     check_sample_ratio,
     check_weight_layout,
 )
-from .budget import budget_ratios
 from .attention import ApproxMultiheadAttention, ApproxMultiheadAttentionDist
+from .budget import budget_ratios
 from .conv import ApproxConv2d, ApproxConv2dDist
 from .linear import ApproxLinear, ApproxLinearDist
 from .norm_stats import check_norm_stats, exact_norm_stats, norm_stats_of, remove_norm_stats
