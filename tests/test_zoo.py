@@ -25,8 +25,7 @@ from torchvision.models.vision_transformer import VisionTransformer
 
 import approxdist as ad
 from approxdist.nn import WeightSampled
-from distharness import run_ranks
-from models import analytic_bytes, batch_for, make_model
+from hookcompare import assert_hook_equals_allreduce
 
 ALL = torchvision.models.list_models(module=torchvision.models)
 APPROX = (ad.nn.ApproxLinear, ad.nn.ApproxConv2d, ad.nn.ApproxMultiheadAttention, WeightSampled)
@@ -218,43 +217,6 @@ def test_family_table_covers_every_builder_class():
     seen = {type(torchvision.models.get_model(name, weights=None, **_size(name)[1])) for name in ALL
             if not name.startswith(("vit_h", "vit_l", "regnet_y_128", "regnet_y_32", "regnet_x_32"))}
     assert seen <= covered, seen - covered
-
-
-def _hook_worker(rank, world, name, ratio, steps):
-    """One model trained twice on the same batches and the same dropout masks: under DDP
-    with the sparse hook and under DDP's own all-reduce."""
-    import copy
-
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    torch.set_num_threads(1)
-    base = make_model(name)
-    models = [ad.convert_model(copy.deepcopy(base), ratio, distributed=True, seed=7) for _ in range(2)]
-    sparse, dense = DDP(models[0]), DDP(models[1])
-    state = ad.distributed.register(sparse)
-    opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (sparse, dense)]
-    for step in range(steps):
-        x, y = batch_for(name, rank, step)
-        for ddp, opt in zip((sparse, dense), opts):
-            torch.manual_seed(step)
-            nn.functional.cross_entropy(ddp(x), y).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=False)
-    return {"sparse": [p.detach().clone() for p in models[0].parameters()],
-            "dense": [p.detach().clone() for p in models[1].parameters()],
-            "payload": state.stats["payload_bytes"], "analytic": analytic_bytes(models[0]) * steps,
-            "dense_bytes": sum(p.numel() * p.element_size() for p in models[0].parameters()) * steps}
-
-
-def assert_hook_equals_allreduce(name, ratio=0.33, steps=2):
-    results = run_ranks(_hook_worker, 2, name, ratio, steps)
-    for r in results:
-        for ps, pd in zip(r["sparse"], r["dense"]):
-            assert torch.equal(ps, pd), (ps - pd).abs().max()
-        assert r["payload"] == r["analytic"] < r["dense_bytes"]
-    for a, b in zip(results[0]["sparse"], results[1]["sparse"]):
-        assert torch.equal(a, b), "ranks disagree"
-    return results[0]
 
 
 def test_sparse_hook_equals_allreduce_efficientnet_b0():
