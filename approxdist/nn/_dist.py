@@ -22,7 +22,7 @@ import torch
 from ..functional import channel_norms, num_samples, select_columns
 from ..functional._checks import DIST_POLICIES, check_explore
 from ._config import SamplingConfig
-from ._registry import register_sampled, sampled_layer_of
+from ._registry import is_registered, register_sampled
 
 
 class WeightSampled(SamplingConfig):
@@ -165,7 +165,7 @@ class WeightSampled(SamplingConfig):
         # The comm hooks find this layer through its weight. A deep copy, an unpickled
         # layer or a replaced weight is not in the registry yet; every training forward
         # makes sure it is, or the hook would reduce this gradient densely.
-        if sampled_layer_of(self.weight) is not self:
+        if not is_registered(self):
             register_sampled(self)
         n = self.weight.shape[1]
         used = idx if idx is not None else torch.arange(n, device=self.weight.device)
