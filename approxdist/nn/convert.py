@@ -128,21 +128,20 @@ def _reconfigure(layer, kwargs):
     layer._init_layout(kwargs["weight_layout"])
 
 
-def _convert_one(m, forms, kwargs):
-    """m converted (a new module) or, when it is one of `forms` already, reconfigured in
-    place (None)."""
-    local_or_dist = forms[1] if "seed" in kwargs[0] else forms[0]
+def _convert_one(m, distributed, kwargs):
+    """m converted (a new module) or, when it is the wanted form already, reconfigured in
+    place (None). kwargs: one set of layer arguments per weight it samples."""
+    wanted = _FORMS[_SOURCE.get(type(m), type(m))][int(distributed)]
     if isinstance(m, nn.MultiheadAttention):
-        linear_cls = _FORMS[nn.Linear][1 if "seed" in kwargs[0] else 0]
-        if type(m) is local_or_dist:
+        if type(m) is wanted:
             _reconfigure(m, dict(kwargs[0], weight_layout="contiguous"))
             _reconfigure(m.out_proj, dict(kwargs[1], weight_layout="contiguous"))
             return None
-        return _swap_attention(m, local_or_dist, linear_cls, kwargs)
-    if type(m) is local_or_dist:
+        return _swap_attention(m, wanted, _FORMS[nn.Linear][int(distributed)], kwargs)
+    if type(m) is wanted:
         _reconfigure(m, kwargs[0])
         return None
-    return _swap(m, local_or_dist, kwargs[0])
+    return _swap(m, wanted, kwargs[0])
 
 
 def _plan(module, exclude, skip_first_conv, distributed):
@@ -266,7 +265,7 @@ def convert_model(module, sample_ratio=None, minimal_k=1, *, budget=None, distri
                 kw.update(seed=seed + ordinal, explore=explore)
             kwargs.append(kw)
             ordinal += 1
-        new = _convert_one(m, _FORMS[_SOURCE.get(type(m), type(m))], kwargs)
+        new = _convert_one(m, distributed, kwargs)
         if new is not None:
             replaced[name] = new
 
