@@ -106,3 +106,14 @@ def test_resnet18_at_033_evaluates_within_2_points(resnet18_rows):
                    "Fidelity); strict, so it fails here once the target is met and this mark must go")
 def test_resnet18_at_05_evaluates_within_1_point(resnet18_rows):
     assert resnet18_rows["0.5"]["acc_vs_exact"] >= -0.01, resnet18_rows["0.5"]
+
+
+def test_vit_task_runs_and_evaluates_like_plain_torchvision(tmp_path):
+    out = tmp_path / "vit.json"
+    assert fidelity.main(["--tasks", "vit", "--configs", "exact", "0.5", "--seeds", "0", "--steps", "4",
+                          "--eval-every", "2", "--json", str(out)]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["config"] for r in runs] == ["exact", "0.5"]
+    for r in runs:
+        assert r["plain_acc"] == r["final_acc"] and len(r["curve"]) == 2
+    assert runs[1]["sample_ratios"] == [0.5]
