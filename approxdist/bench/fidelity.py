@@ -41,7 +41,7 @@ TASKS = ("cnn128", "resnet18", "vit")
 # Per task: (learning rate, steps). The CNN at lr 0.1 is the setting of the time-to-accuracy
 # benchmark; resnet18 at 0.05 needs about 300 steps to near 97% exactly.
 TASK_DEFAULTS = {"cnn128": (0.1, 200), "resnet18": (0.05, 300), "vit": (0.05, 400)}
-VIT = dict(image_size=32, patch_size=4, num_layers=4, num_heads=4, hidden_dim=64, mlp_dim=128)
+VIT = dict(image_size=32, patch_size=8, num_layers=4, num_heads=4, hidden_dim=64, mlp_dim=128)
 # '+sampledbn', and the suffixes that carry a value: prefix -> (convert_model keyword, type).
 VALUED_SUFFIXES = {"explore": ("explore", float), "every": ("norm_stats_every", int)}
 
