@@ -187,6 +187,13 @@ def check_model(build, size, distributed):
     loss = _loss(model(x), y)
     assert math.isfinite(loss.item())
     loss.backward()
+    if distributed:  # lossless: no gradient outside what the hook would send (invariant 2)
+        for name, m in model.named_modules():
+            if isinstance(m, WeightSampled) and m.weight.grad is not None:
+                sent = m.pop_touched()
+                outside = torch.ones(m.weight.shape[1], dtype=torch.bool)
+                outside[sent] = False
+                assert not m.weight.grad[:, outside].any(), name
     opt.step()
     assert _state(model) != state
     if distributed:  # some layer computed on fewer than all of its input features

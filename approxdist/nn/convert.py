@@ -31,6 +31,10 @@ _FORMS = {
 }
 _SOURCE = {cls: base for base, forms in _FORMS.items() for cls in forms}
 _APPROX = tuple(_SOURCE)
+# Modules whose forward reads their child Linear layers' weights directly, so a sampled
+# child would be bypassed (its gradient dense while the hook sends only its selection):
+# torchvision's Swin attention passes qkv.weight and proj.weight to a function.
+_READS_CHILD_WEIGHTS = ("ShiftedWindowAttention", "ShiftedWindowAttentionV2")
 _HOOK_TABLES = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
                 "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_pre_hooks",
                 "_backward_hooks", "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
@@ -157,6 +161,11 @@ def _plan(module, exclude, skip_first_conv, distributed):
         if any(name.startswith(prefix + ".") for prefix in inside):
             continue
         base = _SOURCE.get(type(m), type(m) if type(m) in _FORMS else None)
+        if type(m).__name__ in _READS_CHILD_WEIGHTS and type(m).__module__.startswith("torchvision."):
+            log.debug("convert_model: %s (%s) reads its Linear layers' weights directly (not through their "
+                      "forward), left exact with them", name, type(m).__name__)
+            inside.append(name)
+            continue
         if base is None:
             own = [p for p, t in m.named_parameters(recurse=False) if t is not None and t.dim() >= 2]
             if isinstance(m, (nn.Linear, nn.Conv2d, nn.MultiheadAttention)) and not isinstance(m, _APPROX):
