@@ -253,3 +253,45 @@ def test_every_torchvision_transformer_samples_nearly_all_weights(name):
 def test_sparse_hook_equals_allreduce_small_vit():
     r = assert_hook_equals_allreduce("vit_small")
     assert r["payload"] < 0.6 * r["dense_bytes"]
+
+
+@pytest.mark.parametrize("v2", [False, True])
+@pytest.mark.parametrize("shift", [0, 2])
+def test_swin_window_attention_calls_its_layers_and_is_torchvisions(v2, shift):
+    """Swin's attention reads qkv/proj weights directly; convert_model swaps its class for
+    one that calls them (nn/_swin.py). Its sampled forward with every feature kept is
+    torchvision's in float64 (windows padded and shifted), and at ratio 0.5 the layers
+    record their selections."""
+    from torchvision.models.swin_transformer import ShiftedWindowAttention, ShiftedWindowAttentionV2
+
+    from approxdist.nn._swin import _window_attention
+
+    torch.manual_seed(0)
+    cls = ShiftedWindowAttentionV2 if v2 else ShiftedWindowAttention
+    ref = cls(16, [4, 4], [shift, shift], num_heads=2).double()
+    with torch.no_grad():
+        ref.qkv.bias.copy_(torch.randn_like(ref.qkv.bias))
+    block = nn.Sequential(copy.deepcopy(ref))
+    ad.convert_model(block, 0.5, distributed=True)
+    m = block[0]
+    assert type(m).__name__ == "Sampled" + cls.__name__ and m.qkv.weight.is_contiguous()
+    assert list(m.state_dict()) == list(ref.state_dict())
+    x = torch.randn(2, 6, 7, 16, dtype=D, requires_grad=True)  # pads to 8x8: 4 windows
+    want = ref(x)
+    sampled = [layer for layer in m.modules() if isinstance(layer, ad.nn.WeightSampled)]  # V2: cpb_mlp too
+    for layer in sampled:
+        layer.sample_ratio = 1.0
+    m.eval()
+    assert torch.equal(m(x), want)  # torchvision's own forward
+    m.train()
+    got = _window_attention(m, x, m.get_relative_position_bias(), getattr(m, "logit_scale", None))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(got, [x] + list(m.parameters()), g),
+                    torch.autograd.grad(want, [x] + list(ref.parameters()), g)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for layer in sampled:
+        layer.sample_ratio = 0.5
+    m(x).sum().backward()
+    for layer in (m.qkv, m.proj):
+        assert (layer.weight.grad != 0).any(0).sum() == 8 and layer.last_indices.numel() == 8

@@ -33,8 +33,11 @@ _SOURCE = {cls: base for base, forms in _FORMS.items() for cls in forms}
 _APPROX = tuple(_SOURCE)
 # Modules whose forward reads their child Linear layers' weights directly, so a sampled
 # child would be bypassed (its gradient dense while the hook sends only its selection):
-# torchvision's Swin attention passes qkv.weight and proj.weight to a function.
-_READS_CHILD_WEIGHTS = ("ShiftedWindowAttention", "ShiftedWindowAttentionV2")
+# torchvision's Swin attention passes qkv.weight and proj.weight to a function. Their
+# class is swapped for one that calls the children (nn/_swin.py), whose weights stay
+# row-major so that torchvision's own forward (eval) reads them bit-identically.
+_READS_CHILD_WEIGHTS = ("ShiftedWindowAttention", "ShiftedWindowAttentionV2",
+                        "SampledShiftedWindowAttention", "SampledShiftedWindowAttentionV2")
 _HOOK_TABLES = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
                 "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_pre_hooks",
                 "_backward_hooks", "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
@@ -156,15 +159,17 @@ def _plan(module, exclude, skip_first_conv, distributed):
     if skip_first_conv:
         first_conv = next((name for name, m in module.named_modules() if isinstance(m, nn.Conv2d)), None)
     wanted = 1 if distributed else 0
-    candidates, inside = [], []  # inside: attention modules whose out_proj they convert themselves
+    candidates, inside, windows = [], [], []  # inside: modules whose children are not converted on their own
     for name, m in module.named_modules():
         if any(name.startswith(prefix + ".") for prefix in inside):
             continue
         base = _SOURCE.get(type(m), type(m) if type(m) in _FORMS else None)
-        if type(m).__name__ in _READS_CHILD_WEIGHTS and type(m).__module__.startswith("torchvision."):
-            log.debug("convert_model: %s (%s) reads its Linear layers' weights directly (not through their "
-                      "forward), left exact with them", name, type(m).__name__)
-            inside.append(name)
+        if type(m).__name__ in _READS_CHILD_WEIGHTS and type(m).__module__.startswith(("torchvision.", __package__)):
+            if _excluded(name, m, exclude):
+                log.debug("convert_model: %s (%s) excluded, left exact with its layers", name, type(m).__name__)
+                inside.append(name)
+            else:
+                windows.append((name, m))
             continue
         if base is None:
             own = [p for p, t in m.named_parameters(recurse=False) if t is not None and t.dim() >= 2]
@@ -190,7 +195,7 @@ def _plan(module, exclude, skip_first_conv, distributed):
             log.debug("convert_model: %s (%s) left exact: %s", name, type(m).__name__, why)
             continue
         candidates.append((name, m))
-    return candidates
+    return candidates, windows
 
 
 def convert_model(module, sample_ratio=None, minimal_k=1, *, budget=None, distributed=False, policy=None,
@@ -255,7 +260,8 @@ def convert_model(module, sample_ratio=None, minimal_k=1, *, budget=None, distri
     check_explore(explore)
     if isinstance(exclude, (str, type)):
         exclude = (exclude,)
-    candidates = _plan(module, exclude, skip_first_conv, distributed)
+    candidates, windows = _plan(module, exclude, skip_first_conv, distributed)
+    row_major = tuple(name + "." for name, _ in windows)  # their layers' weights stay row-major
     weights = [_sampled_weights(m) for _, m in candidates]
     layers = [w for ws in weights for w in ws]
     if budget is None:
@@ -269,7 +275,7 @@ def convert_model(module, sample_ratio=None, minimal_k=1, *, budget=None, distri
         kwargs = []
         for _ in ws:
             kw = dict(sample_ratio=ratios[ordinal], minimal_k=minimal_k, policy=policy, mode=mode,
-                      weight_layout=weight_layout)
+                      weight_layout="contiguous" if name.startswith(row_major) else weight_layout)
             if distributed:
                 kw.update(seed=seed + ordinal, explore=explore)
             kwargs.append(kw)
@@ -278,6 +284,11 @@ def convert_model(module, sample_ratio=None, minimal_k=1, *, budget=None, distri
         if new is not None:
             replaced[name] = new
 
+    if windows:
+        from ._swin import SAMPLED
+
+        for _, m in windows:
+            m.__class__ = SAMPLED.get(type(m), type(m))
     if "" in replaced:
         return replaced[""]
     for name, new in replaced.items():
