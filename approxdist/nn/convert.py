@@ -205,6 +205,8 @@ def convert_model(module, sample_ratio=None, minimal_k=1, *, budget=None, distri
     ApproxLinear / ApproxConv2d / ApproxMultiheadAttention (their *Dist forms with
     distributed=True) in place and return the module. An attention module's two sampled
     weights (in_proj_weight, out_proj.weight) count as two layers for `budget` and seeds.
+    torchvision's Swin attention, which reads its qkv/proj weights directly, gets a
+    subclass that calls them (nn/_swin.py).
 
     Called again on a converted module, it applies its arguments to the layers an
     earlier call converted (ratio, minimal_k, policy, mode, seed, explore, layout; the
