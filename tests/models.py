@@ -40,6 +40,9 @@ def make_model(name, seed=0, **kw):
     import torchvision
 
     torch.manual_seed(seed)
+    if name == "vit_small":  # torchvision's class, small: 32 px images, 16 tokens of 32 features
+        return torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                                    hidden_dim=32, mlp_dim=64, num_classes=kw.get("classes", 10))
     return getattr(torchvision.models, name)(num_classes=kw.get("classes", 10))
 
 

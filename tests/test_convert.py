@@ -144,8 +144,9 @@ def test_requires_grad_dtype_and_idempotence():
     layer = model.layer2[0].conv1
     assert (layer.sample_ratio, layer.minimal_k, layer.policy, layer.mode) == (0.25, 4, "uniform", "blackbox")
     kinds = _kinds(model)
-    convert_model(model, 0.5)  # already converted layers are left as they are
-    assert _kinds(model) == kinds and model.layer2[0].conv1.sample_ratio == 0.25
+    convert_model(model, 0.5)  # a second call applies its own arguments to the converted layers
+    assert _kinds(model) == kinds
+    assert (layer.sample_ratio, layer.minimal_k, layer.policy, layer.mode) == (0.5, 1, "topk", "forward")
     out = model.train()(torch.randn(2, 3, 32, 32, dtype=torch.float64))
     assert out.dtype == torch.float64
 

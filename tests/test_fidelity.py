@@ -127,3 +127,14 @@ def test_payload_counts_exact_steps_dense(digits):
     assert warm["payload_fraction"] == pytest.approx((2 + 2 * f) / 4, abs=1e-4)
     assert warm["payload_to_target"] == 1.0  # the first step is exact
     assert last["payload_fraction"] == pytest.approx((1 + 3 * f) / 4, abs=1e-4)
+
+
+def test_vit_task_runs_and_evaluates_like_plain_torchvision(tmp_path):
+    out = tmp_path / "vit.json"
+    assert fidelity.main(["--tasks", "vit", "--configs", "exact", "0.5", "--seeds", "0", "--steps", "4",
+                          "--eval-every", "2", "--json", str(out)]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["config"] for r in runs] == ["exact", "0.5"]
+    for r in runs:
+        assert r["plain_acc"] == r["final_acc"] and len(r["curve"]) == 2
+    assert runs[1]["sample_ratios"] == [0.5]

@@ -273,3 +273,12 @@ def copies_worker(rank, world):
 def test_copies_and_pickles_of_the_model_carry_inert_hooks():
     for pending, still_pending, after in run_ranks(copies_worker, 2):
         assert pending > 0 and still_pending == pending and after == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ratio", [1.0, 0.5])
+def test_overlap_steps_attention_weights_read_outside_their_module(ratio):
+    """nn.MultiheadAttention's exact forward (ratio 1) reads out_proj's weight without
+    calling out_proj; the overlapped loop still equals the usual one on a small ViT."""
+    results = run_ranks(worker, 2, "vit_small", "sparse", "sgd", {"bucket_cap_mb": 0.003}, ratio, 3)
+    _check(results)

@@ -44,6 +44,12 @@ class ForwardSampled(torch.autograd.Function):
             out = x.new_zeros(product.out_shape(x, w))
             if b is not None:
                 out += b.view([1, -1] + [1] * (out.dim() - 2))
+        if out._base is not None:
+            # A view returned from a custom Function cannot be modified in place (autograd
+            # forbids it), and models do that right after a convolution (inplace
+            # activations, squeeze-excitation). The products return fresh tensors; this
+            # copy only guards a product that does not.
+            out = out.clone()
         ctx.product, ctx.dense_grad, ctx.has_bias = product, dense_grad, b is not None
         ctx.x_shape, ctx.w_shape = x.shape, w.shape
         # The weight gradient is built in the weight's own layout (a dim-1-major weight

@@ -208,14 +208,18 @@ class Conv2dProduct:
         n_b, k, h, wd = x.shape
         o, hw = w.shape[0], h * wd
         w2 = w.reshape(o, k)  # a view (transposed for a dim-1-major w: BLAS takes it as is)
+        # Written into a tensor of the output's own shape: a view returned from the
+        # autograd Function could not be modified in place (an inplace ReLU after it).
+        out = x.new_empty((n_b, o, h, wd))
+        out3 = out.view(n_b, o, hw)
         if hw < _FOLD_BELOW:
-            out = w2.mm(x.transpose(0, 1).reshape(k, n_b * hw))
-            out = out.view(o, n_b, hw).transpose(0, 1).contiguous()
+            folded = w2.mm(x.transpose(0, 1).reshape(k, n_b * hw))
+            out3.copy_(folded.view(o, n_b, hw).transpose(0, 1))
         else:
-            out = torch.matmul(w2, x.view(n_b, k, hw))
+            torch.matmul(w2, x.view(n_b, k, hw), out=out3)
         if b is not None:
-            out += b.view(1, -1, 1)
-        return out.view(n_b, o, h, wd)
+            out3 += b.view(1, -1, 1)
+        return out
 
     def sampled_backward(self, g, x, w, has_bias, mask):
         if not self._pointwise(w):

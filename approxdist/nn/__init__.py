@@ -4,6 +4,7 @@ Nothing here imports torch.distributed."""
 from ._dist import WeightSampled, load_sampler_state, pop_touched_of, sampler_state, touched_count_of
 from ._registry import sampled_layer_of, sampled_layers_of
 from .aliases import approx_Conv2d, approx_Conv2d_dist, approx_Linear
+from .attention import ApproxMultiheadAttention, ApproxMultiheadAttentionDist
 from .conv import ApproxConv2d, ApproxConv2dDist
 from .convert import convert_model
 from .linear import ApproxLinear, ApproxLinearDist
@@ -14,4 +15,5 @@ __all__ = ["ApproxLinear", "ApproxConv2d", "ApproxLinearDist", "ApproxConv2dDist
            "approx_Linear", "approx_Conv2d", "approx_Conv2d_dist", "sampler_state",
            "load_sampler_state", "sampled_layer_of", "sampled_layers_of", "pop_touched_of", "touched_count_of",
            "WeightSampled", "exact_norm_stats", "remove_norm_stats", "norm_stats_of", "SamplingSchedule",
-           "set_sampling", "schedule_of", "remove_schedule"]
+           "set_sampling", "schedule_of", "remove_schedule", "ApproxMultiheadAttention",
+           "ApproxMultiheadAttentionDist"]

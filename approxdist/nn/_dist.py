@@ -22,7 +22,7 @@ import torch
 from ..functional import channel_norms, select_columns
 from ..functional._checks import DIST_POLICIES, check_explore, check_seed
 from ._config import SamplingConfig
-from ._registry import register_sampled, sampled_layers_of
+from ._registry import is_registered, register_sampled, sampled_layers_of
 from .schedule import SCHEDULE_KEY, schedule_of
 
 
@@ -203,7 +203,7 @@ class WeightSampled(SamplingConfig):
         # The comm hooks find this layer through its weight. A deep copy, an unpickled
         # layer or a replaced weight is not in the registry yet; every training forward
         # makes sure it is, or the hook would miss this layer's channels.
-        if self not in sampled_layers_of(self.weight):
+        if not is_registered(self):
             register_sampled(self)
         n = self.weight.shape[1]
         used = idx if idx is not None else torch.arange(n, device=self.weight.device)

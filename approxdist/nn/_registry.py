@@ -10,6 +10,8 @@ theirs, so the hook must send the union of their selections: the map keeps every
 layer of a weight, not the last one registered."""
 import weakref
 
+import torch
+
 _LAYERS = {}  # id(weight) -> WeakSet of the layers holding it
 
 
@@ -21,6 +23,17 @@ def register_sampled(layer):
             del _LAYERS[stale]
         layers = _LAYERS[key] = weakref.WeakSet()
     layers.add(layer)
+    layer._registered_id = key
+
+
+def is_registered(layer):
+    """Whether `layer` is among sampled_layers_of(layer.weight). Under torch.compile, which
+    cannot trace a weakref call (a graph break per layer), it compares the weight's id with
+    the one the layer was registered under: a copy or an unpickled layer carries the
+    original's."""
+    if torch.compiler.is_compiling():
+        return getattr(layer, "_registered_id", None) == id(layer.weight)
+    return layer in sampled_layers_of(layer.weight)
 
 
 def sampled_layers_of(param):

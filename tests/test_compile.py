@@ -1,0 +1,78 @@
+"""torch.compile of a converted model: training gives the parameters of eager training
+(within float32 tolerance: compiled kernels may sum in another order), selects the same
+channels, and the distributed layers add no graph break of their own."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import approxdist as ad
+from models import make_model
+
+
+def _train(model, steps=3):
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        x, y = torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize("distributed", [pytest.param(False, marks=pytest.mark.slow), True], ids=["local", "dist"])
+def test_compiled_training_equals_eager(distributed):
+    torch._dynamo.reset()
+    base = ad.convert_model(make_model("cnn"), 0.5, distributed=distributed,
+                            policy="topk_weight" if distributed else "topk")
+    eager, compiled = base, copy.deepcopy(base)
+    _train(eager)
+    _train(torch.compile(compiled, backend="aot_eager"))
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+    for a, b in zip(eager.modules(), compiled.modules()):
+        if isinstance(a, ad.nn.WeightSampled):
+            assert torch.equal(a.last_indices, b.last_indices)
+
+
+def test_distributed_layers_add_no_graph_break():
+    """A weight-sampled layer's forward used to read the weak registry map (one break per
+    layer); a plain Linear model compiles to one graph, so must its converted form."""
+    torch._dynamo.reset()
+    model = ad.convert_model(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                                           nn.Linear(32, 4)), 0.5, distributed=True).train()
+    explained = torch._dynamo.explain(model)(torch.randn(4, 16))
+    assert explained.graph_break_count == 0, explained.break_reasons
+
+
+def _ddp_worker(rank, world):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.set_num_threads(1)
+    base = ad.convert_model(make_model("cnn"), 0.5, distributed=True)
+    out = {}
+    for compiled in (False, True):
+        ddp = DDP(copy.deepcopy(base))
+        state = ad.distributed.register(ddp)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+        run = torch.compile(ddp, backend="aot_eager") if compiled else ddp
+        g = torch.Generator().manual_seed(rank)
+        for _ in range(3):
+            x, y = torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g)
+            nn.functional.cross_entropy(run(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        out[compiled] = ([p.detach().clone() for p in ddp.parameters()], state.stats["payload_bytes"])
+    return out
+
+
+@pytest.mark.slow
+def test_compiled_ddp_with_the_sparse_hook_equals_eager():
+    from distharness import run_ranks
+
+    for r in run_ranks(_ddp_worker, 2):
+        (eager, sent), (compiled, sent_compiled) = r[False], r[True]
+        assert sent_compiled == sent
+        for a, b in zip(eager, compiled):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
