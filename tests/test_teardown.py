@@ -59,3 +59,18 @@ def test_plain_destroy_process_group_exits_cleanly():
 def test_plain_destroy_process_group_exits_cleanly_many_runs(wrap, rounds):
     failures, total = _runs(rounds=rounds, pairs_at_once=3, wrap=wrap)
     assert total == 6 * rounds and not failures, f"{len(failures)} of {total} processes failed: {failures}"
+
+
+def test_tracked_callbacks_are_counted_until_released():
+    import torch
+
+    from approxdist.distributed import futures
+
+    futures.drain(0)
+    parent = torch.futures.Future()
+    child = futures.then(parent, lambda f: f.value() + 1)
+    assert futures.pending() == 1  # not run yet: drain gives up after its timeout
+    assert futures.drain(timeout=0.05) is False
+    parent.set_result(1)  # runs (and releases) the callback on this thread
+    assert child.wait() == 2
+    assert futures.pending() == 0 and futures.drain(timeout=0.05) is True
