@@ -1,10 +1,12 @@
 """init_distributed: the launcher environments it reads, and real 2-process gloo groups."""
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -118,13 +120,8 @@ def test_backend_default_and_nccl_without_cuda(clean_env):
         init_distributed("carrier-pigeon")
 
 
-def test_mpi_without_master_addr_needs_mpi4py(clean_env):
-    try:
-        import mpi4py  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.skip("mpi4py is installed: the broadcast path would run instead")
+def test_mpi_without_master_addr_needs_mpi4py(clean_env, monkeypatch):
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # as if not installed: import fails
     clean_env.setenv("OMPI_COMM_WORLD_RANK", "0")
     clean_env.setenv("OMPI_COMM_WORLD_SIZE", "2")
     with pytest.raises(RuntimeError, match="MASTER_ADDR"):
@@ -204,3 +201,43 @@ def test_mpi_environment_two_processes():
         for r in range(2)
     ])
     assert [(o["rank"], o["world"], o["local"], o["sum"]) for o in outs] == [(0, 2, 0, 3.0), (1, 2, 1, 3.0)]
+
+
+MPI_SCRIPT = """
+import json, torch, torch.distributed as dist
+from approxdist.distributed import init_distributed
+import os
+import shutil
+rank, world, local = init_distributed("gloo")
+t = torch.tensor([float(rank + 1)])
+dist.all_reduce(t)
+print("RESULT", json.dumps({"rank": rank, "world": world, "local": local, "sum": t.item(),
+                            "master": os.environ["MASTER_ADDR"]}), flush=True)
+dist.destroy_process_group()
+"""
+
+
+def _mpi4py_missing():
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        return True
+    return False
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun (Open MPI) is not installed")
+@pytest.mark.skipif(_mpi4py_missing(), reason="mpi4py is not installed (pip install mpi4py)")
+def test_mpirun_without_master_addr_broadcasts_rank_0s_address():
+    """The real mpi4py path: mpirun publishes no rendezvous address, rank 0 broadcasts its
+    host name over MPI, both ranks initialise gloo and an all-reduce sums 1 + 2."""
+    drop = ("MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_USE_AGENT_STORE")
+    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith(("SLURM_", "PMI_", "OMPI_"))}
+    env.update(MASTER_PORT=str(_free_port()), GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")]))
+    res = subprocess.run(["mpirun", "-np", "2", "--allow-run-as-root", "--oversubscribe",
+                          sys.executable, "-c", MPI_SCRIPT], env=env, capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    outs = sorted((json.loads(line.split("RESULT ", 1)[1]) for line in res.stdout.splitlines()
+                   if line.startswith("RESULT ")), key=lambda o: o["rank"])
+    assert [(o["rank"], o["world"], o["local"], o["sum"]) for o in outs] == [(0, 2, 0, 3.0), (1, 2, 1, 3.0)]
+    assert outs[0]["master"] == outs[1]["master"] == socket.gethostname()

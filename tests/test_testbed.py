@@ -451,6 +451,34 @@ def test_check_results_names_the_first_failing_node():
     assert str(err.value).endswith("boom") and len(str(err.value)) < 3100
 
 
+def test_check_results_names_the_node_that_failed_first_not_one_we_stopped():
+    from approxdist.bench.testbed import check_results
+
+    ok = {"returncode": 0, "stdout": "", "stderr": ""}
+    ours = {"returncode": -15, "stdout": "", "stderr": "terminated", "stopped": True, "failed_seq": None}
+    late = {"returncode": 2, "stdout": "", "stderr": "second", "stopped": False, "failed_seq": 1}
+    first = {"returncode": 7, "stdout": "", "stderr": "first", "stopped": False, "failed_seq": 0}
+    with pytest.raises(RuntimeError, match=r"failed on node 2 \(exit code 7\)"):
+        check_results([ours, late, first])
+    with pytest.raises(RuntimeError, match=r"on node 1 was stopped by the testbed \(exit code -15"):
+        check_results([ok, ours])
+
+
+@needs_netns
+def test_run_all_reports_the_first_failure_in_time():
+    """Node 0 would run for a minute: the testbed stops it (-15) after node 1 exits 7,
+    and it is node 1's failure that is reported, whatever order the exits are polled in."""
+    from approxdist.bench.testbed import check_results
+
+    code = "import os, sys, time; time.sleep(60) if os.environ['RANK'] == '0' else sys.exit(7)"
+    with Testbed(2, "1gbit", tag=_tag("first")) as tb:
+        res = tb.run_all(lambda i: [sys.executable, "-c", code], timeout=120)
+    assert [r["returncode"] for r in res] == [-15, 7]
+    assert res[0]["stopped"] and not res[1]["stopped"] and res[1]["failed_seq"] == 0
+    with pytest.raises(RuntimeError, match=r"failed on node 1 \(exit code 7\)"):
+        check_results(res)
+
+
 @needs_netns
 def test_run_on_fresh_testbed_returns_node_0s_output_and_names_a_failing_node():
     from approxdist.bench.testbed import run_on_fresh_testbed

@@ -274,8 +274,13 @@ class Testbed:
     def run_all(self, argv_of, *, env_of=None, timeout: float = 600.0) -> list[dict]:
         """Run argv_of(i) in every node i at once and wait; stop the rest if one fails.
 
-        Returns per node {"returncode", "stdout", "stderr"}. Output goes through files,
-        not pipes, so a chatty rank cannot block on a full pipe while we wait on another.
+        Returns per node {"returncode", "stdout", "stderr", "stopped", "failed_seq"}.
+        stopped: the process was still running when a failure elsewhere (or the timeout)
+        made us stop it, so its exit code is our SIGTERM, not its own. failed_seq: the order
+        in which failures of their own were seen (0 first), None for the others; a node
+        that fails first may be polled after one that our teardown killed, so the report
+        reads this order, not the node numbers. Output goes through files, not pipes, so a
+        chatty rank cannot block on a full pipe while we wait on another.
         """
         with tempfile.TemporaryDirectory(prefix="adtb-") as tmp:
             procs, files = [], []
@@ -286,19 +291,27 @@ class Testbed:
                 env = env_of(i) if env_of is not None else self.env(i)
                 procs.append(self.popen(i, argv_of(i), env=env, stdout=out, stderr=err))
             deadline = time.monotonic() + timeout
-            failed = False
+            stopped, seen = None, []  # seen: nodes in the order their own failure was polled
+
+            def note_failures():
+                for i, p in enumerate(procs):
+                    if p.poll() not in (None, 0) and i not in seen and not (stopped and i in stopped):
+                        seen.append(i)
+
             while any(p.poll() is None for p in procs):
-                if time.monotonic() > deadline or (
-                        not failed and any(p.poll() not in (None, 0) for p in procs)):
-                    failed = True
+                note_failures()
+                if stopped is None and (seen or time.monotonic() > deadline):
+                    stopped = {i for i, p in enumerate(procs) if p.poll() is None}
                     self.stop_all()
                 time.sleep(0.05)
+            note_failures()
             results = []
-            for p, (out, err) in zip(procs, files):
+            for i, (p, (out, err)) in enumerate(zip(procs, files)):
                 out.seek(0)
                 err.seek(0)
-                results.append({"returncode": p.returncode, "stdout": out.read(),
-                                "stderr": err.read()})
+                ours = bool(stopped) and i in stopped and p.returncode in (-signal.SIGTERM, -signal.SIGKILL)
+                results.append({"returncode": p.returncode, "stdout": out.read(), "stderr": err.read(),
+                                "stopped": ours, "failed_seq": seen.index(i) if i in seen and not ours else None})
                 out.close()
                 err.close()
             self._procs = [p for p in self._procs if p not in procs]
@@ -381,12 +394,20 @@ def run_on_fresh_testbed(argv: list[str], *, nodes: int = 2, rate: str = "1gbit"
 
 
 def check_results(results: list[dict], what: str = "a process") -> list[dict]:
-    """results of Testbed.run_all, unless a node failed: then RuntimeError with the first
-    failing node's exit code and the end of its stderr, `what` naming what ran there."""
+    """results of Testbed.run_all, unless a node failed: then RuntimeError with the exit
+    code and the end of the stderr of the node that failed first (in time, `failed_seq`;
+    not a node our teardown stopped afterwards), `what` naming what ran there. When every
+    failure is a stop of ours (the timeout), the first such node is reported as stopped."""
+    failed = [(r.get("failed_seq") if r.get("failed_seq") is not None else len(results) + i, i)
+              for i, r in enumerate(results) if r["returncode"] != 0 and not r.get("stopped")]
+    if failed:
+        i = min(failed)[1]
+        r = results[i]
+        raise RuntimeError(f"{what} failed on node {i} (exit code {r['returncode']}):\n{r['stderr'][-3000:]}")
     for i, r in enumerate(results):
         if r["returncode"] != 0:
-            raise RuntimeError(f"{what} failed on node {i} (exit code {r['returncode']}):\n"
-                               f"{r['stderr'][-3000:]}")
+            raise RuntimeError(f"{what} on node {i} was stopped by the testbed (exit code {r['returncode']}: "
+                               f"the timeout ran out):\n{r['stderr'][-3000:]}")
     return results
 
 

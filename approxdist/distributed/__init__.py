@@ -11,9 +11,11 @@ from .forward_overlap import EAGER_FRACTION, finish_steps, forward_overlap
 from .hook import SparseAllReduceState, register, sparse_allreduce_hook
 from .overlap import in_hook_steps, optimizer_wrapper
 from .payload import Payload, PayloadHook, payload_of, with_payload
+from .watchdog import CollectiveTimeoutError, collective_timeout, naming_unresponsive_ranks
 
 __all__ = ["SparseAllReduceState", "sparse_allreduce_hook", "register", "init_distributed",
            "shutdown_distributed",
            "optimizer_wrapper", "in_hook_steps", "forward_overlap", "finish_steps",
            "compress_wrapper", "COMPRESS", "EAGER_FRACTION",
-           "Payload", "PayloadHook", "payload_of", "with_payload"]
+           "Payload", "PayloadHook", "payload_of", "with_payload",
+           "CollectiveTimeoutError", "collective_timeout", "naming_unresponsive_ranks"]

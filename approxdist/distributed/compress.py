@@ -12,6 +12,7 @@ slices are still exactly zero.
 """
 import torch
 
+from .futures import then
 from .payload import PayloadHook, with_payload
 
 __all__ = ["COMPRESS", "compress_wrapper"]
@@ -46,7 +47,7 @@ def compress_wrapper(hook, compress: str):
             buffer.copy_(f.value())
             return buffer
 
-        return fut.then(decompress)
+        return then(fut, decompress)
 
     if payload is not None:
         def compressed_payload(state, bucket):

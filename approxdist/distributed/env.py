@@ -10,7 +10,11 @@ import os
 import re
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import List, Optional, Tuple
+
+from .watchdog import collective_timeout
+from .watchdog import exit_with_parent as _exit_with_parent
 
 DEFAULT_PORT = 29500
 BACKENDS = ("nccl", "gloo", "mpi")
@@ -182,17 +186,24 @@ def _mpi_master_addr() -> str:
     return comm.bcast(socket.gethostname() if comm.Get_rank() == 0 else None, root=0)
 
 
-def init_distributed(backend: Optional[str] = None) -> Tuple[int, int, int]:
+def init_distributed(backend: Optional[str] = None, *, timeout: Optional[float] = None,
+                     exit_with_parent: bool = True) -> Tuple[int, int, int]:
     """Create the default process group from the launcher's environment.
 
     Returns ``(rank, world_size, local_rank)``. Without launcher variables this is a
     single-process run: nothing is initialised and ``(0, 1, 0)`` comes back. Calling it
     again once the group exists returns the existing group's values.
+
+    timeout: seconds a collective (and the rendezvous) may wait for the other ranks
+    before it fails; default ``APPROXDIST_COLLECTIVE_TIMEOUT_S``, else 1800.
+    exit_with_parent: under a launcher, this process is SIGKILLed when the launcher
+    dies (Linux; watchdog.exit_with_parent), so no worker outlives a killed torchrun.
     """
     import torch
     import torch.distributed as dist
 
     backend = resolve_backend(backend)
+    seconds = collective_timeout(timeout)
     launch = detect_launch()
     _validate(launch)
     if dist.is_available() and dist.is_initialized():
@@ -201,6 +212,8 @@ def init_distributed(backend: Optional[str] = None) -> Tuple[int, int, int]:
         return 0, 1, 0
     if not dist.is_available():
         raise RuntimeError("this build of torch has no torch.distributed support")
+    if exit_with_parent:
+        _exit_with_parent()
 
     addr = launch.master_addr
     if addr is None:
@@ -215,11 +228,13 @@ def init_distributed(backend: Optional[str] = None) -> Tuple[int, int, int]:
     if backend == "nccl":
         torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
     store = _elastic_attempt_store(launch)
+    wait = timedelta(seconds=seconds)
     if store is not None:
-        dist.init_process_group(backend=backend, store=store, rank=launch.rank, world_size=launch.world_size)
+        dist.init_process_group(backend=backend, store=store, rank=launch.rank, world_size=launch.world_size,
+                                timeout=wait)
     else:
         dist.init_process_group(backend=backend, init_method="env://", rank=launch.rank,
-                                world_size=launch.world_size)
+                                world_size=launch.world_size, timeout=wait)
     return launch.rank, launch.world_size, launch.local_rank
 
 
@@ -254,8 +269,6 @@ def _elastic_attempt_store(launch: LaunchEnv):
     """
     if launch.source != "torchrun" or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
-    from datetime import timedelta
-
     import torch.distributed as dist
 
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")

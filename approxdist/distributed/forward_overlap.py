@@ -33,6 +33,7 @@ import weakref
 import torch
 import torch.distributed as dist
 
+from .futures import then
 from .overlap import _stepper_of, hyperparameters
 from .payload import payload_of
 
@@ -143,7 +144,7 @@ class ForwardOverlap:
             # forward): reduce synchronously, and learn the bucket sizes for the plan.
             reduction.future = self.hook(state, bucket)
             zeros = self._placeholder(buffer)
-            out = reduction.future.then(lambda f: zeros)
+            out = then(reduction.future, lambda f: zeros)
         else:
             # The first eager_fraction of the elements (of the previous step's total) go
             # out as DDP hands them over, the rest is held: the same plan on every rank,
@@ -175,7 +176,7 @@ class ForwardOverlap:
 
         def launch_tail():
             tail = dist.all_reduce(flat[cut:], group=group, async_op=True).get_future()
-            return torch.futures.collect_all([head, tail]).then(lambda f: finish(_summed(f, payload)))
+            return then(torch.futures.collect_all([head, tail]), lambda f: finish(_summed(f, payload)))
 
         self.held.append((reduction, launch_tail))
 

@@ -18,6 +18,7 @@ from .agreement import check_indices, check_payload_sizes, install_broadcast, ou
 from .buckets import sampling_views
 from .compress import compress_wrapper
 from .forward_overlap import EAGER_FRACTION, forward_overlap
+from .futures import then
 from .overlap import optimizer_wrapper
 from .payload import with_payload
 from .state import SparseAllReduceState
@@ -75,7 +76,7 @@ def sparse_allreduce_hook(state: SparseAllReduceState, bucket: dist.GradBucket) 
     """
     sent, group, finish = sparse_payload(state, bucket)
     fut = dist.all_reduce(sent, group=group, async_op=True).get_future()
-    return fut.then(lambda f: finish(f.value()[0]))
+    return then(fut, lambda f: finish(f.value()[0]))
 
 
 def sparse_payload(state: SparseAllReduceState, bucket: dist.GradBucket):

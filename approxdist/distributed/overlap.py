@@ -25,6 +25,7 @@ import torch
 
 from ..nn import sampled_layers_of
 from .buckets import parameter_views
+from .futures import then
 
 __all__ = ["optimizer_wrapper", "in_hook_steps"]
 
@@ -208,7 +209,7 @@ def optimizer_wrapper(hook, optimizer, *, prepare=True):
         fut = hook(state, bucket)
         params = bucket.parameters()
 
-        return fut.then(lambda f: stepper.step_reduced(params, f.value(), prepare=prepare))
+        return then(fut, lambda f: stepper.step_reduced(params, f.value(), prepare=prepare))
 
     hook_then_step.__name__ = f"{getattr(hook, '__name__', 'hook')}_then_step"
     return hook_then_step

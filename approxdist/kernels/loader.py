@@ -12,6 +12,7 @@ import glob
 import hashlib
 import logging
 import os
+import stat
 import sys
 import tempfile
 import threading
@@ -21,7 +22,7 @@ from typing import List, Optional
 
 import torch
 
-__all__ = ["load", "sources_dir", "cache_dir", "cuda_home", "cuda_include_fixes"]
+__all__ = ["load", "sources_dir", "cache_dir", "private_temp_dir", "cuda_home", "cuda_include_fixes"]
 
 _SOURCES = ("pack.cpp",)
 _CUDA_SOURCES = ("pack_cuda.cu",)
@@ -74,6 +75,9 @@ def cuda_include_fixes(home: str) -> List[str]:
 
 
 def cache_dir(tag: str) -> Path:
+    """Where the build of `tag` lives: $APPROXDIST_CACHE_DIR, else $XDG_CACHE_HOME/approxdist
+    (~/.cache/approxdist); where that cannot be created (a read-only home in some
+    containers), a private directory in the temp dir (`private_temp_dir`)."""
     root = os.environ.get("APPROXDIST_CACHE_DIR")
     if not root:
         xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -81,9 +85,32 @@ def cache_dir(tag: str) -> Path:
     path = Path(root) / tag
     try:
         path.mkdir(parents=True, exist_ok=True)
-    except OSError:  # read-only home (some containers): fall back to the temp dir
-        path = Path(tempfile.gettempdir()) / f"approxdist-{os.getuid()}" / tag
-        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        path = private_temp_dir() / tag
+        path.mkdir(exist_ok=True)
+    return path
+
+
+def private_temp_dir() -> Path:
+    """$TMPDIR/approxdist-<uid>, created 0700, or refused when someone else could have put
+    a library there: the temp dir is shared by every user, and whoever owns or can write
+    this directory chooses the code `load()` imports. It must be a real directory (not a
+    link) owned by this uid and writable by no one else; anything else raises (and load
+    falls back to the pure-PyTorch path with one warning)."""
+    uid = os.getuid()
+    path = Path(tempfile.gettempdir()) / f"approxdist-{uid}"
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise RuntimeError(f"kernel cache {path} is not a directory (a link or a file): remove it, "
+                           "or set APPROXDIST_CACHE_DIR to a directory of your own")
+    if st.st_uid != uid or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise RuntimeError(f"kernel cache {path} is owned by uid {st.st_uid} with mode "
+                           f"{stat.S_IMODE(st.st_mode):o}; it must be owned by uid {uid} and writable by no one "
+                           "else: remove it, or set APPROXDIST_CACHE_DIR to a directory of your own")
     return path
 
 

@@ -9,6 +9,7 @@ import os
 import sys
 import tempfile
 
+from ..distributed import collective_timeout
 from .comm import SPARSE_HOOKS
 from .data import DATASETS, check_data_path
 from .models import BUILTIN, check_model_name
@@ -85,6 +86,9 @@ def build_parser(prog="approxdist-train"):
                    help="who reduces the gradients: torch.distributed DDP (torchrun, srun, mpirun) or Horovod "
                         "(horovodrun; --comm-hook allreduce, fp16 or sparse)")
     p.add_argument("--backend", default=None, choices=BACKENDS, help="default: nccl with CUDA, gloo otherwise")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds a collective waits for the other ranks before the run fails naming the "
+                        "ranks that stopped answering (default: $APPROXDIST_COLLECTIVE_TIMEOUT_S, else 1800)")
     p.add_argument("--output-dir", default=None, help="checkpoints, metrics.jsonl and TensorBoard events")
     p.add_argument("--resume", default=None, help="checkpoint path, or 'auto' for OUTPUT_DIR/checkpoint.pt if present")
     p.add_argument("--overwrite", action="store_true",
@@ -170,6 +174,9 @@ def validate(args):
         raise ValueError("--checkpoint-every needs --output-dir")
     if args.resume == "auto" and not args.output_dir:
         raise ValueError("--resume auto needs --output-dir")
+    if args.timeout is not None and not 0 < args.timeout < float("inf"):
+        raise ValueError(f"--timeout must be a finite number of seconds > 0, got {args.timeout}")
+    collective_timeout(args.timeout)  # a bad APPROXDIST_COLLECTIVE_TIMEOUT_S fails here, named
     if args.backend == "nccl":
         import torch
 

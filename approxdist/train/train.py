@@ -12,11 +12,17 @@ learning-rate schedule a function of the step, the sampled layers draw from thei
 generators, and all of it is in the checkpoint, so a resumed or elastically restarted run
 ends with the same parameters as one that never stopped.
 """
+import contextlib
 import os
 
 import torch.distributed as dist
 
-from ..distributed import init_distributed, shutdown_distributed
+from ..distributed import (
+    collective_timeout,
+    init_distributed,
+    naming_unresponsive_ranks,
+    shutdown_distributed,
+)
 from . import checkpoint as ckpt
 from .args import validate
 from .data import build_datasets
@@ -71,12 +77,17 @@ def main(args, *, callbacks=()):
 
         rank, world_size, local_rank = init()
     else:
-        rank, world_size, local_rank = init_distributed(args.backend)
+        rank, world_size, local_rank = init_distributed(args.backend, timeout=args.timeout)
     place = Placement(rank, world_size, local_rank, horovod)
     finished = False
+    # A rank that stops answering fails the others' collectives after --timeout; the
+    # error then names it (not under Horovod, which has its own stall reports).
+    watch = (contextlib.nullcontext() if horovod
+             else naming_unresponsive_ranks(rank, world_size, collective_timeout(args.timeout)))
     try:
-        trainer = Trainer.build(args, model, datasets, place, callbacks)
-        metrics = trainer.fit((resume, resume_data))
+        with watch:
+            trainer = Trainer.build(args, model, datasets, place, callbacks)
+            metrics = trainer.fit((resume, resume_data))
         finished = True
         return metrics
     finally:

@@ -1,0 +1,136 @@
+"""Workers do not outlive their launcher; a rank that stops answering is named within the
+collective timeout (issue 29, item 6). Real torchrun and real processes; every process a
+test starts is killed in its finally, and the tests check that none is left."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from approxdist.distributed import CollectiveTimeoutError, collective_timeout
+from approxdist.train.args import build_parser, validate
+from distharness import free_port
+
+SCRIPT = Path(__file__).with_name("watchdog_script.py")
+ROOT = Path(__file__).resolve().parents[1]
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+
+
+def _env(**extra):
+    return {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+            **{k: str(v) for k, v in extra.items()}}
+
+
+def _alive(pid):
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state != "Z"  # a zombie has exited (its new parent may not have reaped it yet)
+
+
+def _kill(pids):
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _wait_for(cond, seconds):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return cond()
+
+
+def _torchrun(tmp_path, go=None):
+    pid_dir = tmp_path / "pids"
+    pid_dir.mkdir()
+    env = _env(MODE="wait", PID_DIR=pid_dir, GO=go or "")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(SCRIPT)]
+    agent = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return agent, pid_dir
+
+
+def _workers(pid_dir):
+    return [int(p.read_text()) for p in pid_dir.iterdir() if p.read_text()]
+
+
+@linux_only
+@pytest.mark.parametrize("when", ["training", "before_rendezvous"])
+def test_workers_exit_when_torchrun_is_killed(tmp_path, when):
+    go = tmp_path / "go"
+    agent, pid_dir = _torchrun(tmp_path, go)
+    workers = []
+    try:
+        assert _wait_for(lambda: len(list(pid_dir.iterdir())) == 2, 120), "workers did not start"
+        time.sleep(0.2)
+        workers = _workers(pid_dir)
+        if when == "training":
+            go.write_text("")
+            time.sleep(3)  # past init_distributed and into the all-reduce loop
+            assert all(_alive(p) for p in workers)
+        agent.send_signal(signal.SIGKILL)
+        agent.wait()
+        if when == "before_rendezvous":
+            go.write_text("")  # the orphans reach init_distributed only now
+        assert _wait_for(lambda: not any(_alive(p) for p in workers), 10), \
+            f"workers {[p for p in workers if _alive(p)]} outlived torchrun"
+    finally:
+        agent.kill()
+        agent.wait()
+        _kill(workers)
+
+
+def _ranks(tmp_path, timeout, stop_rank):
+    port = free_port()
+    return [subprocess.Popen([sys.executable, str(SCRIPT)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True,
+                             env=_env(MODE="stop", TIMEOUT=timeout, STOP_RANK=stop_rank, RANK=r, WORLD_SIZE=2,
+                                      LOCAL_RANK=r, MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+            for r in range(2)]
+
+
+@pytest.mark.parametrize("stop_rank", [1, 0])  # rank 0 also hosts the rendezvous store
+def test_a_stopped_rank_is_named_within_the_timeout(tmp_path, stop_rank):
+    timeout = 6
+    procs = _ranks(tmp_path, timeout, stop_rank)
+    live = procs[1 - stop_rank]
+    try:
+        out, _ = live.communicate(timeout=180)
+        assert live.returncode == 3, out[-2000:]
+        elapsed = float(out.split("ELAPSED ")[1].split()[0])
+        assert timeout - 1 <= elapsed <= timeout + 10, out[-2000:]
+        assert f"CollectiveTimeoutError: rank {1 - stop_rank}:" in out
+        assert f"rank(s) {stop_rank} did not respond" in out, out[-2000:]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert not any(_alive(p.pid) for p in procs)
+
+
+def test_timeout_validation(monkeypatch):
+    monkeypatch.delenv("APPROXDIST_COLLECTIVE_TIMEOUT_S", raising=False)
+    assert collective_timeout() == 1800.0 and collective_timeout(2.5) == 2.5
+    monkeypatch.setenv("APPROXDIST_COLLECTIVE_TIMEOUT_S", "7")
+    assert collective_timeout() == 7.0
+    for bad in (0, -1, float("nan"), float("inf"), True, "5"):
+        with pytest.raises(ValueError, match="timeout"):
+            collective_timeout(bad)
+    monkeypatch.setenv("APPROXDIST_COLLECTIVE_TIMEOUT_S", "soon")
+    with pytest.raises(ValueError, match="APPROXDIST_COLLECTIVE_TIMEOUT_S"):
+        collective_timeout()
+    monkeypatch.delenv("APPROXDIST_COLLECTIVE_TIMEOUT_S")
+    for bad in ("0", "nan", "inf"):
+        with pytest.raises(ValueError, match="--timeout"):
+            validate(build_parser().parse_args(["--dataset", "fake", "--timeout", bad]))
+    assert issubclass(CollectiveTimeoutError, RuntimeError)
