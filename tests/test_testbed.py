@@ -251,6 +251,9 @@ def test_ddp_steps_on_two_shaped_nodes_send_the_analytic_payload():
         assert r["stats_payload_bytes"] == expected
         # (one bucket: forward_overlap launches its first 30% during backward, the rest after)
         assert r["allreduce_calls_per_step"] == (2 if hook.endswith("+overlap") else 1)
+        # Apart from the payload: the size check once per step, 16 bytes for each of the
+        # tiny model's 2 sampled weights and 16 for their total.
+        assert r["check_bytes"] == 16 * (2 + 1)
     assert expected < dense["payload_bytes"] == dense["dense_bytes"]
     # And the wire saw it: eth0 carried at least the payload, and less than for dense.
     assert sparse["wire_tx_bytes"] >= expected

@@ -27,10 +27,13 @@ __all__ = ["run_config", "run_plan", "worker_main", "free_port", "run_loopback",
 
 
 class AllReduceCounter:
-    """Counts the bytes handed to torch.distributed.all_reduce (it still does the work)."""
+    """Counts the bytes handed to torch.distributed.all_reduce (it still does the work):
+    gradient payloads (floating point) in `nbytes`, the hook's integer size and index
+    checks apart in `check_nbytes` (`calls` counts the payload collectives)."""
 
     def __init__(self):
         self.nbytes = 0
+        self.check_nbytes = 0
         self.calls = 0
         self._orig = None
 
@@ -40,8 +43,11 @@ class AllReduceCounter:
         self._orig = orig = dist.all_reduce
 
         def counting_all_reduce(tensor, *args, **kwargs):
-            self.nbytes += tensor.numel() * tensor.element_size()
-            self.calls += 1
+            if tensor.is_floating_point():
+                self.nbytes += tensor.numel() * tensor.element_size()
+                self.calls += 1
+            else:
+                self.check_nbytes += tensor.numel() * tensor.element_size()
             return orig(tensor, *args, **kwargs)
 
         dist.all_reduce = counting_all_reduce
@@ -176,7 +182,7 @@ def run_config(cfg: RunConfig, spec: HookSpec, plan: Plan, seed: int, measure_co
         "ratio": spec.ratio, "fp16": spec.fp16, "rank": rank, "world_size": world,
         "step_s": times, "compute_s": compute, "forward_s": forward, "optimizer_s": optim,
         "loss": float(loss.detach()),
-        "payload_bytes": payload, "dense_bytes": dense,
+        "payload_bytes": payload, "dense_bytes": dense, "check_bytes": counter.check_nbytes / steps,
         "allreduce_calls_per_step": counter.calls / steps,
         # Per step, like step_s; the row's figure is their median, as for the step time.
         "hook_body_steps_s": hook_body, "hook_body_s": statistics.median(hook_body),
