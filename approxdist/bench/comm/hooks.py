@@ -41,18 +41,22 @@ def make_model(name: str):
 
 def analytic_payload_bytes(model, fp16: bool = False) -> int:
     """Bytes a lossless sparse all-reduce must send per step: the sampled input-channel
-    slices of every sampled weight plus every other trainable parameter; no indices."""
-    total = 0
+    slices of every sampled weight (the union of its layers' channels where several hold
+    it; an attention module's packed in_proj_weight is its `weight`) plus every other
+    trainable parameter, each counted once; no indices."""
+    import torch
+
+    channels = {}  # id(weight) -> the channels its sampled layers used in the last forward
     for mod in model.modules():
         idx = getattr(mod, "last_indices", None)
-        for pname, p in mod.named_parameters(recurse=False):
-            if not p.requires_grad:
-                continue
-            if pname == "weight" and idx is not None:
-                n = p.numel() // p.shape[1] * len(idx)
-            else:
-                n = p.numel()
-            total += n * (2 if fp16 else p.element_size())
+        weight = getattr(mod, "weight", None)
+        if idx is not None and isinstance(weight, torch.nn.Parameter):
+            channels.setdefault(id(weight), set()).update(idx.tolist())
+    total = 0
+    for p in {id(p): p for p in model.parameters() if p.requires_grad}.values():
+        used = channels.get(id(p))
+        n = p.numel() // p.shape[1] * len(used) if used is not None else p.numel()
+        total += n * (2 if fp16 else p.element_size())
     return total
 
 
