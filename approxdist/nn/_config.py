@@ -44,6 +44,12 @@ class SamplingConfig:
         """k, the channels a training forward keeps of n: n while sampling is disabled."""
         return num_samples(n, self.sample_ratio, self.minimal_k) if self.sampling_enabled else n
 
+    def samples_weight(self):
+        """Whether a training forward keeps fewer than all of the weight's input channels
+        (False at k == n and while a schedule has sampling off)."""
+        n = self.weight.shape[1]
+        return self.num_samples_of(n) < n
+
     @property
     def sample_ratio(self):
         return self._sample_ratio

@@ -17,8 +17,7 @@ from torchvision.models.swin_transformer import ShiftedWindowAttention, ShiftedW
 
 
 def _samples(layer):
-    n = layer.weight.shape[1]
-    return hasattr(layer, "num_samples_of") and layer.num_samples_of(n) < n
+    return hasattr(layer, "samples_weight") and layer.samples_weight()
 
 
 def _window_attention(self, input, relative_position_bias, logit_scale=None):

@@ -59,10 +59,6 @@ class _SampledAttention:
             key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
             average_attn_weights=average_attn_weights, is_causal=is_causal)
 
-    def _samples(self, layer):
-        n = layer.weight.shape[1]
-        return layer.num_samples_of(n) < n  # (n while a schedule has sampling off)
-
     def extra_repr(self):
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, {self._sampling_repr()}"
 
@@ -95,7 +91,7 @@ class ApproxMultiheadAttention(_SampledAttention, SamplingConfig, nn.MultiheadAt
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
-        if not self.training or not (self._samples(self) or self._samples(self.out_proj)):
+        if not self.training or not (self.samples_weight() or self.out_proj.samples_weight()):
             return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask,
                                    average_attn_weights, is_causal)
         return self._sampled_forward(query, key, value, self._project_in, key_padding_mask, need_weights,
@@ -138,7 +134,7 @@ class ApproxMultiheadAttentionDist(_SampledAttention, WeightSampled, nn.Multihea
                                                 and (key.requires_grad or value.requires_grad))
         idx, scale, prepared = self._selection(records)
         self._record(idx, records)
-        if idx is None and not self._samples(self.out_proj):
+        if idx is None and not self.out_proj.samples_weight():
             self.out_proj._record(None, records)  # nn.MultiheadAttention reads out_proj's weight directly
             return super().forward(query, key, value, *args)
 
