@@ -82,6 +82,7 @@ class SparseHookStats(Callback):
         self.every_n_steps = every_n_steps
         self.prefix = prefix
         self.last = None  # the last figures logged (a dict), for code that reads them back
+        self._logged_step = None
 
     def metrics(self, trainer):
         state = _state_of(trainer)
@@ -92,9 +93,9 @@ class SparseHookStats(Callback):
 
     def _log(self, trainer):
         metrics = self.metrics(trainer)
-        if metrics is None:
-            return
-        self.last = metrics
+        if metrics is None or (trainer.global_step, metrics) == (self._logged_step, self.last):
+            return  # (the same step again: batches accumulated under no_sync, or the epoch's end)
+        self.last, self._logged_step = metrics, trainer.global_step
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
