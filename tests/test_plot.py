@@ -149,3 +149,10 @@ def test_two_real_runs(tmp_path):
     # the same steps, about half the bytes (the first conv and the biases are sent whole)
     assert sparse["bytes_steps"] == dense["bytes_steps"]
     assert 0.4 * dense["bytes"][-1] < sparse["bytes"][-1] < 0.6 * dense["bytes"][-1]
+
+
+def test_console_script_names_the_cli():
+    tomllib = pytest.importorskip("tomllib", reason="tomllib needs Python >= 3.11")
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        scripts = tomllib.load(f)["project"]["scripts"]
+    assert scripts["approxdist-plot"] == "approxdist.train.plot:cli"
