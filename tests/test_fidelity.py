@@ -138,3 +138,4 @@ def test_vit_task_runs_and_evaluates_like_plain_torchvision(tmp_path):
     for r in runs:
         assert r["plain_acc"] == r["final_acc"] and len(r["curve"]) == 2
     assert runs[1]["sample_ratios"] == [0.5]
+    assert [(r["optimizer"], r["lr"]) for r in runs] == [("adamw", 0.001)] * 2
