@@ -3,22 +3,34 @@
 `with SlurmCluster(tb, workdir) as cluster:` turns a running `Testbed` into a cluster:
 one `munged` (its own key, socket and state under `workdir`), `slurmctld` in the testbed's
 hub namespace (the "login node", address CTL_ADDR on the hub's bridge) and one
-`slurmd -N nI` in every node's namespace at that node's address. It waits until every node
-is idle and, on exit (also after a failure), stops every daemon it started, then removes
-what it wrote outside `workdir` (the per-namespace /etc/netns/NS/hosts).
+`slurmd -N nI` in every node's namespace at that node's address, all configured by a
+slurm.conf written under `workdir` (nothing is written outside it). It waits until every
+node is idle and, on exit (also after a failure), cancels the jobs, stops every daemon it
+started and kills whatever is left in the testbed's namespaces; the caller removes
+`workdir` and the testbed.
 
-Choices this container (gVisor, no systemd, no writable cgroup hierarchy) forces, and
-which a real cluster would make differently:
+Choices this container (gVisor, no systemd, no cgroup hierarchy inside a network
+namespace) forces, and which a real cluster would make differently:
 - ProctrackType=proctrack/linuxproc: jobs are tracked through the process tree in /proc,
   not cgroups, so `scancel` reaches every descendant of a step (what the scancel test
-  checks); TaskPlugin=task/none: no CPU binding; no accounting (slurmdbd): a job's end is
-  read from `scontrol show job` while slurmctld remembers it (MinJobAge).
-- Every namespace shares the machine's host name, so each daemon runs in its own UTS
-  namespace (`unshare --uts`) named after its node: torchrun's c10d rendezvous and
-  `init_distributed` resolve the first node's name as real clusters do, through an
-  /etc/hosts that `ip netns exec` binds for that namespace (/etc/netns/NS/hosts).
+  checks); TaskPlugin=task/affinity with TaskPluginParam=Cores: tasks are bound to their
+  CPUs by sched_setaffinity, as on most clusters (task/cgroup needs cgroups). No accounting
+  (slurmdbd, sacct): a job's end is read from `scontrol show job` while slurmctld
+  remembers it (MinJobAge).
+- The daemons enter the node's network namespace with nsenter, not `ip netns exec`, which
+  remounts /sys: slurmd 22.05 initialises its cgroup plugin whatever the other plugins
+  are, and refuses to start without /sys/fs/cgroup.
+- Every namespace shares the machine's host name, so each daemon runs in UTS and mount
+  namespaces of its own: host name n0, n1 (ctl for slurmctld) and an /etc/hosts bound over
+  the machine's that names the cluster, written as Debian's installer writes it (the
+  node's own name is 127.0.1.1). torchrun's c10d rendezvous and `init_distributed` find
+  the first node by name, as on real clusters, and gloo must be told its interface
+  (GLOO_SOCKET_IFNAME, the scripts' NIC), as on such clusters.
 - SlurmdParameters=config_overrides: both nodes declare the machine's CPUs (they share them).
 - Everything runs as root (SlurmUser=root); jobs are submitted by root.
+- The hub namespace gets CTL_ADDR on its bridge for slurmctld and the client commands
+  (sbatch, scontrol, scancel run there, like on a login node); the testbed's teardown
+  removes it with the namespace.
 """
 from __future__ import annotations
 
@@ -32,7 +44,7 @@ from pathlib import Path
 
 CTL_ADDR = "10.77.0.254"
 CTL_NAME = "ctl"
-TOOLS = ("nsenter", "munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "srun", "unshare")
+TOOLS = ("nsenter", "unshare", "munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "sinfo", "srun")
 
 
 def available() -> tuple[bool, str]:
@@ -151,11 +163,6 @@ class SlurmCluster:
         out = self.run(["scontrol", "show", "job", "-o", job_id]).stdout
         return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
 
-    def step(self, step_id: str) -> dict:
-        """`scontrol show step -o`'s fields (CPUs, Tasks, State, ...)."""
-        out = self.run(["scontrol", "show", "step", "-o", step_id]).stdout
-        return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
-
     def wait_job(self, job_id: str, *, timeout: float = 300.0, states=None) -> dict:
         """Poll until the job reaches one of `states` (default: any final state)."""
         final = states or {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
@@ -224,7 +231,8 @@ SlurmdLogFile={d}/log/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+TaskPlugin=task/affinity
+TaskPluginParam=Cores
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 SwitchType=switch/none
@@ -240,7 +248,8 @@ InactiveLimit=0
 {node_lines}PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """)
         (self.dir / "etc" / "cgroup.conf").write_text(
-            "# unused: proctrack/linuxproc and task/none need no cgroups\nCgroupPlugin=autodetect\n")
+            "# slurmd 22.05 loads its cgroup plugin whatever the other plugins are; no plugin\n"
+            "# here uses it (proctrack/linuxproc, task/affinity)\nCgroupPlugin=autodetect\n")
 
     def _addresses(self) -> dict:
         return {CTL_NAME: CTL_ADDR, **{node: self.tb.address(i) for i, node in enumerate(self.nodes)}}
