@@ -173,6 +173,7 @@ class SlurmCluster:
             if info.get("JobState") in final:
                 return info
             if time.monotonic() > deadline:
+                self.run(["scancel", job_id], check=False)  # so that it holds no node for the next job
                 raise TimeoutError(f"job {job_id} still {info.get('JobState')} after {timeout:.0f} s"
                                    f"{self._logs_tail()}")
             time.sleep(0.5)

@@ -7,6 +7,7 @@ to 127.0.1.1 on their own node, as Debian writes /etc/hosts, so gloo without
 GLOO_SOCKET_IFNAME advertises an address the other node cannot reach); the tasks get the
 job's --cpus-per-task (SRUN_CPUS_PER_TASK); `scancel` mid-run leaves no process behind.
 """
+import contextlib
 import json
 import os
 import sys
@@ -53,13 +54,21 @@ def _job_env(cl, **extra):
                    "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "NIC": "eth0", **extra})
 
 
-def _submit(cl, script, out_dir, train_flags, *, sbatch_flags=(), **env):
+@contextlib.contextmanager
+def _job(cl, script, out_dir, train_flags):
+    """Submit script to 2 CPU-only nodes, one task each with all the node's CPUs; the job
+    is cancelled when the test ends however it ends, so it never holds the nodes for the
+    next one (and Slurm ends it after --time should the test itself hang)."""
     os.makedirs(out_dir, exist_ok=True)
-    return cl.sbatch(["--nodes", "2", "--ntasks-per-node", "1", "--cpus-per-task", str(cl.cpus),
-                      "--gpus-per-node=0", "--chdir", out_dir, "--output", os.path.join(out_dir, "job-%j.out"),
-                      *sbatch_flags, os.path.join(REPO, script), "--no-progress", "--output-dir",
-                      os.path.join(out_dir, "run"), *train_flags],
-                     env=_job_env(cl, **env))
+    job = cl.sbatch(["--nodes", "2", "--ntasks-per-node", "1", "--cpus-per-task", str(cl.cpus),
+                     "--gpus-per-node=0", "--time", "10", "--chdir", out_dir,
+                     "--output", os.path.join(out_dir, "job-%j.out"), os.path.join(REPO, script),
+                     "--no-progress", "--output-dir", os.path.join(out_dir, "run"), *train_flags],
+                    env=_job_env(cl))
+    try:
+        yield job
+    finally:
+        cl.run(["scancel", job], check=False)
 
 
 def _job_output(out_dir, job_id):
@@ -102,8 +111,8 @@ TRAIN = ["--dataset", "digits", "--model", "cnn", "--comm-hook", "sparse", "--sa
                                     "launch/slurm/train_srun.sbatch"])
 def test_sbatch_trains_on_two_nodes_with_the_sparse_hook(cluster, tmp_path, script):
     out = str(tmp_path / "job")
-    job = _submit(cluster, script, out, [*TRAIN, "--epochs", "2"])
-    info = cluster.wait_job(job, timeout=400)
+    with _job(cluster, script, out, [*TRAIN, "--epochs", "2"]) as job:
+        info = cluster.wait_job(job, timeout=300)
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), _job_output(out, job)
     assert info["NodeList"] == "n[0-1]" and info["NumNodes"] == "2"
     epochs = _records(out, "epoch")
@@ -152,23 +161,23 @@ def _cpus_allowed(pid):
 @pytest.mark.slow
 def test_scancel_mid_run_leaves_no_process_behind_and_tasks_get_their_cpus(cluster, tmp_path):
     out = str(tmp_path / "job")
-    job = _submit(cluster, "launch/slurm/train.sbatch", out, [*TRAIN, "--epochs", "200"])
-    deadline = time.monotonic() + 300
-    while not _records(out, "epoch"):  # mid-run: training, past the rendezvous and a first epoch
-        assert cluster.job(job)["JobState"] in ("PENDING", "RUNNING"), _job_output(out, job)
-        assert time.monotonic() < deadline, _job_output(out, job)
-        time.sleep(0.5)
-    workers = [(pid, cmd) for pid, cmd in _node_processes(cluster) if "approxdist.train" in cmd]
-    assert len(workers) >= 4, workers  # torchrun and its worker on each node
-    # The tasks are bound to the job's --cpus-per-task CPUs (the cluster binds tasks to
-    # cores): srun >= 22.05 reads that count from SRUN_CPUS_PER_TASK only, one CPU without it.
-    for pid, cmd in workers:
-        assert _cpus_allowed(pid) == cluster.cpus, (pid, cmd)
-    cluster.run(["scancel", job])
-    info = cluster.wait_job(job, timeout=60)
-    assert info["JobState"] == "CANCELLED"
-    deadline = time.monotonic() + cluster.kill_wait + 30
-    while _node_processes(cluster) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert _node_processes(cluster) == []
-    assert len(_records(out, "epoch")) < 200
+    with _job(cluster, "launch/slurm/train.sbatch", out, [*TRAIN, "--epochs", "200"]) as job:
+        deadline = time.monotonic() + 300
+        while not _records(out, "epoch"):  # mid-run: training, past the rendezvous and a first epoch
+            assert cluster.job(job)["JobState"] in ("PENDING", "RUNNING"), _job_output(out, job)
+            assert time.monotonic() < deadline, _job_output(out, job)
+            time.sleep(0.5)
+        workers = [(pid, cmd) for pid, cmd in _node_processes(cluster) if "approxdist.train" in cmd]
+        assert len(workers) >= 4, workers  # torchrun and its worker on each node
+        # The tasks are bound to the job's --cpus-per-task CPUs (the cluster binds tasks to
+        # cores): srun >= 22.05 reads that count from SRUN_CPUS_PER_TASK only, one CPU without it.
+        for pid, cmd in workers:
+            assert _cpus_allowed(pid) == cluster.cpus, (pid, cmd)
+        cluster.run(["scancel", job])
+        info = cluster.wait_job(job, timeout=60)
+        assert info["JobState"] == "CANCELLED"
+        deadline = time.monotonic() + cluster.kill_wait + 30
+        while _node_processes(cluster) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert _node_processes(cluster) == []
+        assert len(_records(out, "epoch")) < 200
