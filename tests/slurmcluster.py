@@ -51,8 +51,8 @@ def available() -> tuple[bool, str]:
     """(True, "") where a cluster can be built (after approxdist.bench.testbed.available)."""
     missing = [t for t in TOOLS if shutil.which(t) is None]
     if missing:
-        return False, (f"{', '.join(missing)} not installed (apt-get install -y slurm-wlm munge; "
-                       "unshare is in util-linux)")
+        return False, (f"{', '.join(missing)} not installed (Debian: apt-get install -y slurm-wlm munge; "
+                       "nsenter and unshare come with util-linux)")
     return True, ""
 
 

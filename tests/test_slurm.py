@@ -16,10 +16,8 @@ import time
 
 import pytest
 
+import slurmcluster
 from approxdist.bench import testbed
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import slurmcluster  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RATIO = 0.5
