@@ -10,6 +10,7 @@ job's --cpus-per-task (SRUN_CPUS_PER_TASK); `scancel` mid-run leaves no process 
 import contextlib
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,11 +31,37 @@ def _skip_reason():
     return ""
 
 
-pytestmark = pytest.mark.skipif(bool(_skip_reason()), reason=_skip_reason() or "ok")
+needs_cluster = pytest.mark.skipif(bool(_skip_reason()), reason=_skip_reason() or "ok")
+
+
+@pytest.mark.parametrize("script", ["launch/slurm/train.sbatch", "launch/slurm/train_srun.sbatch"])
+def test_sbatch_environment_for_srun_and_the_socket_interface(tmp_path, script):
+    """What each script hands srun, on any machine: srun and scontrol are stand-ins that
+    print the environment (the cluster tests below run the real ones). A GLOO_SOCKET_IFNAME
+    of the user's wins over NIC; NCCL_SOCKET_IFNAME, unset, takes NIC."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\nenv\n")
+    (bin_dir / "scontrol").write_text("#!/bin/sh\necho n0\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "SRUN_", "GLOO_", "NCCL_")) and k != "NIC"}
+    env.update(PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '/usr/bin:/bin')}", SLURM_CPUS_PER_TASK="3",
+               SLURM_JOB_NODELIST="n0", SLURM_NNODES="1", SLURM_JOB_ID="7", NIC="ib0",
+               GLOO_SOCKET_IFNAME="mine")
+    proc = subprocess.run(["bash", os.path.join(REPO, script), "--epochs", "1"], env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    got = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
+    assert got.get("SRUN_CPUS_PER_TASK") == "3"
+    assert got.get("GLOO_SOCKET_IFNAME") == "mine" and got.get("NCCL_SOCKET_IFNAME") == "ib0"
 
 
 @pytest.fixture(scope="module")
 def cluster():
+    if _skip_reason():
+        pytest.skip(_skip_reason())
     tag = f"sl{os.getpid() % 100000}"
     with tempfile.TemporaryDirectory(prefix="adslurm-") as tmp, testbed.Testbed(2, "1gbit", tag=tag) as tb:
         with slurmcluster.SlurmCluster(tb, tmp) as cl:
@@ -105,6 +132,7 @@ TRAIN = ["--dataset", "digits", "--model", "cnn", "--comm-hook", "sparse", "--sa
 
 # About 25 s for the cluster and the srun job on 2 cores: the default suite runs that one;
 # torchrun's job (about 40 s) and the scancel test (about 20 s) are `-m slow`.
+@needs_cluster
 @pytest.mark.parametrize("script", [pytest.param("launch/slurm/train.sbatch", marks=pytest.mark.slow),
                                     "launch/slurm/train_srun.sbatch"])
 def test_sbatch_trains_on_two_nodes_with_the_sparse_hook(cluster, tmp_path, script):
@@ -156,6 +184,7 @@ def _cpus_allowed(pid):
     return count
 
 
+@needs_cluster
 @pytest.mark.slow
 def test_scancel_mid_run_leaves_no_process_behind_and_tasks_get_their_cpus(cluster, tmp_path):
     out = str(tmp_path / "job")
