@@ -130,8 +130,8 @@ TRAIN = ["--dataset", "digits", "--model", "cnn", "--comm-hook", "sparse", "--sa
          "--batch-size", "64"]
 
 
-# About 25 s for the cluster and the srun job on 2 cores: the default suite runs that one;
-# torchrun's job (about 40 s) and the scancel test (about 20 s) are `-m slow`.
+# 12-20 s for the cluster and the srun job on 2 cores: the default suite runs that one;
+# torchrun's job (17-40 s) and the scancel test (11-28 s) are `-m slow`.
 @needs_cluster
 @pytest.mark.parametrize("script", [pytest.param("launch/slurm/train.sbatch", marks=pytest.mark.slow),
                                     "launch/slurm/train_srun.sbatch"])
