@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Open MPI's remote launch agent for the namespace testbed: stands in for ssh.
+# Open MPI's remote launch agent for approxdist's namespace testbed: stands in for ssh.
 #
-# Usage (mpirun calls it as it would call ssh: agent HOST COMMAND...):
+# Usage: mpirun calls it as it would call ssh, `mpi_agent.sh HOST COMMAND...`:
 #   TESTBED_TAG=TAG mpirun --mca plm_rsh_agent launch/testbed/mpi_agent.sh \
 #     --hostfile hosts ...          # hosts: 10.77.0.1 slots=1, 10.77.0.2 slots=1
 # and run mpirun itself inside node 0 (`ip netns exec adtb-TAG-n0 mpirun ...`): the host's
