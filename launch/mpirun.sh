@@ -25,7 +25,7 @@
 # Forwarded to every rank (Open MPI starts remote ranks without the caller's environment):
 # PATH, LD_LIBRARY_PATH, PYTHONPATH, MASTER_ADDR, MASTER_PORT, OMP_NUM_THREADS and every
 # variable set whose name starts with NCCL_, GLOO_, TORCH_, APPROXDIST_, HOROVOD_, CUDA_
-# or UCX_, plus FORWARD.
+# (but not CUDA_VISIBLE_DEVICES, which belongs to each node) or UCX_, plus FORWARD.
 set -euo pipefail
 
 NP="${NP:-2}"
@@ -65,6 +65,7 @@ for name in LD_LIBRARY_PATH PYTHONPATH MASTER_ADDR; do
 done
 for name in $(compgen -e); do
   case "$name" in
+    CUDA_VISIBLE_DEVICES) ;;  # each node's own (its scheduler sets it): never this host's
     NCCL_*|GLOO_*|TORCH_*|APPROXDIST_*|HOROVOD_*|CUDA_*|UCX_*) names+=("$name") ;;
   esac
 done

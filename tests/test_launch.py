@@ -123,8 +123,10 @@ def _forwarded(argv):
 def test_mpirun_sh_forwards_the_cluster_variables_and_binds_to_none(tmp_path):
     argv = _fake_launch(tmp_path, "launch/mpirun.sh", "MPIRUN", NCCL_IB_HCA="mlx5", GLOO_DEVICE_TRANSPORT="tcp",
                         TORCH_DISTRIBUTED_DEBUG="INFO", LD_LIBRARY_PATH="/opt/lib", MASTER_ADDR="h0",
-                        FORWARD="MY_VAR", MPIRUN_ARGS="--mca plm_rsh_agent ssh")
+                        FORWARD="MY_VAR", MPIRUN_ARGS="--mca plm_rsh_agent ssh", CUDA_HOME="/usr/local/cuda",
+                        CUDA_VISIBLE_DEVICES="0,1")
     fwd = _forwarded(argv)
+    assert "CUDA_HOME" in fwd and "CUDA_VISIBLE_DEVICES" not in fwd  # each node has its own GPUs
     for name in ("PATH", "LD_LIBRARY_PATH", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS", "NCCL_IB_HCA",
                  "GLOO_DEVICE_TRANSPORT", "TORCH_DISTRIBUTED_DEBUG", "MY_VAR"):
         assert name in fwd, (name, argv)
