@@ -12,7 +12,8 @@
 #   NP          number of processes (default 2)
 #   HOSTS       horovodrun -H list, host:slots[,host:slots] (default localhost:$NP)
 #   CONTROLLER  gloo (default) or mpi
-#   NIC         network interface for Gloo/MPI traffic (default: horovodrun picks)
+#   NIC         network interface for Gloo/MPI traffic (default: horovodrun picks); also the
+#               default of GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME (a value you set wins)
 #   HOROVODRUN  launcher (default horovodrun); PYTHON: interpreter (default python)
 # Needs Horovod: `make horovod` (see docs/horovod.md). Arguments go to approxdist-train
 # after `--dist horovod`.
@@ -36,6 +37,8 @@ fi
 args=(-np "$NP" -H "$HOSTS" "--$CONTROLLER")
 if [[ -n "${NIC:-}" ]]; then
   args+=(--network-interface "$NIC")
+  export GLOO_SOCKET_IFNAME="${GLOO_SOCKET_IFNAME:-$NIC}"
+  export NCCL_SOCKET_IFNAME="${NCCL_SOCKET_IFNAME:-$NIC}"
 fi
 
 exec "$HOROVODRUN" "${args[@]}" "$PYTHON" -m approxdist.train --dist horovod "$@"

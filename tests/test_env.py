@@ -231,8 +231,9 @@ def _mpi4py_missing():
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun (Open MPI) is not installed")
 @pytest.mark.skipif(_mpi4py_missing(), reason="mpi4py is not installed (pip install mpi4py)")
 def test_mpirun_without_master_addr_broadcasts_rank_0s_address(tmp_path):
-    """The real mpi4py path: mpirun publishes no rendezvous address, rank 0 broadcasts its
-    host name over MPI, both ranks initialise gloo and an all-reduce sums 1 + 2."""
+    """The real mpi4py path: mpirun publishes no rendezvous address, rank 0 broadcasts the
+    address of its GLOO_SOCKET_IFNAME interface (lo) over MPI, both ranks initialise gloo
+    and an all-reduce sums 1 + 2."""
     drop = ("MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_USE_AGENT_STORE")
     env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith(("SLURM_", "PMI_", "OMPI_"))}
     env.update(MASTER_PORT=str(_free_port()), GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
@@ -243,4 +244,13 @@ def test_mpirun_without_master_addr_broadcasts_rank_0s_address(tmp_path):
     outs = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]
     assert [(o["rank"], o["world"], o["local"], o["sum"]) for o in outs] == [(0, 2, 0, 3.0), (1, 2, 1, 3.0)], \
         res.stdout[-2000:] + res.stderr[-2000:]
-    assert outs[0]["master"] == outs[1]["master"] == socket.gethostname()
+    assert outs[0]["master"] == outs[1]["master"] == "127.0.0.1"
+
+
+def test_advertised_address_is_the_socket_interfaces_else_the_host_name():
+    assert adenv.advertised_address({"GLOO_SOCKET_IFNAME": "lo"}) == "127.0.0.1"
+    assert adenv.advertised_address({"NCCL_SOCKET_IFNAME": "lo,eth9"}) == "127.0.0.1"
+    assert adenv.advertised_address({"NCCL_SOCKET_IFNAME": "^docker"}) == socket.gethostname()
+    assert adenv.advertised_address({}) == socket.gethostname()
+    with pytest.raises(ValueError, match="GLOO_SOCKET_IFNAME='nosuchif0'"):
+        adenv.advertised_address({"GLOO_SOCKET_IFNAME": "nosuchif0"})

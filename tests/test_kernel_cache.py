@@ -2,9 +2,13 @@
 owns or can write $TMPDIR/approxdist-<uid> chooses the library load() imports, so it is
 created 0700 and used only when it is this uid's own, unwritable by others."""
 import os
+import shutil
 import stat
+import subprocess
+import sys
 import tempfile
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +16,7 @@ import approxdist.kernels as K
 from approxdist.kernels import loader
 
 OTHER_UID = 65534  # nobody
+REPO = str(Path(__file__).resolve().parents[1])
 
 
 @pytest.fixture
@@ -92,3 +97,41 @@ def test_load_falls_back_to_torch_with_one_warning_and_builds_nothing(no_home_ca
     messages = [str(w.message) for w in caught if "approxdist" in str(w.message)]
     assert len(messages) == 1 and "APPROXDIST_CACHE_DIR" in messages[0], messages
     assert builds == []
+
+
+# -- a prebuilt cache this process cannot write (issue 31: non-root containers) ----------
+READ_ONLY_PROBE = """
+import warnings
+warnings.simplefilter("always")
+import approxdist.kernels as K
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    print(K.backend())
+    print(K.loader.load().__file__)
+print(len([w for w in caught if "approxdist" in str(w.message)]))
+"""
+
+
+@pytest.mark.skipif(os.getuid() != 0 or shutil.which("unshare") is None or shutil.which("mount") is None,
+                    reason="a read-only bind mount needs root and util-linux's unshare/mount")
+def test_a_read_only_prebuilt_cache_is_used_as_it_is(tmp_path, monkeypatch):
+    """The image's cache (APPROXDIST_CACHE_DIR, built as root at image build) seen by a
+    container user who cannot write it, here as a read-only mount (Apptainer's image is
+    one): the prebuilt library loads, with no rebuild and no fallback warning."""
+    monkeypatch.delenv("APPROXDIST_KERNELS", raising=False)
+    monkeypatch.setattr(loader, "_state", {"tried": False, "ext": None})
+    built = loader.load()  # this machine's own cache: built once, then found
+    if built is None:
+        pytest.skip("the C++ kernels do not build here (no compiler): nothing prebuilt to load")
+    lib = Path(built.__file__)
+    cache = tmp_path / "image-cache"
+    shutil.copytree(lib.parent, cache / lib.parent.name)
+    script = (f"mount --bind {cache} {cache} && mount -o remount,ro,bind {cache} && "
+              f"! touch {cache}/probe 2>/dev/null && exec {sys.executable} -c '{READ_ONLY_PROBE}'")
+    env = dict(os.environ, APPROXDIST_CACHE_DIR=str(cache), PYTHONPATH=REPO)
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, env=env,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    backend, path, warned = proc.stdout.split()
+    assert backend == "cpp" and path == str(cache / lib.parent.name / lib.name) and warned == "0", proc.stdout
+    assert sorted(p.name for p in (cache / lib.parent.name).iterdir()) == sorted(p.name for p in lib.parent.iterdir())

@@ -173,8 +173,39 @@ def resolve_backend(backend: Optional[str] = None) -> str:
     return backend
 
 
+def interface_address(ifname: str) -> str:
+    """The IPv4 address of network interface `ifname` (Linux), e.g. "eth0" -> "10.0.0.5"."""
+    import fcntl
+    import struct
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", ifname.encode()[:15]))  # SIOCGIFADDR
+        except OSError as exc:
+            raise ValueError(f"network interface {ifname!r} has no IPv4 address here ({exc.strerror})") from None
+    return socket.inet_ntoa(packed[20:24])
+
+
+def advertised_address(env=None) -> str:
+    """What rank 0 tells the others to connect to when no launcher publishes MASTER_ADDR:
+    the address of the interface the job's traffic is pinned to (GLOO_SOCKET_IFNAME, else
+    NCCL_SOCKET_IFNAME; the first of a comma list), else the host name. The host name
+    can resolve to an address the other hosts cannot reach (127.0.0.1 in /etc/hosts, a
+    management network, or, in the namespace testbed, every node's own name)."""
+    env = os.environ if env is None else env
+    for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        value = (env.get(name) or "").split(",")[0].strip()
+        if value and not value.startswith(("^", "=")):  # NCCL's exclude/exact-match prefixes
+            try:
+                return interface_address(value)
+            except ValueError as exc:
+                raise ValueError(f"{name}={env.get(name)!r}: {exc}") from None
+    return socket.gethostname()
+
+
 def _mpi_master_addr() -> str:
-    """Rank 0's host name, broadcast over MPI: mpirun does not publish a rendezvous address."""
+    """Rank 0's address (advertised_address), broadcast over MPI: mpirun does not publish
+    a rendezvous address."""
     try:
         from mpi4py import MPI  # noqa: WPS433 (optional dependency)
     except ImportError:
@@ -183,7 +214,7 @@ def _mpi_master_addr() -> str:
             "or install mpi4py so rank 0 can broadcast its address"
         ) from None
     comm = MPI.COMM_WORLD
-    return comm.bcast(socket.gethostname() if comm.Get_rank() == 0 else None, root=0)
+    return comm.bcast(advertised_address() if comm.Get_rank() == 0 else None, root=0)
 
 
 def init_distributed(backend: Optional[str] = None, *, timeout: Optional[float] = None,

@@ -174,8 +174,17 @@ def backend() -> str:
     return "cpp"
 
 
-def build(verbose: bool = False) -> str:
-    """Compiles the kernels now (e.g. from `make install`) and returns `backend()`."""
+def build(verbose: bool = False, *, cuda: bool = False) -> str:
+    """Compiles the kernels now (e.g. from `make install`) and returns `backend()`.
+
+    cuda=True also compiles the CUDA kernels where no GPU is visible (a `docker build`),
+    for the architectures in TORCH_CUDA_ARCH_LIST, into the cache (`loader.cache_dir`)
+    that a later process on a GPU loads them from; it raises on failure instead of
+    falling back, since an image without its kernels should not build."""
+    if cuda not in (True, False):
+        raise ValueError(f"cuda must be True or False, got {cuda!r}")
+    if cuda:
+        loader.build_cuda(verbose=verbose)
     if _mode() != "torch":
         loader.load(verbose=verbose)
     return backend()

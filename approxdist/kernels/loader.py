@@ -10,6 +10,7 @@ warning, so training never stops for a missing compiler.
 """
 import glob
 import hashlib
+import importlib.util
 import logging
 import os
 import stat
@@ -22,7 +23,8 @@ from typing import List, Optional
 
 import torch
 
-__all__ = ["load", "sources_dir", "cache_dir", "private_temp_dir", "cuda_home", "cuda_include_fixes"]
+__all__ = ["load", "build_cuda", "sources_dir", "cache_dir", "private_temp_dir", "cuda_home",
+           "cuda_include_fixes"]
 
 _SOURCES = ("pack.cpp",)
 _CUDA_SOURCES = ("pack_cuda.cu",)
@@ -152,16 +154,54 @@ def _build(src: Path, with_cuda: bool, verbose: bool):
         includes += cuda_include_fixes(home)
     variant = "cuda" if with_cuda else "cpu"
     tag = f"{torch.__version__}-{variant}-{_digest(src, files, (cflags, _CUDA_CFLAGS, includes))}"
+    name = f"approxdist_kernels_{variant}"
+    build_dir = cache_dir(tag)
+    prebuilt = _import_prebuilt(name, build_dir)
+    if prebuilt is not None:
+        return prebuilt
     return cpp_extension.load(
-        name=f"approxdist_kernels_{variant}",
+        name=name,
         sources=[str(src / f) for f in files],
         extra_cflags=cflags,
         extra_cuda_cflags=_CUDA_CFLAGS if with_cuda else None,
         extra_include_paths=includes,
-        build_directory=str(cache_dir(tag)),
+        build_directory=str(build_dir),
         with_cuda=with_cuda,
         verbose=verbose,
     )
+
+
+def _import_prebuilt(name: str, build_dir: Path):
+    """The library built earlier into a cache this process cannot write (an image's
+    read-only layer, a directory of the root that built the image), or None.
+
+    torch's load() would first take a lock file in that directory and fail, and the
+    kernels would fall back to the reference in every non-root container. The directory's
+    tag pins the torch version and a hash of the sources and flags, so the library there
+    is the one load() would build: import it as it is."""
+    lib = build_dir / f"{name}.so"
+    if not lib.is_file() or os.access(build_dir, os.W_OK):
+        return None
+    spec = importlib.util.spec_from_file_location(name, lib)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def build_cuda(verbose: bool = False):
+    """Compile (or find in the cache) the CUDA variant now, GPU or not: the architectures
+    come from TORCH_CUDA_ARCH_LIST, which must be set where no GPU is visible (torch
+    would otherwise ask the missing GPU). Raises on any failure."""
+    if not torch.version.cuda:
+        raise RuntimeError("this torch build has no CUDA (torch.version.cuda is None): "
+                           "the CUDA kernels need a CUDA build of torch")
+    if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip():
+        raise RuntimeError("no GPU visible: set TORCH_CUDA_ARCH_LIST to the architectures to compile "
+                           "the CUDA kernels for, e.g. TORCH_CUDA_ARCH_LIST='8.0;9.0+PTX'")
+    src = sources_dir()
+    if src is None:
+        raise RuntimeError("csrc/ sources not found (non-editable install?): cannot compile the CUDA kernels")
+    return _build(src, True, verbose)
 
 
 def load(verbose: bool = False):
