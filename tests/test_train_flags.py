@@ -394,3 +394,31 @@ def test_weights_start_the_run_and_print_freq_prints(tmp_path, capsys):
     assert all(torch.allclose(seen[0][k], v, atol=1e-6) for k, v in model.state_dict().items())
     lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("epoch 1 step ")]
     assert [x.split()[3] for x in lines] == ["3", "6"] and all(" lr " in x for x in lines)
+
+
+@pytest.mark.slow
+def test_recipe_under_the_in_hook_step_and_forward_overlap(tmp_path):
+    """AdamW, steplr, smoothing, MixUp and the EMA under torchrun (2 gloo ranks, the
+    sparse hook): --step-in-hook and --overlap-forward train the same model and EMA, bit for
+    bit, as the usual loop."""
+    from test_train_dist import _checkpoint, torchrun
+
+    common = ["--dataset", "digits", "--model", "cnn", "--epochs", "2", "--max-steps", "6", "--batch-size", "16",
+              "--comm-hook", "sparse", "--sample-ratio", "0.5", "--bucket-cap-mb", "0.01", "--opt", "adamw",
+              "--lr", "0.01", "--lr-scheduler", "steplr", "--lr-step-size", "1", "--label-smoothing", "0.1",
+              "--mixup-alpha", "0.2", "--model-ema", "--model-ema-steps", "2", "--model-ema-decay", "0.9"]
+    ckpts = []
+    for i, flag in enumerate(([], ["--step-in-hook"], ["--overlap-forward"])):
+        out = str(tmp_path / str(i))
+        torchrun(common + ["--output-dir", out, *flag])
+        ckpts.append(_checkpoint(out))
+    usual = ckpts[0]
+    assert usual["model_ema"]["updates"] == 3  # steps 2 (a copy), 4 and 6
+    assert any(not torch.equal(v, usual["model"][k]) for k, v in usual["model_ema"]["module"].items())
+    for other in ckpts[1:]:
+        for key, value in usual["model"].items():
+            assert torch.equal(value, other["model"][key]), key
+        for key, value in usual["model_ema"]["module"].items():
+            assert torch.equal(value, other["model_ema"]["module"][key]), key
+        for pid, state in usual["optimizer"]["state"].items():
+            assert torch.equal(state["exp_avg"], other["optimizer"]["state"][pid]["exp_avg"])
