@@ -166,7 +166,7 @@ def test_resume_keeps_the_warmup_position_and_the_ema(tmp_path):
     """A run stopped inside its warm-up and resumed goes on at the same rates, with the same
     EMA, as one that never stopped; the new flags are in the checkpoint's config."""
     flags = ["--epochs", "2", "--lr-warmup-epochs", "1", "--lr-warmup-method", "linear", "--model-ema",
-             "--model-ema-steps", "3", "--model-ema-decay", "0.9", "--label-smoothing", "0.1"]
+             "--model-ema-steps", "3", "--model-ema-decay", "0.999", "--label-smoothing", "0.1"]
     full, part = [], []
     assert _cli(*flags, "--output-dir", str(tmp_path / "a"), callbacks=[_lr_recorder(full)]) == 0
     b = str(tmp_path / "b")
@@ -184,6 +184,31 @@ def test_resume_keeps_the_warmup_position_and_the_ema(tmp_path):
         assert torch.equal(v, b_ck["model_ema"]["module"][k]), k
     rec = _epochs(str(tmp_path / "a"))[-1]
     assert 0 <= rec["ema_top1"] <= 100 and rec["ema_val_loss"] != rec["val_loss"]
+
+
+def test_ema_is_the_documented_average():
+    """Every --model-ema-steps steps ema = d * ema + (1 - d) * model (the first update a copy),
+    d = 1 - min(1, (1 - decay) * world * batch * steps / epochs) as torchvision adjusts it."""
+    states, end = [], []
+
+    def watch(trainer, step):
+        if step % 2 == 0:
+            states.append({k: v.clone() for k, v in trainer.model.state_dict().items()})
+        if step == 8:
+            end.append((trainer.ema.decay, {k: v.clone() for k, v in trainer.ema.module.state_dict().items()},
+                        {k: v.clone() for k, v in trainer.model.state_dict().items()}))
+
+    assert _cli("--epochs", "1", "--max-steps", "8", "--model-ema", "--model-ema-steps", "2",
+                "--model-ema-decay", "0.999", callbacks=[watch]) == 0
+    (decay, ema, model), = end
+    assert decay == pytest.approx(1 - 0.001 * 64 * 2 / 1)
+    expected = dict(states[0])
+    for state in states[1:]:
+        expected = {k: decay * expected[k] + (1 - decay) * v for k, v in state.items()}
+    assert len(states) == 4
+    for k, v in ema.items():
+        assert torch.allclose(v, expected[k], atol=1e-6), k
+        assert not torch.allclose(v, model[k], atol=1e-4), k
 
 
 def test_resume_with_other_recipe_flags_is_refused(tmp_path, capsys):
@@ -406,7 +431,7 @@ def test_recipe_under_the_in_hook_step_and_forward_overlap(tmp_path):
     common = ["--dataset", "digits", "--model", "cnn", "--epochs", "2", "--max-steps", "6", "--batch-size", "16",
               "--comm-hook", "sparse", "--sample-ratio", "0.5", "--bucket-cap-mb", "0.01", "--opt", "adamw",
               "--lr", "0.01", "--lr-scheduler", "steplr", "--lr-step-size", "1", "--label-smoothing", "0.1",
-              "--mixup-alpha", "0.2", "--model-ema", "--model-ema-steps", "2", "--model-ema-decay", "0.9"]
+              "--mixup-alpha", "0.2", "--model-ema", "--model-ema-steps", "2", "--model-ema-decay", "0.999"]
     ckpts = []
     for i, flag in enumerate(([], ["--step-in-hook"], ["--overlap-forward"])):
         out = str(tmp_path / str(i))
