@@ -380,6 +380,27 @@ def test_random_erase_on_tensor_data():
     assert torch.equal(x[x != 0], base[5][0][x != 0])  # only an erased rectangle of zeros differs
 
 
+def test_auto_augment_on_cifar_batches(tmp_path):
+    import pickle
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {"data": rng.integers(0, 256, (2, 3072), dtype=np.uint8), "labels": [0, 1]}
+        (tmp_path / name).write_bytes(pickle.dumps(batch))
+    a = validate(_args("--data-path", str(tmp_path), "--auto-augment", "imagenet"))
+    assert a.dataset == "cifar10"
+    plain, _, _ = build_datasets("cifar10", str(tmp_path))
+    augmented, val, _ = build_datasets("cifar10", str(tmp_path), augment=Augment.from_args(a))
+    assert "AutoAugment" in repr(augmented.policy) and val.policy is None
+    torch.manual_seed(0)
+    x = [plain[i][0] for i in range(10)]
+    torch.manual_seed(0)
+    y = [augmented[i][0] for i in range(10)]
+    assert any(not torch.equal(p, q) for p, q in zip(x, y))
+
+
 # -- weights, test-only, args.json, print-freq ---------------------------------------------------------
 def test_test_only_reports_the_loaded_weights_and_writes_nothing(tmp_path, capsys):
     run = str(tmp_path / "run")
