@@ -10,8 +10,19 @@ import approxdist as ad
 from distharness import run_ranks
 from models import analytic_bytes, batch_for, make_model
 
+# timm models by test name: timm's own layers (its Attention's qkv/proj Linears around
+# F.scaled_dot_product_attention, its stem and blocks), small enough for 2 ranks on a CPU.
+TIMM = {"timm_vit": ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 2, "drop_path_rate": 0.1}),
+        "timm_resnet": ("resnet10t", {})}
+
 
 def build(name):
+    if name in TIMM:
+        import timm
+
+        arch, kwargs = TIMM[name]
+        torch.manual_seed(0)
+        return timm.create_model(arch, pretrained=False, num_classes=10, **kwargs)
     if name == "vit_small":  # torchvision's class, small: 32 px images, 16 tokens of 32 features
         from torchvision.models.vision_transformer import VisionTransformer
 

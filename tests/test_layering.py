@@ -12,7 +12,7 @@ import os
 import pytest
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "approxdist")
-PACKAGES = ("functional", "nn", "kernels", "distributed", "train", "bench")
+PACKAGES = ("functional", "nn", "kernels", "distributed", "train", "bench", "integrations")
 # What each part may import (besides itself). "approxdist" is the root package, which
 # eagerly imports functional, kernels and nn only.
 ALLOWED = {
@@ -24,6 +24,8 @@ ALLOWED = {
     # bench trains what the app trains: the fidelity benchmark takes train's public datasets
     # and built-in models (never the other way round).
     "bench": {"functional", "nn", "kernels", "distributed", "train", "approxdist"},
+    # glue to other frameworks (Lightning): a client of the library, like train
+    "integrations": {"functional", "nn", "kernels", "distributed", "approxdist"},
     "approxdist": {"functional", "nn", "kernels", "distributed"},  # root modules (__init__, demo)
 }
 NO_TORCH_DISTRIBUTED = ("functional", "nn")
@@ -115,6 +117,8 @@ def test_the_sources_keep_the_import_contract():
     ("distributed/bad.py", "from approxdist.train import train\n", "against the direction"),
     ("bench/bad.py", "from ..functional._core import select_pairs\n", "private name of functional"),
     ("train/bad.py", "from approxdist.distributed.horovod import _horovod\n", "private name of distributed"),
+    ("integrations/bad.py", "from approxdist.train import train\n", "against the direction"),
+    ("integrations/bad.py", "from ..distributed.hook import _views\n", "private name of distributed"),
 ])
 def test_a_violation_is_found(tmp_path, module, source, reason):
     root = tmp_path / "approxdist"

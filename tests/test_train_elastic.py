@@ -18,7 +18,7 @@ from test_train_dist import torchrun
 
 N_TRAIN, BATCH = 1437, 32  # digits' training split; per process
 COMMON = ["--dataset", "digits", "--model", "cnn", "--batch-size", str(BATCH), "--comm-hook", "sparse",
-          "--sample-ratio", "0.5", "--policy", "bernoulli_weight"]
+          "--sample-ratio", "0.5", "--policy", "bernoulli_weight", "--allow-unbiased-sampling"]
 
 
 def _epochs(out):

@@ -1,6 +1,7 @@
 """Workers do not outlive their launcher; a rank that stops answering is named within the
 collective timeout (issue 29, item 6). Real torchrun and real processes; every process a
 test starts is killed in its finally, and the tests check that none is left."""
+import contextlib
 import os
 import signal
 import subprocess
@@ -134,3 +135,54 @@ def test_timeout_validation(monkeypatch):
         with pytest.raises(ValueError, match="--timeout"):
             validate(build_parser().parse_args(["--dataset", "fake", "--timeout", bad]))
     assert issubclass(CollectiveTimeoutError, RuntimeError)
+
+
+def _train_workers(tag):
+    """{RANK: pid} of the `python -u -m approxdist.train` workers whose command line holds `tag`."""
+    ranks = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{d}/cmdline").read_bytes().split(b"\0")
+            env = Path(f"/proc/{d}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"approxdist.train" in cmd[1:4] and tag.encode() in cmd and b"torch.distributed.run" not in cmd:
+            rank = [e for e in env if e.startswith(b"RANK=")]
+            if rank:
+                ranks[int(rank[0][5:])] = int(d)
+    return ranks
+
+
+@linux_only
+@pytest.mark.slow
+def test_train_timeout_names_a_stopped_rank(tmp_path):
+    """approxdist-train --timeout end to end: torchrun, 2 ranks, the sparse hook; rank 1 is
+    SIGSTOPped mid-training and rank 0 fails within the timeout naming it."""
+    out = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), "--max-restarts", "0", "-m", "approxdist.train", "--no-progress",
+           "--dataset", "digits", "--model", "cnn", "--epochs", "1000", "--comm-hook", "sparse",
+           "--sample-ratio", "0.5", "--timeout", "8", "--output-dir", out]
+    agent = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    workers = {}
+    try:
+        metrics = Path(out) / "metrics.jsonl"
+        assert _wait_for(lambda: metrics.exists() and metrics.stat().st_size > 0, 240), "no epoch finished"
+        workers = _train_workers(out)
+        assert sorted(workers) == [0, 1], workers
+        os.kill(workers[1], signal.SIGSTOP)
+        stopped = time.monotonic()
+        text, _ = agent.communicate(timeout=240)
+        assert agent.returncode != 0, text[-3000:]
+        assert "CollectiveTimeoutError" in text and "rank(s) 1 did not respond" in text, text[-3000:]
+        assert "rank 0: a collective failed (collective timeout 8 s" in text, text[-3000:]  # --timeout reached it
+        assert time.monotonic() - stopped < 120
+    finally:
+        for pid in workers.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        agent.kill()
+        agent.communicate()
+        _kill(workers.values())
