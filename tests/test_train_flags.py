@@ -372,6 +372,16 @@ def test_data_path_picks_the_data_set_and_sizes(tmp_path):
     assert not torch.equal(train[0][0], plain)
 
 
+def test_workers_auto_follows_the_data_set_and_the_cpus_per_process(monkeypatch, tmp_path):
+    _imagefolder(tmp_path)
+    cpus = len(os.sched_getaffinity(0))
+    assert validate(_args("--dataset", "fake")).workers == 0
+    assert validate(_args("--data-path", str(tmp_path))).workers == max(1, min(8, cpus))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(4 * cpus))  # more processes than CPUs: still one each
+    assert validate(_args("--data-path", str(tmp_path))).workers == 1
+    assert validate(_args("--data-path", str(tmp_path), "-j", "0")).workers == 0
+
+
 def test_random_erase_on_tensor_data():
     base, _, _ = build_datasets("digits")
     erased, _, _ = build_datasets("digits", augment=Augment(random_erase=1.0))
