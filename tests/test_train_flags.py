@@ -202,6 +202,10 @@ def test_ema_is_the_documented_average():
                 "--model-ema-decay", "0.999", callbacks=[watch]) == 0
     (decay, ema, model), = end
     assert decay == pytest.approx(1 - 0.001 * 64 * 2 / 1)
+    without = []
+    assert _cli("--epochs", "1", "--max-steps", "8",
+                callbacks=[lambda t, s: s == 8 and without.append(t.model.state_dict())]) == 0
+    assert all(torch.equal(v, without[0][k]) for k, v in model.items())  # the EMA changes no parameter
     expected = dict(states[0])
     for state in states[1:]:
         expected = {k: decay * expected[k] + (1 - decay) * v for k, v in state.items()}
@@ -220,6 +224,16 @@ def test_resume_with_other_recipe_flags_is_refused(tmp_path, capsys):
     assert _cli("--epochs", "1", "--output-dir", out, "--resume", "auto", "--opt", "adamw",
                 "--allow-config-change") == 2
     assert "opt='sgd' (now 'adamw')" in _one_error_line(capsys)
+
+
+def test_allowed_schedule_change_applies_from_the_resume(tmp_path, capsys):
+    out, lrs = str(tmp_path), []
+    assert _cli("--epochs", "2", "--max-steps", "2", "--output-dir", out) == 0
+    capsys.readouterr()
+    assert _cli("--epochs", "2", "--output-dir", out, "--resume", "auto", "--lr-scheduler", "steplr",
+                "--lr-step-size", "1", "--lr-gamma", "0.5", "--allow-config-change", callbacks=[_lr_recorder(lrs)]) == 0
+    assert "this run's steplr over 2 epoch(s)" in capsys.readouterr().out  # placed at step 2 at once
+    assert lrs == pytest.approx([0.1 * 0.5 ** (s // SPE) for s in range(3, 2 * SPE + 1)])
 
 
 # -- what a step does ---------------------------------------------------------------------------

@@ -47,6 +47,7 @@ RECIPE_CONFIG = ("lr_scheduler", "lr_step_size", "lr_gamma", "lr_warmup_epochs",
                  "lr_warmup_decay", "label_smoothing", "mixup_alpha", "cutmix_alpha", "auto_augment",
                  "random_erase", "clip_grad_norm", "model_ema", "model_ema_steps", "model_ema_decay",
                  "train_crop_size", "val_resize_size", "val_crop_size")
+SCHEDULE_CONFIG = RECIPE_CONFIG[:6]  # --lr-scheduler ... --lr-warmup-decay
 # Never changed on resume: the optimizer's state is of its kind (momentum buffers, Adam's
 # moments), and --norm-weight-decay on or off changes its parameter groups.
 OPTIMIZER_KIND = ("opt",)
@@ -187,7 +188,8 @@ class Trainer:
         if args.model_ema:
             decay = ema_decay(args.model_ema_decay, place.world_size, args.batch_size, args.model_ema_steps,
                               args.epochs)
-            ema = ModelEMA(build_plain_model(args, info).to(device), decay)
+            with torch.random.fork_rng(devices=[]):  # its initial weights are replaced: draw nothing
+                ema = ModelEMA(build_plain_model(args, info).to(device), decay)
             ema.update(model, copy=True)  # the model's copy; the first update copies again (torchvision)
         recipe = Recipe(label_smoothing=args.label_smoothing,
                         mixer=batch_mixer(args.mixup_alpha, args.cutmix_alpha, info.num_classes),
@@ -411,7 +413,8 @@ class Trainer:
         if self.ema is not None and not ema_state:
             self.resume_notes.append("--model-ema: the checkpoint holds no average; it starts from its weights")
         changed = self._apply_optimizer_flags(saved)
-        self.resume_notes += self._retarget_schedule(epoch, step_in_epoch, saved, force=bool(changed))
+        reshaped = [k for k in SCHEDULE_CONFIG if k in saved and saved[k] != self.config.get(k)]
+        self.resume_notes += self._retarget_schedule(epoch, step_in_epoch, saved, force=bool(changed or reshaped))
         return epoch, step, step_in_epoch
 
     def _apply_optimizer_flags(self, saved):
@@ -515,8 +518,8 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         if old_span == span and lr == old_lr:
             return []
-        return [f"learning-rate schedule: the checkpoint's {sched.kind} spanned {old_span} steps, this run's "
-                f"{self.args.epochs} epoch(s) x {spe} steps span {span}; it continues at step {position} of "
+        return [f"learning-rate schedule: the checkpoint's spanned {old_span} steps; this run's {sched.kind} over "
+                f"{self.args.epochs} epoch(s) x {spe} steps spans {span}; it continues at step {position} of "
                 f"{span} (lr {old_lr:.6g} -> {lr:.6g})"]
 
     def _saved_steps_per_epoch(self, saved):
