@@ -164,9 +164,11 @@ def _lr_recorder(lrs):
 
 def test_resume_keeps_the_warmup_position_and_the_ema(tmp_path):
     """A run stopped inside its warm-up and resumed goes on at the same rates, with the same
-    EMA, as one that never stopped; the new flags are in the checkpoint's config."""
+    EMA and the same MixUp/CutMix, as one that never stopped; the new flags are in the
+    checkpoint's config."""
     flags = ["--epochs", "2", "--lr-warmup-epochs", "1", "--lr-warmup-method", "linear", "--model-ema",
-             "--model-ema-steps", "3", "--model-ema-decay", "0.999", "--label-smoothing", "0.1"]
+             "--model-ema-steps", "3", "--model-ema-decay", "0.999", "--label-smoothing", "0.1",
+             "--mixup-alpha", "0.2", "--cutmix-alpha", "1.0"]
     full, part = [], []
     assert _cli(*flags, "--output-dir", str(tmp_path / "a"), callbacks=[_lr_recorder(full)]) == 0
     b = str(tmp_path / "b")
@@ -182,6 +184,8 @@ def test_resume_keeps_the_warmup_position_and_the_ema(tmp_path):
     b_ck = torch.load(os.path.join(b, "checkpoint.pt"), weights_only=True)
     for k, v in a_ck["model_ema"]["module"].items():
         assert torch.equal(v, b_ck["model_ema"]["module"][k]), k
+    for k, v in a_ck["model"].items():  # the mixes too: each a function of (seed, step)
+        assert torch.equal(v, b_ck["model"][k]), k
     rec = _epochs(str(tmp_path / "a"))[-1]
     assert 0 <= rec["ema_top1"] <= 100 and rec["ema_val_loss"] != rec["val_loss"]
 

@@ -42,6 +42,16 @@ class Recipe:
     mixer: Optional[Callable] = None
     clip_grad_norm: Optional[float] = None
     channels_last: bool = False
+    seed: int = 0  # the mixer draws from the global RNG seeded with (seed, step): a function of the step
+
+
+def _mix(recipe, images, target, step):
+    """MixUp/CutMix draw from the global RNG (torchvision's transforms take no generator);
+    seeding it per step, inside fork_rng, makes the mix of step s the same in a resumed run
+    and on every rank, and leaves the global stream as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.seed * 1_000_003 + step)
+        return recipe.mixer(images, target)
 
 
 def to_device(images, device, channels_last=False):
@@ -99,7 +109,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, *, device, amp=
     for images, target in loader:
         images, target = to_device(images, device, recipe.channels_last), target.to(device, non_blocking=True)
         if recipe.mixer is not None:
-            images, target = recipe.mixer(images, target)
+            images, target = _mix(recipe, images, target, step)
         with _autocast(device, amp):
             loss = F.cross_entropy(model(images), target, label_smoothing=recipe.label_smoothing)
         optimizer.zero_grad()  # set_to_none (torch >= 2.0 default); Horovod takes no argument

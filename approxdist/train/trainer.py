@@ -193,7 +193,7 @@ class Trainer:
             ema.update(model, copy=True)  # the model's copy; the first update copies again (torchvision)
         recipe = Recipe(label_smoothing=args.label_smoothing,
                         mixer=batch_mixer(args.mixup_alpha, args.cutmix_alpha, info.num_classes),
-                        clip_grad_norm=args.clip_grad_norm, channels_last=args.channels_last)
+                        clip_grad_norm=args.clip_grad_norm, channels_last=args.channels_last, seed=args.seed)
         return cls(args, model, optimizer, scheduler, config=config, ddp=ddp, scaler=_make_scaler(device, args.amp),
                    comm=comm, place=place, device=device, loaders=loaders, log=log, callbacks=callbacks, ema=ema,
                    recipe=recipe)
