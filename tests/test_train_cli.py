@@ -35,6 +35,8 @@ CASES = [
     (["--dataset", "imagefolder", "--data-path", "/nonexistent/imagenet"], "--data-path"),
     (["--comm-hook", "carrier-pigeon"], "--comm-hook"),
     (["--step-in-hook", "--dist", "horovod"], "--step-in-hook"),
+    (["--clip-grad-norm", "1", "--overlap-forward"], "drop --overlap-forward or --clip-grad-norm"),
+    (["--weights", "/nonexistent/w.pt"], "--weights"),
 ]
 if not torch.cuda.is_available():
     CASES.append((["--backend", "nccl"], "nccl"))

@@ -43,10 +43,14 @@ def _scripts_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "launch" / "testbed"
 
 
+NEEDS_ROOT = ("needs root: the testbed creates network namespaces (ip netns), veth links and a bridge, "
+              "and shapes the links with tc; run it as root")
+
+
 def available() -> tuple[bool, str]:
     """(True, "") where namespaces can be made here, else (False, why): tests skip on it."""
     if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        return False, "network namespaces need root"
+        return False, NEEDS_ROOT
     for tool in ("ip", "tc"):
         if shutil.which(tool) is None:
             return False, f"iproute2's `{tool}` is not installed"
@@ -474,7 +478,8 @@ def main(argv=None) -> int:
         return _allreduce_worker(argv[1:])
     p = argparse.ArgumentParser(
         prog="approxdist-bench testbed",
-        description="Build a namespace testbed, measure what its links carry, remove it.")
+        description="Build a namespace testbed, measure what its links carry, remove it. Needs root and "
+                    "iproute2 (ip netns, tc): it refuses up front, in one line, without them.")
     p.add_argument("--nodes", type=int, default=2)
     p.add_argument("--rate", default="1gbit", help="tc rate per link and direction, or none")
     p.add_argument("--burst", default=None)

@@ -10,10 +10,12 @@ resumed from a mid-epoch checkpoint see exactly the batches the uninterrupted ru
 """
 import os
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
+
+from .augment import IMAGE_DATASETS, Erasing, auto_augment, random_erasing
 
 DATASETS = ("imagefolder", "cifar10", "digits", "fake")
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -27,10 +29,55 @@ class DataInfo:
     image_size: int
 
 
+@dataclass
+class Augment:
+    """How the training images are augmented and the ImageFolder images sized (torchvision's
+    flags; None sizes follow --image-size, else 224 and 224/0.875 = 256)."""
+
+    train_crop_size: int = None
+    val_resize_size: int = None
+    val_crop_size: int = None
+    auto_augment: str = None
+    random_erase: float = 0.0
+    extra: dict = field(default_factory=dict)  # ra_magnitude, augmix_severity
+
+    @classmethod
+    def from_args(cls, args):
+        return cls(args.train_crop_size, args.val_resize_size, args.val_crop_size, args.auto_augment,
+                   args.random_erase, {"ra_magnitude": args.ra_magnitude, "augmix_severity": args.augmix_severity})
+
+
+def detect_dataset(data_path):
+    """The data set a --data-path holds when no --dataset is named: CIFAR-10's python batches
+    or an ImageFolder root (train/, val/); anything else is an error naming both."""
+    if _cifar_root(data_path) is not None:
+        return "cifar10"
+    if all(os.path.isdir(os.path.join(data_path, split)) for split in ("train", "val")):
+        return "imagefolder"
+    raise ValueError(f"--data-path {data_path!r} holds neither an ImageFolder tree (train/, val/) nor CIFAR-10 "
+                     "python batches; fix the path or name the data set with --dataset")
+
+
+def default_workers(dataset, local_processes=1):
+    """--workers auto: none for the in-memory tensor sets (digits, fake: a worker would only
+    copy), else min(8, CPUs per process) for the decoded and augmented ones (imagefolder,
+    cifar10), so decoding never runs inside the training process."""
+    if dataset in ("digits", "fake"):
+        return 0
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    return max(1, min(8, cpus // max(int(local_processes), 1)))
+
+
 def check_data_path(dataset: str, data_path):
     """Fail before any process group exists when the data cannot be where it is said to be."""
     if dataset not in DATASETS:
         raise ValueError(f"--dataset must be one of {', '.join(DATASETS)}, got {dataset!r}")
+    if dataset in ("digits", "fake") and data_path:
+        raise ValueError(f"--data-path is not read by --dataset {dataset} (generated or bundled data); drop it, "
+                         "or name the data set it holds (imagefolder, cifar10)")
     if dataset == "imagefolder":
         if not data_path:
             raise ValueError("--data-path is required for --dataset imagefolder")
@@ -115,23 +162,32 @@ def _load_cifar_batches(root, names):
 class _CifarTensors(Dataset):
     """CIFAR-10 held as uint8 tensors; training adds the usual crop-and-flip augmentation."""
 
-    def __init__(self, images, labels, train):
+    def __init__(self, images, labels, train, augment=None):
         self.images, self.labels, self.train = images, labels, train
         self.mean = torch.tensor(CIFAR_MEAN).view(3, 1, 1)
         self.std = torch.tensor(CIFAR_STD).view(3, 1, 1)
+        augment = augment or Augment()
+        self.policy = auto_augment(augment.auto_augment, **augment.extra) if train else None
+        self.erase = random_erasing(augment.random_erase) if train else None
 
     def __len__(self):
         return len(self.labels)
 
     def __getitem__(self, i):
-        x = self.images[i].float().div_(255)
+        x = self.images[i]
+        if self.policy is not None:  # on the 8-bit image, as torchvision's presets
+            x = self.policy(x)
+        x = x.float().div_(255)
         if self.train:
             x = torch.nn.functional.pad(x, (4, 4, 4, 4), mode="reflect")
             top, left = torch.randint(0, 9, (2,)).tolist()
             x = x[:, top : top + 32, left : left + 32]
             if torch.rand(()) < 0.5:
                 x = x.flip(-1)
-        return (x - self.mean) / self.std, self.labels[i]
+        x = (x - self.mean) / self.std
+        if self.erase is not None:
+            x = self.erase(x)
+        return x, self.labels[i]
 
 
 def _digits(image_size=None, seed_split=0):
@@ -171,17 +227,26 @@ def _fake(image_size, num_classes=10, n_train=512, n_val=128):
     return make(n_train), make(n_val), DataInfo(num_classes, 3, image_size)
 
 
-def _imagefolder(data_path, image_size):
+def _imagefolder(data_path, image_size, augment):
+    """torchvision's classification presets: RandomResizedCrop(train crop), flip, the
+    --auto-augment policy, normalise, RandomErasing; Resize(val resize), CenterCrop(val crop)."""
     from torchvision import datasets, transforms
 
     normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
-    train_tf = transforms.Compose(
-        [transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize]
-    )
-    resize = int(round(image_size / 0.875))
+    crop = augment.train_crop_size or image_size
+    val_crop = augment.val_crop_size or image_size
+    resize = augment.val_resize_size or int(round(val_crop / 0.875))
+    steps = [transforms.RandomResizedCrop(crop), transforms.RandomHorizontalFlip()]
+    policy = auto_augment(augment.auto_augment, **augment.extra)
+    steps += [policy] if policy is not None else []
+    steps += [transforms.ToTensor(), normalize]
+    erase = random_erasing(augment.random_erase)
+    steps += [erase] if erase is not None else []
+    train_tf = transforms.Compose(steps)
     val_tf = transforms.Compose(
-        [transforms.Resize(resize), transforms.CenterCrop(image_size), transforms.ToTensor(), normalize]
+        [transforms.Resize(resize), transforms.CenterCrop(val_crop), transforms.ToTensor(), normalize]
     )
+    image_size = crop
     splits = []
     for split, tf in (("train", train_tf), ("val", val_tf)):
         folder = os.path.join(data_path, split)
@@ -197,19 +262,22 @@ def _imagefolder(data_path, image_size):
     return train, val, DataInfo(len(train.classes), 3, image_size)
 
 
-def build_datasets(dataset, data_path=None, image_size=None):
-    """Return ``(train_set, val_set, DataInfo)``."""
+def build_datasets(dataset, data_path=None, image_size=None, augment=None):
+    """Return ``(train_set, val_set, DataInfo)``; augment: an `Augment` (None: none)."""
     check_data_path(dataset, data_path)
-    if dataset == "digits":
-        return _digits(image_size)
-    if dataset == "fake":
-        return _fake(image_size or 32)
+    augment = augment or Augment()
+    if augment.auto_augment is not None and dataset not in IMAGE_DATASETS:
+        raise ValueError(f"--auto-augment transforms 8-bit images ({', '.join(IMAGE_DATASETS)}), "
+                         f"not --dataset {dataset}")
+    if dataset in ("digits", "fake"):
+        train, val, info = _digits(image_size) if dataset == "digits" else _fake(image_size or 32)
+        return (Erasing(train, augment.random_erase) if augment.random_erase else train), val, info
     if dataset == "cifar10":
         root = _cifar_root(data_path)
         xtr, ytr = _load_cifar_batches(root, [f"data_batch_{i}" for i in range(1, 6)])
         xva, yva = _load_cifar_batches(root, ["test_batch"])
-        return _CifarTensors(xtr, ytr, True), _CifarTensors(xva, yva, False), DataInfo(10, 3, 32)
-    return _imagefolder(data_path, image_size or 224)
+        return _CifarTensors(xtr, ytr, True, augment), _CifarTensors(xva, yva, False), DataInfo(10, 3, 32)
+    return _imagefolder(data_path, image_size or 224, augment)
 
 
 class ResumableDistributedSampler(Sampler):
@@ -288,6 +356,9 @@ def steps_per_epoch(n_train, world_size, batch_size):
 __all__ = [
     "DATASETS",
     "DataInfo",
+    "Augment",
+    "detect_dataset",
+    "default_workers",
     "build_datasets",
     "build_loaders",
     "check_data_path",

@@ -92,6 +92,22 @@ def build_model(name, *, num_classes, in_channels=3, image_size=32, width=None):
 
 
 
+def read_weights(path):
+    """The model state_dict in a local --weights file: a saved `model.state_dict()` or an
+    approxdist-train checkpoint (its "model"). Read with weights_only=True; ValueError
+    naming the file when it holds neither."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for a foreign or truncated file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"--weights {path!r} is not a weights-only state_dict file: {first}") from None
+    if isinstance(data, dict) and isinstance(data.get("model"), dict):
+        data = data["model"]
+    if not isinstance(data, dict) or not data or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise ValueError(f"--weights {path!r} holds no state_dict (a dict of tensors)")
+    return data
+
+
 def uses_sampled_layers(args) -> bool:
     """The exact dense baseline keeps torch's own layers; every other run gets the sampled
     distributed forms, which also tell the sparse hook which slices are non-zero."""
@@ -100,11 +116,24 @@ def uses_sampled_layers(args) -> bool:
     return args.sample_ratio < 1.0 or args.budget is not None or args.comm_hook in SPARSE_HOOKS
 
 
-def build_training_model(args, info):
-    """Same seed on every rank, so the ranks start equal even before DDP's broadcast."""
-    torch.manual_seed(args.seed)
+def build_plain_model(args, info):
+    """The architecture `args` name, with torch's own layers (what --model-ema averages into)."""
     model = build_model(args.model, num_classes=info.num_classes, in_channels=info.in_channels,
                         image_size=info.image_size, width=getattr(args, "width", None))
+    if getattr(args, "channels_last", False):
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def build_training_model(args, info):
+    """Same seed on every rank, so the ranks start equal even before DDP's broadcast.
+
+    --channels-last and --sync-bn act on torch's layers before the conversion, which then
+    lays the sampled weights out as --weight-layout says (channels_last would undo that)."""
+    torch.manual_seed(args.seed)
+    model = build_plain_model(args, info)
+    if getattr(args, "sync_bn", False):
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if uses_sampled_layers(args):
         import approxdist
 
@@ -120,4 +149,4 @@ def build_training_model(args, info):
 
 
 __all__ = ["BUILTIN", "SmallCNN", "MLP", "build_model", "check_model_name", "torchvision_models",
-           "uses_sampled_layers", "build_training_model"]
+           "uses_sampled_layers", "build_plain_model", "build_training_model", "read_weights"]

@@ -8,7 +8,7 @@ every optimizer step) let a caller watch or interrupt the loop without the produ
 carrying test code: the elastic-restart test kills a worker through one.
 """
 import copy
-import math
+import json
 import os
 from typing import Callable, Sequence
 
@@ -19,12 +19,16 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from ..distributed import finish_steps, in_hook_steps
 from ..nn import load_sampler_state, sampler_state
 from . import checkpoint as ckpt
+from .augment import batch_mixer
 from .clock import TrainClock
 from .comm import build_comm
 from .data import build_loaders
+from .ema import ModelEMA, ema_decay
 from .logs import MetricsLogger
-from .loop import Placement, evaluate, sum_across_ranks, train_one_epoch
-from .models import uses_sampled_layers
+from .loop import Placement, Recipe, evaluate, sum_across_ranks, train_one_epoch
+from .models import build_plain_model, uses_sampled_layers
+from .optim import build_optimizer
+from .schedule import StepSchedule, build_scheduler
 
 __all__ = ["Trainer", "StepCallback", "STRICT_CONFIG", "SAMPLING_CONFIG", "check_resume_config", "run_config", "restart_count"]
 
@@ -35,7 +39,18 @@ STRICT_CONFIG = ("model", "dataset", "num_classes")
 SAMPLING_CONFIG = ("sample_ratio", "budget", "minimal_k", "policy", "explore", "norm_stats", "norm_stats_every")
 # The optimizer's settings are restored with its state: another flag on resume would be
 # ignored silently, so it is refused too; --allow-config-change applies the new values.
-OPTIMIZER_CONFIG = ("lr", "momentum", "weight_decay")
+OPTIMIZER_CONFIG = ("lr", "momentum", "weight_decay", "norm_weight_decay")
+# The rest of the training recipe (torchvision's flags): another value trains another way
+# from the resume on, refused unless --allow-config-change; the schedule's flags then put
+# the new schedule at the position of the steps done.
+RECIPE_CONFIG = ("lr_scheduler", "lr_step_size", "lr_gamma", "lr_warmup_epochs", "lr_warmup_method",
+                 "lr_warmup_decay", "label_smoothing", "mixup_alpha", "cutmix_alpha", "auto_augment",
+                 "random_erase", "clip_grad_norm", "model_ema", "model_ema_steps", "model_ema_decay",
+                 "train_crop_size", "val_resize_size", "val_crop_size")
+SCHEDULE_CONFIG = RECIPE_CONFIG[:6]  # --lr-scheduler ... --lr-warmup-decay
+# Never changed on resume: the optimizer's state is of its kind (momentum buffers, Adam's
+# moments), and --norm-weight-decay on or off changes its parameter groups.
+OPTIMIZER_KIND = ("opt",)
 # A mid-epoch checkpoint continues the epoch's data order where it stopped: that order is
 # a function of the seed (the world size and batch only shard it; see the sampler).
 MID_EPOCH_CONFIG = ("seed",)
@@ -48,15 +63,24 @@ def run_config(args, num_classes):
             "sample_ratio": args.sample_ratio, "budget": args.budget, "minimal_k": args.minimal_k,
             "policy": args.policy, "explore": args.explore, "norm_stats": args.norm_stats,
             "norm_stats_every": args.norm_stats_every, "lr": args.lr, "momentum": args.momentum,
-            "weight_decay": args.weight_decay}
+            "weight_decay": args.weight_decay, "opt": args.opt, "norm_weight_decay": args.norm_weight_decay,
+            **{k: getattr(args, k) for k in RECIPE_CONFIG}}
 
 
 def check_resume_config(saved, current, path, *, allow_changes=False, mid_epoch=False):
     """Raise CheckpointError naming every setting that forbids resuming from `path`. Keys
     an older checkpoint lacks are not compared; --explore only matters to topk_explore."""
     ckpt.validate_config(saved, current, STRICT_CONFIG, path)
+    kind = [f"{k}={saved[k]!r} (now {current.get(k)!r})" for k in OPTIMIZER_KIND
+            if saved.get(k, "sgd") != current.get(k, "sgd")]
+    if "norm_weight_decay" in saved and (saved["norm_weight_decay"] is None) != (current.get("norm_weight_decay") is None):
+        kind.append("norm_weight_decay on/off (its own parameter group)")
+    if kind:
+        raise ckpt.CheckpointError(
+            f"checkpoint {path!r} has an optimizer state this run cannot continue: {', '.join(kind)}; resume "
+            "with the same --opt and --norm-weight-decay, or start a fresh run from its weights (--weights)")
     if not allow_changes:
-        keys = [k for k in SAMPLING_CONFIG + OPTIMIZER_CONFIG if k in saved
+        keys = [k for k in SAMPLING_CONFIG + OPTIMIZER_CONFIG + RECIPE_CONFIG if k in saved
                 and (k != "explore" or "topk_explore" in (saved.get("policy"), current.get("policy")))]
         diffs = [f"{k}={saved.get(k)!r} (now {current.get(k)!r})" for k in keys if saved.get(k) != current.get(k)]
         if diffs:
@@ -103,13 +127,14 @@ class Trainer:
 
     def __init__(self, args, model, optimizer, scheduler, *, config, ddp=None, scaler=None, comm=None,
                  place=Placement(), device=torch.device("cpu"), loaders=(None, None, None), log=None,
-                 callbacks: Sequence[StepCallback] = ()):
+                 callbacks: Sequence[StepCallback] = (), ema=None, recipe=Recipe()):
         self.args, self.model, self.ddp = args, model, ddp
         self.optimizer, self.scheduler, self.scaler, self.comm = optimizer, scheduler, scaler, comm
         self.config, self.place, self.device = config, place, device
         self.train_loader, self.val_loader, self.sampler = loaders
         self.log = log
         self.callbacks = tuple(callbacks)
+        self.ema, self.recipe = ema, recipe
         self.clock = TrainClock()
         self.resume_notes = []
         self._resume_sample = None  # where a resumed epoch starts in its data order, in samples
@@ -136,7 +161,6 @@ class Trainer:
         log = MetricsLogger(args.output_dir, enabled=place.rank == 0)
         loaders = build_loaders(train_set, val_set, rank=place.rank, world_size=place.world_size,
                                 batch_size=args.batch_size, workers=args.workers, seed=args.seed)
-        total_steps = args.epochs * loaders[2].batches_per_epoch
 
         model.to(device)
         ddp = None
@@ -145,8 +169,7 @@ class Trainer:
             # cannot order across several buckets; one bucket sidesteps that.
             cap = 1024 if (args.comm_hook == "powersgd" and dist.get_backend() == "gloo") else args.bucket_cap_mb
             ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=cap)
-        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                    weight_decay=args.weight_decay)
+        optimizer = build_optimizer(model, args)
         if place.horovod:
             from .hvd import wrap
 
@@ -158,11 +181,22 @@ class Trainer:
                               powersgd_start_iter=args.powersgd_start_iter,
                               optimizer=optimizer if args.step_in_hook else None,
                               overlap_forward=args.overlap_forward and ddp is not None)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
+        scheduler = build_scheduler(optimizer, args, loaders[2].batches_per_epoch)
         config = dict(run_config(args, info.num_classes), comm_hook=args.comm_hook, world_size=place.world_size,
                       batch_size=args.batch_size, seed=args.seed, epochs=args.epochs, dist=args.dist)
+        ema = None
+        if args.model_ema:
+            decay = ema_decay(args.model_ema_decay, place.world_size, args.batch_size, args.model_ema_steps,
+                              args.epochs)
+            with torch.random.fork_rng(devices=[]):  # its initial weights are replaced: draw nothing
+                ema = ModelEMA(build_plain_model(args, info).to(device), decay)
+            ema.update(model, copy=True)  # the model's copy; the first update copies again (torchvision)
+        recipe = Recipe(label_smoothing=args.label_smoothing,
+                        mixer=batch_mixer(args.mixup_alpha, args.cutmix_alpha, info.num_classes),
+                        clip_grad_norm=args.clip_grad_norm, channels_last=args.channels_last, seed=args.seed)
         return cls(args, model, optimizer, scheduler, config=config, ddp=ddp, scaler=_make_scaler(device, args.amp),
-                   comm=comm, place=place, device=device, loaders=loaders, log=log, callbacks=callbacks)
+                   comm=comm, place=place, device=device, loaders=loaders, log=log, callbacks=callbacks, ema=ema,
+                   recipe=recipe)
 
     # -- the loop ---------------------------------------------------------------------------
     def fit(self, resume=(None, None)):
@@ -172,6 +206,7 @@ class Trainer:
         steps_per_epoch = self.sampler.batches_per_epoch
         epoch, step, step_in_epoch = 0, 0, 0
         resume_path, resume_data = resume
+        self.write_args()
         if self.rank == 0 and args.output_dir:
             stale = ckpt.remove_stale_temps(args.output_dir)
             if stale:
@@ -205,7 +240,24 @@ class Trainer:
         return metrics
 
     def evaluate(self):
-        return evaluate(self.model, self.val_loader, self.device, amp=self.args.amp, horovod=self.place.horovod)
+        """The model's metrics, and with --model-ema the average's as ema_val_loss, ema_top1, ..."""
+        kw = dict(amp=self.args.amp, horovod=self.place.horovod, channels_last=self.recipe.channels_last)
+        metrics = evaluate(self.model, self.val_loader, self.device, **kw)
+        if self.ema is not None:
+            ema = evaluate(self.ema.module, self.val_loader, self.device, **kw)
+            metrics.update({f"ema_{k}": v for k, v in ema.items() if k != "val_samples"})
+        return metrics
+
+    def write_args(self):
+        """OUTPUT_DIR/args.json: this start's flags (rank 0, atomically), every start."""
+        if self.rank != 0 or not self.args.output_dir:
+            return
+        path = os.path.join(self.args.output_dir, "args.json")
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(vars(self.args), f, indent=1, sort_keys=True, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
 
     def _epoch(self, epoch, step, step_in_epoch):
         """Train epoch `epoch` from `step` (`step_in_epoch` of it done), evaluate it;
@@ -223,7 +275,8 @@ class Trainer:
         clock.start()
         out = train_one_epoch(self.net, self.train_loader, self.optimizer, self.scheduler, self.scaler,
                               device=self.device, amp=args.amp, step=step, max_steps=args.max_steps,
-                              on_step=lambda s: self._after_step(s, epoch, first, progress), progress=progress)
+                              on_step=lambda s, loss: self._after_step(s, epoch, first, progress, loss),
+                              progress=progress, recipe=self.recipe)
         finish_steps(self.ddp)  # --overlap-forward: the last step's transfer is training time too
         clock.stop()
         if progress is not None:
@@ -249,12 +302,20 @@ class Trainer:
         self.log.epoch(metrics)
         return metrics, step, step_in_epoch
 
-    def _after_step(self, step, epoch, first, progress):
-        """After global step `step` of epoch `epoch` (which began at step `first`): the
-        mid-epoch evaluation and checkpoint when due, then the callbacks."""
+    def _after_step(self, step, epoch, first, progress, loss=None):
+        """After global step `step` of epoch `epoch` (which began at step `first`): the EMA
+        update, the --print-freq line, the mid-epoch evaluation and checkpoint when due,
+        then the callbacks."""
         args = self.args
         steps_per_epoch = self.sampler.batches_per_epoch
         in_epoch = step - first
+        if self.ema is not None and step % args.model_ema_steps == 0:
+            finish_steps(self.ddp)  # --overlap-forward: the step in flight lands before it is averaged
+            self.ema.update(self.model, copy=epoch < args.lr_warmup_epochs)  # warm-up: copies (torchvision)
+        if args.print_freq and step % args.print_freq == 0 and self.rank == 0:
+            line = (f"epoch {epoch + 1} step {step} ({in_epoch}/{steps_per_epoch}) loss {loss:.4f} "
+                    f"lr {self.optimizer.param_groups[0]['lr']:.6g} train {self.clock.seconds:.1f} s")
+            (progress.write if progress is not None else self.log.info)(line)
         last = in_epoch >= steps_per_epoch or (args.max_steps and step >= args.max_steps)
         if args.eval_every and step % args.eval_every == 0 and not last:  # the epoch's end evaluates anyway
             self._evaluate_mid_epoch(step, epoch + in_epoch / steps_per_epoch, progress)
@@ -299,6 +360,7 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler is not None else {},
             "comm": self.comm.state_dict(),
             "sampler_state": sampler_state(self.model) if uses_layers else {},
+            "model_ema": self.ema.state_dict() if self.ema is not None else {},
             "rng": {"torch": torch.get_rng_state()},
             "train_seconds": self.clock.seconds,
         }
@@ -326,6 +388,11 @@ class Trainer:
         ckpt.validate_optimizer_state(data["optimizer"], self.optimizer, path)
         if not isinstance(data["scheduler"], dict):
             raise ckpt.CheckpointError(f"checkpoint {path!r}: scheduler state is malformed")
+        ema_state = data.get("model_ema") or {}
+        if self.ema is not None and ema_state:
+            if not isinstance(ema_state.get("module"), dict) or "updates" not in ema_state:
+                raise ckpt.CheckpointError(f"checkpoint {path!r}: model_ema state is malformed")
+            ckpt.validate_model_state(ema_state["module"], self.ema.module, path)
         state = data.get("sampler_state") or {}
         layers = sampler_state(self.model)
         if state and set(state) != set(layers):
@@ -333,7 +400,6 @@ class Trainer:
             raise ckpt.CheckpointError(f"checkpoint {path!r}: its sampler state does not fit this model's sampled "
                                        f"layers (missing {missing[:3]}, unexpected {unexpected[:3]})")
         before = self._snapshot()
-        fresh_schedule = self._schedule_span()
         try:
             self._apply(data, state)
         except Exception as exc:
@@ -344,8 +410,11 @@ class Trainer:
         self.resume_notes = self._resize_notes(saved)
         if step_in_epoch and self.sampler is not None:
             epoch, step_in_epoch = self._reshard_epoch(data, epoch, step_in_epoch)
+        if self.ema is not None and not ema_state:
+            self.resume_notes.append("--model-ema: the checkpoint holds no average; it starts from its weights")
         changed = self._apply_optimizer_flags(saved)
-        self.resume_notes += self._retarget_schedule(fresh_schedule, epoch, step_in_epoch, force=bool(changed))
+        reshaped = [k for k in SCHEDULE_CONFIG if k in saved and saved[k] != self.config.get(k)]
+        self.resume_notes += self._retarget_schedule(epoch, step_in_epoch, saved, force=bool(changed or reshaped))
         return epoch, step, step_in_epoch
 
     def _apply_optimizer_flags(self, saved):
@@ -355,8 +424,11 @@ class Trainer:
         changed = [k for k in OPTIMIZER_CONFIG if k in saved and saved[k] != self.config.get(k)]
         if not changed:
             return []
-        for group in self.optimizer.param_groups:
-            group["momentum"], group["weight_decay"] = args.momentum, args.weight_decay
+        decays = [args.weight_decay, args.weight_decay if args.norm_weight_decay is None else args.norm_weight_decay]
+        for group, decay in zip(self.optimizer.param_groups, decays):
+            group["weight_decay"] = decay
+            if "momentum" in group:
+                group["momentum"] = args.momentum
         if hasattr(self.scheduler, "base_lrs"):
             self.scheduler.base_lrs = [args.lr] * len(self.optimizer.param_groups)
         for group in self.optimizer.param_groups:
@@ -394,6 +466,11 @@ class Trainer:
             self.comm.load_state_dict(data.get("comm") or {})  # else: another hook, fresh counters
         if state:
             load_sampler_state(self.model, state)
+        if self.ema is not None:
+            if data.get("model_ema"):
+                self.ema.load_state_dict(data["model_ema"])
+            else:
+                self.ema.update(self.model, copy=True)
         if "rng" in data:
             torch.set_rng_state(data["rng"]["torch"])
         # a checkpoint from before the training clock: count from here
@@ -406,6 +483,7 @@ class Trainer:
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "comm": copy.deepcopy(self.comm.state_dict()),
                 "sampler": copy.deepcopy(sampler_state(self.model)),
+                "ema": copy.deepcopy(self.ema.state_dict()) if self.ema is not None else None,
                 "rng": torch.get_rng_state(), "clock": self.clock}
 
     def _restore(self, snap):
@@ -417,34 +495,38 @@ class Trainer:
         self.comm.load_state_dict(snap["comm"])
         if snap["sampler"]:
             load_sampler_state(self.model, snap["sampler"])
+        if snap["ema"] is not None:
+            self.ema.load_state_dict(snap["ema"])
         torch.set_rng_state(snap["rng"])
         self.clock = snap["clock"]
 
-    def _schedule_span(self):
-        """Steps the fresh (just built) schedule spans, or None for a schedule without one."""
-        return getattr(self.scheduler, "T_max", None)
-
-    def _retarget_schedule(self, span, epoch, step_in_epoch, force=False):
-        """Put a loaded cosine schedule on this run's span, at the position of the epochs
-        done (`epoch` whole ones plus `step_in_epoch` steps); a no-op for an exact resume.
-        CosineAnnealingLR steps recursively from the current rate, so the rate at the new
-        position is set from the closed form."""
+    def _retarget_schedule(self, epoch, step_in_epoch, saved, force=False):
+        """Put the loaded schedule on this run's length, at the position of the epochs done
+        (`epoch` whole ones plus `step_in_epoch` steps); a no-op for an exact resume. The
+        schedule is a closed form of the step (schedule.py), so this is its whole state."""
         sched = self.scheduler
-        if span is None or self.sampler is None or not hasattr(sched, "T_max"):
+        if not isinstance(sched, StepSchedule) or self.sampler is None:
             return []
-        position = epoch * self.sampler.batches_per_epoch + step_in_epoch
-        if (sched.T_max, sched.last_epoch) == (span, position) and not force:
+        spe = self.sampler.batches_per_epoch
+        span, position = self.args.epochs * spe, epoch * spe + step_in_epoch
+        old_span = int(saved.get("epochs", self.args.epochs)) * int(
+            self._saved_steps_per_epoch(saved) or spe)
+        if sched.last_epoch == position and old_span == span and not force:
             return []
-        old_span, old_lr = sched.T_max, self.optimizer.param_groups[0]["lr"]
-        sched.T_max, sched.last_epoch = span, position
-        lrs = [sched.eta_min + (base - sched.eta_min) * (1 + math.cos(math.pi * min(position, span) / span)) / 2
-               for base in sched.base_lrs]
-        for group, lr in zip(self.optimizer.param_groups, lrs):
-            group["lr"] = lr
-        sched._last_lr = list(lrs)
-        return [f"learning-rate schedule: the checkpoint's cosine spanned {old_span} steps, this run's "
-                f"{self.args.epochs} epoch(s) x {self.sampler.batches_per_epoch} steps span {span}; it continues at "
-                f"step {position} of {span} (lr {old_lr:.6g} -> {lrs[0]:.6g})"]
+        old_lr = self.optimizer.param_groups[0]["lr"]
+        sched.place(span, spe, position)
+        lr = self.optimizer.param_groups[0]["lr"]
+        if old_span == span and lr == old_lr:
+            return []
+        return [f"learning-rate schedule: the checkpoint's spanned {old_span} steps; this run's {sched.kind} over "
+                f"{self.args.epochs} epoch(s) x {spe} steps spans {span}; it continues at step {position} of "
+                f"{span} (lr {old_lr:.6g} -> {lr:.6g})"]
+
+    def _saved_steps_per_epoch(self, saved):
+        """Steps per epoch of the run that saved (its global batch over this data set)."""
+        if self.sampler is None or not saved.get("world_size") or not saved.get("batch_size"):
+            return None
+        return self.sampler.n // (int(saved["world_size"]) * int(saved["batch_size"]))
 
     def _resize_notes(self, saved):
         old_world, old_batch = saved.get("world_size"), saved.get("batch_size")

@@ -46,7 +46,9 @@ def parser() -> argparse.ArgumentParser:
     from approxdist.distributed import EAGER_FRACTION
 
     p = argparse.ArgumentParser(prog="approxdist-bench comm", description=DESCRIPTION)
-    p.add_argument("--testbed", action="store_true", help="run on the namespace testbed")
+    p.add_argument("--testbed", action="store_true",
+                   help="run on the namespace testbed (needs root and iproute2's ip netns and tc: refused up "
+                        "front, in one line, without them)")
     p.add_argument("--models", default="resnet18,resnet50")
     p.add_argument("--hooks", default=None,
                    help=f"default loopback: {','.join(LOOPBACK_HOOKS)}; "
@@ -172,9 +174,21 @@ def _write_json(path, saved: dict) -> None:
     Path(path).write_text(json.dumps(saved, indent=1))
 
 
+def _testbed_available() -> bool:
+    """Root and iproute2 are checked before any work (the CPU reference, the plan's models)."""
+    from ..testbed import available
+
+    ok, why = available()
+    if not ok:
+        print(f"approxdist-bench comm --testbed: {why}", file=sys.stderr)
+    return ok
+
+
 def run_steps_mode(p, a, command: str) -> int:
     """Step times of every (model, hook) on loopback or on the testbed's setups."""
     plan = _plan_of(p, a)
+    if a.testbed and not _testbed_available():
+        return 2
     env = environment(a.cpu_reference, a.quiet)
     rows: list[dict] = []
     links: dict = {}
