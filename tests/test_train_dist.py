@@ -111,6 +111,8 @@ def test_evaluating_every_few_steps_changes_no_parameter(tmp_path):
     # at steps 3 and 6; the last step's evaluation is the epoch record's
     assert [r["step"] for r in evals] == [3, 6] and [r["kind"] for r in recs] == ["eval", "eval", "epoch"]
     assert all(0 <= r["top1"] <= 100 and r["val_samples"] > 0 for r in evals)
+    sent = [r["payload_bytes_total"] for r in recs]  # what each rank sent so far: the plot's bytes axis
+    assert 0 < sent[0] < sent[1] < sent[2] and sent[0] * 2 == sent[1]  # 3 and 6 steps of one payload size
     clock = [r["train_seconds"] for r in recs]
     assert 0 < clock[0] < clock[1] < clock[2] == b["train_seconds"]
     per_epoch = int(re.search(r"(\d+) steps/epoch", proc.stdout).group(1))

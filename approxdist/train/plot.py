@@ -6,8 +6,8 @@ against the bytes the gradient reduction sent, several runs overlaid.
 A RUN_DIR is an approxdist-train --output-dir; its metrics.jsonl holds, per epoch, the
 evaluated accuracy (top1, top5), the training clock (train_seconds: evaluation and
 checkpoints not counted) and the payload each rank has sent since the start
-(payload_bytes_total); --eval-every adds records with the accuracy and the clock only, so
-they show on the time panel and not on the bytes panel. A run whose hook counts no bytes
+(payload_bytes_total); --eval-every adds records with the same three mid-epoch (runs
+written before they carried the bytes show those on the time panel only). A run whose hook counts no bytes
 (powersgd) is left out of the bytes panel with a note. Labels come from the run's own
 records (comm hook, sample ratio), with the directory's name where two would be equal.
 matplotlib is optional: pip install 'approxdist[plots]'.
@@ -54,7 +54,7 @@ def _label(records):
 def run_series(run_dir, metric="top1", label=None):
     """What the figure draws for one run, as plain lists:
     label; time: (train_seconds, accuracy) of every evaluation (epoch ends and --eval-every),
-    by step; bytes: (payload_bytes_total, accuracy) of every epoch end that counts bytes."""
+    by step; bytes: (payload_bytes_total, accuracy) of every evaluation that counts bytes."""
     if metric not in ACCURACY:
         raise PlotError(f"--metric: expected one of {', '.join(ACCURACY)}, got {metric!r}")
     records = read_records(run_dir)
@@ -63,7 +63,7 @@ def run_series(run_dir, metric="top1", label=None):
                        key=lambda r: r.get("step", 0))
     if not evaluated:
         raise PlotError(f"RUN_DIR: {run_dir}/{METRICS} holds no evaluated epoch yet")
-    counted = [r for r in evaluated if r.get("kind") == "epoch" and r.get("payload_bytes_total") is not None]
+    counted = [r for r in evaluated if r.get("payload_bytes_total") is not None]
     return {
         "run_dir": run_dir,
         "label": label or _label(records) or os.path.basename(os.path.normpath(run_dir)),

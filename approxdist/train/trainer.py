@@ -330,7 +330,9 @@ class Trainer:
         with self.clock.paused():
             metrics = self.evaluate()
             self.net.train()
-        metrics.update(step=step, epoch=epoch, train_seconds=self.clock.seconds)
+        totals = self.comm.stats()
+        metrics.update(step=step, epoch=epoch, train_seconds=self.clock.seconds,
+                       payload_bytes_total=totals["payload_bytes"], dense_bytes_total=totals["dense_bytes"])
         self.log.evaluation(metrics, echo=progress.write if progress is not None else None)  # above the bar
 
     def _progress(self, total, initial, epoch):
