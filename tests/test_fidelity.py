@@ -139,3 +139,15 @@ def test_vit_task_runs_and_evaluates_like_plain_torchvision(tmp_path):
         assert r["plain_acc"] == r["final_acc"] and len(r["curve"]) == 2
     assert runs[1]["sample_ratios"] == [0.5]
     assert [(r["optimizer"], r["lr"]) for r in runs] == [("adamw", 0.001)] * 2
+
+
+def test_optimizer_flag_overrides_the_task_default(tmp_path):
+    out = tmp_path / "sgd.json"
+    assert fidelity.main(["--tasks", "vit", "--configs", "exact", "--seeds", "0", "--steps", "2", "--eval-every", "1",
+                          "--optimizer", "sgd", "--lr", "0.1", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["options"]["optimizer"] == "sgd" and doc["runs"][0]["optimizer"] == "sgd"
+    assert fidelity.make_optimizer("sgd", [torch.nn.Parameter(torch.ones(1))], 0.1).__class__ is torch.optim.SGD
+    assert fidelity.make_optimizer("adamw", [torch.nn.Parameter(torch.ones(1))], 0.1).__class__ is torch.optim.AdamW
+    with pytest.raises(SystemExit):
+        fidelity._parser().parse_args(["--optimizer", "adam"])

@@ -50,9 +50,12 @@ TASKS = ("cnn128", "resnet18", "vit")
 TASK_DEFAULTS = {"cnn128": (0.1, 200, "sgd"), "resnet18": (0.05, 300, "sgd"), "vit": (0.001, 1000, "adamw")}
 
 
-def make_optimizer(task, params, lr):
-    """SGD with momentum 0.9 and weight decay 1e-4, or AdamW with weight decay 0.05 (vit)."""
-    if TASK_DEFAULTS[task][2] == "adamw":
+OPTIMIZERS = ("sgd", "adamw")
+
+
+def make_optimizer(name, params, lr):
+    """'sgd': momentum 0.9, weight decay 1e-4; 'adamw': weight decay 0.05."""
+    if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)
 VIT = dict(image_size=32, patch_size=8, num_layers=4, num_heads=4, hidden_dim=64, mlp_dim=128)
@@ -126,7 +129,7 @@ def accuracy(model, x, y):
     return (out.argmax(1) == y).float().mean().item()
 
 
-def run_one(task, config, seed, *, steps, lr, batch_size, eval_every, target, data=None):
+def run_one(task, config, seed, *, steps, lr, batch_size, eval_every, target, data=None, optimizer=None):
     (xtr, ytr), (xva, yva) = data or task_data(task)
     model = build(task, seed)
     kwargs = parse_config(config)
@@ -137,7 +140,7 @@ def run_one(task, config, seed, *, steps, lr, batch_size, eval_every, target, da
             ad.nn.SamplingSchedule(model, total=steps, **schedule)
     dense = sum(p.numel() for p in model.parameters() if p.requires_grad)
     sent = []  # per step: the fraction of the dense gradient elements the sparse hook sends
-    opt = make_optimizer(task, model.parameters(), lr)
+    opt = make_optimizer(optimizer or TASK_DEFAULTS[task][2], model.parameters(), lr)
     order = torch.Generator().manual_seed(seed)
     perm, pos = torch.randperm(len(ytr), generator=order), 0
     curve, hit, t0 = [], None, time.perf_counter()
@@ -252,6 +255,8 @@ def _parser():
     p.add_argument("--steps", type=int, default=None, help="default per task: cnn128 200, resnet18 300, vit 1000")
     p.add_argument("--lr", type=float, default=None, help="learning rate; default per task: cnn128 0.1, "
                    "resnet18 0.05 (SGD, momentum 0.9), vit 0.001 (AdamW)")
+    p.add_argument("--optimizer", default=None, choices=OPTIMIZERS,
+                   help="default per task: sgd (momentum 0.9, weight decay 1e-4), adamw for vit (weight decay 0.05)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--target", type=float, default=0.97, help="accuracy for the steps-to-target column")
@@ -276,7 +281,7 @@ def main(argv=None):
         _parser().error(f"--target must be in (0, 1], got {args.target}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    options = {k: getattr(args, k) for k in ("tasks", "configs", "seeds", "steps", "lr", "batch_size",
+    options = {k: getattr(args, k) for k in ("tasks", "configs", "seeds", "steps", "lr", "optimizer", "batch_size",
                                               "eval_every", "target")}
     doc = {"benchmark": "fidelity", "options": options, "runs": [],
            "environment": {"torch": torch.__version__, "python": platform.python_version(),
@@ -287,12 +292,12 @@ def main(argv=None):
         data = task_data(task)
         lr = args.lr if args.lr is not None else TASK_DEFAULTS[task][0]
         steps = args.steps if args.steps is not None else TASK_DEFAULTS[task][1]
-        optimizer = TASK_DEFAULTS[task][2]
+        optimizer = args.optimizer or TASK_DEFAULTS[task][2]
         for seed in args.seeds:  # seeds outermost within a task: configs interleave
             for config in args.configs:
                 n += 1
                 r = run_one(task, config, seed, steps=steps, lr=lr, batch_size=args.batch_size,
-                            eval_every=args.eval_every, target=args.target, data=data)
+                            eval_every=args.eval_every, target=args.target, data=data, optimizer=optimizer)
                 r.update(lr=lr, steps=steps, optimizer=optimizer)
                 doc["runs"].append(r)
                 print(f"[{n}/{total}] {task} {config} seed {seed}: eval {r['final_acc']:.1%} "
