@@ -76,3 +76,31 @@ def test_compiled_ddp_with_the_sparse_hook_equals_eager():
         assert sent_compiled == sent
         for a, b in zip(eager, compiled):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_copy_of_a_converted_vit_trains_like_eager():
+    """A deep copy's layers register on their first forward. Traced by dynamo, that
+    registration guarded on the registry's weak sets, and building the guard failed
+    ("IndexError: set index out of range") once a set had lost a member (here the copy
+    that torch._dynamo.explain ran). Registration now runs outside the graph."""
+    import torchvision
+
+    torch.manual_seed(0)
+    vit = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                               hidden_dim=16, mlp_dim=32, num_classes=10)
+    base = ad.convert_model(vit, 0.5, distributed=True).train()
+    x = torch.randn(4, 3, 32, 32)
+    torch._dynamo.explain(copy.deepcopy(base))(x)  # a copy that registers, then dies
+    torch._dynamo.reset()
+    eager, compiled = copy.deepcopy(base), copy.deepcopy(base)
+    run = torch.compile(compiled, backend="aot_eager")
+    for model in (run, eager):  # compiled first: an eager forward would clean the registry up first
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(2):
+            nn.functional.cross_entropy(model(torch.randn(4, 3, 32, 32, generator=g)),
+                                        torch.randint(0, 10, (4,), generator=g)).backward()
+            opt.step()
+            opt.zero_grad()
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)

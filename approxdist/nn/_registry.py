@@ -15,7 +15,12 @@ import torch
 _LAYERS = {}  # id(weight) -> WeakSet of the layers holding it
 
 
+@torch.compiler.disable  # dynamo would guard on the weak sets' members, which die at will
 def register_sampled(layer):
+    """Add `layer` to the layers of its weight. Under torch.compile it runs outside the
+    graph: traced, dynamo guarded on the members of every weak set it iterated, and a set
+    that lost a member (a copy of the model collected) failed the guard's own build with
+    "IndexError: set index out of range" (a converted ViT deep-copied, then compiled)."""
     key = id(layer.weight)
     layers = _LAYERS.get(key)
     if layers is None:
