@@ -44,6 +44,10 @@ def test_distributed_layers_add_no_graph_break():
                                            nn.Linear(32, 4)), 0.5, distributed=True).train()
     explained = torch._dynamo.explain(model)(torch.randn(4, 16))
     assert explained.graph_break_count == 0, explained.break_reasons
+    # a copy registers its new weights when it is made, not in its first compiled forward
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(copy.deepcopy(model))(torch.randn(4, 16))
+    assert explained.graph_break_count == 0, explained.break_reasons
 
 
 def _ddp_worker(rank, world):

@@ -48,6 +48,11 @@ class WeightSampled(SamplingConfig):
         self.__dict__.setdefault("_explore", 0.25)
         if "seed" in self.__dict__:  # pickled before seed was a property
             self.__dict__["_seed"] = self.__dict__.pop("seed")
+        # A copy (deepcopy, unpickling) holds a new weight: register it now rather than at
+        # its first training forward, where under torch.compile the registration is a
+        # graph break (and a recompile) per layer.
+        if getattr(self, "weight", None) is not None:
+            register_sampled(self)
 
     @property
     def seed(self):
