@@ -7,7 +7,10 @@ each form (exact, convert_model(0.5), convert_model(0.5, distributed=True)), one
   minus two median eager steps,
 - the median step time eager and compiled over --repeats steps, interleaved.
 
-    python experiments/tools/compile_cost.py --json experiments/runs/compile_cost.json
+    TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python experiments/tools/compile_cost.py \
+        --json experiments/runs/compile_cost.json
+
+(a fresh inductor cache: with a warm one, the compile time is the cache's load time)
 
 Not a product benchmark: a one-off report of what compile costs and buys on this CPU.
 """
