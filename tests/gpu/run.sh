@@ -2,6 +2,8 @@
 # What only a GPU machine can check, in one script (< 5 minutes on one GPU):
 #   1. build the CUDA kernels from source (JIT, as a user's first call would) and require
 #      backend() == "cuda";
+#   1b. the container path: build(cuda=True) with no GPU visible, then the read-only cache
+#      loaded on the GPU and packing like index_select;
 #   2. the kernel equality tests on CUDA tensors (tests/test_kernels.py runs its CUDA cases
 #      when a GPU is present);
 #   3. a one-rank NCCL DDP run of a converted resnet18: sparse hook + CUDA kernels vs the
@@ -54,6 +56,28 @@ for w in caught:
 print(f"backend() = {name} (build {time.time() - t:.1f} s)")
 assert name == "cuda", name
 EOF
+
+step "1b. the container path: kernels built with no GPU visible (build(cuda=True), as docker build does), then loaded read-only"
+PREBUILT="$OUT/prebuilt-cache"
+rm -rf "$PREBUILT"
+CUDA_VISIBLE_DEVICES="" APPROXDIST_CACHE_DIR="$PREBUILT" "$PYTHON" -c \
+  "import torch, approxdist.kernels as k; assert not torch.cuda.is_available(); k.build(cuda=True); print('prebuilt with no GPU visible')"
+chmod -R a-w "$PREBUILT"  # as in an image run by another user: loaded as it is, never rebuilt
+APPROXDIST_CACHE_DIR="$PREBUILT" "$PYTHON" - <<'EOF'
+import warnings
+import torch
+import approxdist.kernels as k
+with warnings.catch_warnings():
+    warnings.simplefilter("error")  # a fallback to the reference warns: fail instead
+    assert k.backend() == "cuda", k.backend()
+    grads = [torch.randn(64, 48, 3, 3, device="cuda"), torch.randn(10, device="cuda")]
+    indices = [torch.tensor([0, 5, 7, 20, 47], device="cuda"), None]
+    flat = k.pack(grads, indices)
+want = torch.cat([grads[0][:, indices[0]].reshape(-1), grads[1]])
+assert torch.equal(flat, want), "prebuilt pack differs from index_select"
+print("prebuilt kernels load read-only and pack like index_select")
+EOF
+chmod -R u+w "$PREBUILT"
 
 step "2. kernel equality tests (CPU and CUDA tensors)"
 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 | tail -n 15
