@@ -423,39 +423,15 @@ def test_without_horovod_the_error_says_how_to_install():
 
 
 # kill -9 of the launcher: no Horovod worker may train on ---------------------------------
-def _workers_of(tag):
-    """Pids of the `python -m approxdist.train` processes whose command line holds `tag`
-    (not the launchers, whose command lines hold the same words further on)."""
-    pids = []
-    for d in os.listdir("/proc"):
-        if d.isdigit() and int(d) != os.getpid():
-            try:
-                with open(f"/proc/{d}/cmdline", "rb") as f:
-                    cmd = f.read().split(b"\0")
-            except OSError:
-                continue
-            if cmd[1:3] == [b"-m", b"approxdist.train"] and tag.encode() in cmd:
-                pids.append(int(d))
-    return pids
-
-
-def _wait(pred, seconds):
-    import time
-
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.5)
-    return pred()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["horovodrun", "mpirun"])
 def test_workers_exit_when_the_horovod_launcher_is_killed(tmp_path, launcher):
     """Horovod workers are not started by init_distributed (no PR_SET_PDEATHSIG of ours);
     horovodrun's and Open MPI's own supervision must take them down with the launcher."""
     import signal
+
+    from procs import train_workers as _workers_of
+    from procs import wait_for
 
     gloo, mpi = _horovod_or_skip()
     exe = shutil.which(launcher, path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
@@ -476,12 +452,12 @@ def test_workers_exit_when_the_horovod_launcher_is_killed(tmp_path, launcher):
     workers = []
     try:
         metrics = os.path.join(out, "metrics.jsonl")
-        assert _wait(lambda: os.path.exists(metrics) and os.path.getsize(metrics) > 0, 240), "no epoch finished"
+        assert wait_for(lambda: os.path.exists(metrics) and os.path.getsize(metrics) > 0, 240, every=0.5), "no epoch finished"
         workers = _workers_of(out)
         assert len(workers) == 2, workers
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        assert _wait(lambda: not _workers_of(out), 30), f"workers {_workers_of(out)} outlived {launcher}"
+        assert wait_for(lambda: not _workers_of(out), 30, every=0.5), f"workers {_workers_of(out)} outlived {launcher}"
     finally:
         proc.kill()
         proc.wait()

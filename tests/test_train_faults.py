@@ -26,20 +26,12 @@ from approxdist.train.models import SmallCNN
 from approxdist.train.trainer import Trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT")
 # digits: 1437 training images, so 22 steps per epoch at batch 64
 RUN = ["--model", "mlp", "--dataset", "digits", "--batch-size", "64", "--no-progress"]
 STEPS_PER_EPOCH = 1437 // 64
 
 
-@pytest.fixture(autouse=True)
-def _single_process(monkeypatch):
-    for var in LAUNCHER_VARS:
-        monkeypatch.delenv(var, raising=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_process")  # tests/conftest.py
 
 
 def _cli(*flags, callbacks=()):

@@ -20,20 +20,11 @@ from approxdist.train.models import build_plain_model, build_training_model
 from approxdist.train.optim import build_optimizer, parameter_groups
 from approxdist.train.schedule import StepSchedule
 
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT",
-                 "LOCAL_WORLD_SIZE")
 RUN = ["--model", "mlp", "--dataset", "digits", "--batch-size", "64", "--no-progress"]
 SPE = 1437 // 64  # steps per epoch of RUN
 
 
-@pytest.fixture(autouse=True)
-def _single_process(monkeypatch):
-    for var in LAUNCHER_VARS:
-        monkeypatch.delenv(var, raising=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_process")  # tests/conftest.py
 
 
 def _args(*flags):

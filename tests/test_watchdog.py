@@ -14,6 +14,10 @@ import pytest
 from approxdist.distributed import CollectiveTimeoutError, collective_timeout
 from approxdist.train.args import build_parser, validate
 from distharness import free_port
+from procs import alive as _alive
+from procs import kill as _kill
+from procs import train_workers
+from procs import wait_for as _wait_for
 
 SCRIPT = Path(__file__).with_name("watchdog_script.py")
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,31 +28,6 @@ def _env(**extra):
     return {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
             "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
             **{k: str(v) for k, v in extra.items()}}
-
-
-def _alive(pid):
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-    return state != "Z"  # a zombie has exited (its new parent may not have reaped it yet)
-
-
-def _kill(pids):
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def _wait_for(cond, seconds):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return cond()
 
 
 def _torchrun(tmp_path, go=None):
@@ -137,24 +116,6 @@ def test_timeout_validation(monkeypatch):
     assert issubclass(CollectiveTimeoutError, RuntimeError)
 
 
-def _train_workers(tag):
-    """{RANK: pid} of the `python -u -m approxdist.train` workers whose command line holds `tag`."""
-    ranks = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            cmd = Path(f"/proc/{d}/cmdline").read_bytes().split(b"\0")
-            env = Path(f"/proc/{d}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"approxdist.train" in cmd[1:4] and tag.encode() in cmd and b"torch.distributed.run" not in cmd:
-            rank = [e for e in env if e.startswith(b"RANK=")]
-            if rank:
-                ranks[int(rank[0][5:])] = int(d)
-    return ranks
-
-
 @linux_only
 @pytest.mark.slow
 def test_train_timeout_names_a_stopped_rank(tmp_path):
@@ -170,7 +131,7 @@ def test_train_timeout_names_a_stopped_rank(tmp_path):
     try:
         metrics = Path(out) / "metrics.jsonl"
         assert _wait_for(lambda: metrics.exists() and metrics.stat().st_size > 0, 240), "no epoch finished"
-        workers = _train_workers(out)
+        workers = {rank: pid for pid, rank in train_workers(out).items()}
         assert sorted(workers) == [0, 1], workers
         os.kill(workers[1], signal.SIGSTOP)
         stopped = time.monotonic()

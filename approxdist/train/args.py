@@ -240,16 +240,19 @@ def check_output_dir(path):
         raise ValueError(f"--output-dir {path!r} is not writable: {exc.strerror or exc}") from None
 
 
+def _at_least(minimum, flags):
+    """ValueError naming the first of `flags` ({flag: value}) below `minimum`."""
+    for flag, value in flags.items():
+        if value < minimum:
+            raise ValueError(f"{flag} must be >= {minimum}, got {value}")
+
+
 def _check_recipe(args):
     """The torchvision training flags: ranges, and the combinations the run cannot do."""
-    for flag, value in {"--lr-step-size": args.lr_step_size, "--model-ema-steps": args.model_ema_steps}.items():
-        if value < 1:
-            raise ValueError(f"{flag} must be >= 1, got {value}")
-    for flag, value in {"--lr-warmup-epochs": args.lr_warmup_epochs, "--print-freq": args.print_freq,
-                        "--mixup-alpha": args.mixup_alpha, "--cutmix-alpha": args.cutmix_alpha,
-                        "--ra-magnitude": args.ra_magnitude}.items():
-        if value < 0:
-            raise ValueError(f"{flag} must be >= 0, got {value}")
+    _at_least(1, {"--lr-step-size": args.lr_step_size, "--model-ema-steps": args.model_ema_steps})
+    _at_least(0, {"--lr-warmup-epochs": args.lr_warmup_epochs, "--print-freq": args.print_freq,
+                  "--mixup-alpha": args.mixup_alpha, "--cutmix-alpha": args.cutmix_alpha,
+                  "--ra-magnitude": args.ra_magnitude})
     if args.lr_warmup_epochs >= args.epochs:
         raise ValueError(f"--lr-warmup-epochs must be < --epochs ({args.epochs}), got {args.lr_warmup_epochs}")
     if not 0.0 < args.lr_warmup_decay <= 1.0:
@@ -323,22 +326,16 @@ def validate(args):
                          "(docs/design.md); use topk_weight or topk_explore, or add --allow-unbiased-sampling")
     if args.norm_stats_every < 1:
         raise ValueError(f"--norm-stats-every must be >= 1, got {args.norm_stats_every}")
-    positive = {"--epochs": args.epochs, "--batch-size": args.batch_size, "--minimal-k": args.minimal_k,
-                "--powersgd-rank": args.powersgd_rank}
-    for flag, value in positive.items():
-        if value < 1:
-            raise ValueError(f"{flag} must be >= 1, got {value}")
+    _at_least(1, {"--epochs": args.epochs, "--batch-size": args.batch_size, "--minimal-k": args.minimal_k,
+                  "--powersgd-rank": args.powersgd_rank})
     if args.powersgd_start_iter < 2:
         raise ValueError(f"--powersgd-start-iter must be >= 2 (DDP rebuilds buckets after step 1), got {args.powersgd_start_iter}")
     if not args.lr > 0:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
     if not 0.0 <= args.momentum < 1.0:
         raise ValueError(f"--momentum must be in [0, 1), got {args.momentum}")
-    for flag, value in {"--momentum": args.momentum, "--weight-decay": args.weight_decay,
-                        "--max-steps": args.max_steps, "--checkpoint-every": args.checkpoint_every,
-                        "--eval-every": args.eval_every}.items():
-        if value < 0:
-            raise ValueError(f"{flag} must be >= 0, got {value}")
+    _at_least(0, {"--momentum": args.momentum, "--weight-decay": args.weight_decay, "--max-steps": args.max_steps,
+                  "--checkpoint-every": args.checkpoint_every, "--eval-every": args.eval_every})
     if not args.bucket_cap_mb > 0:
         raise ValueError(f"--bucket-cap-mb must be > 0, got {args.bucket_cap_mb}")
     if args.image_size is not None and args.image_size < 1:
