@@ -83,7 +83,7 @@ def _grads(out, g, *tensors):
 
 
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("mode", ["forward", "backward", "blackbox"])
+@pytest.mark.parametrize("mode", ["forward", "backward", "blackbox", "weight_grad"])
 @pytest.mark.parametrize("kw", [dict(sample_ratio=1.0), dict(sample_ratio=0.25, minimal_k="n"),
                                 dict(sample_ratio=0.5, minimal_k=100)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -104,7 +104,7 @@ def test_linear_full_k_is_bit_identical(bias, mode, kw, dtype):
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("geometry", CONV_GEOMETRIES)
-@pytest.mark.parametrize("mode", ["forward", "backward", "blackbox"])
+@pytest.mark.parametrize("mode", ["forward", "backward", "blackbox", "weight_grad"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_conv_full_k_is_bit_identical(bias, geometry, mode, dtype):
     stride, padding, dilation, kernel = geometry

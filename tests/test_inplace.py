@@ -30,7 +30,7 @@ def _both(op, params):
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES)
-@pytest.mark.parametrize("mode", ["forward", "blackbox", "backward"])
+@pytest.mark.parametrize("mode", ["forward", "blackbox", "backward", "weight_grad"])
 @pytest.mark.parametrize("layout", ["row", "input_major"])
 @pytest.mark.parametrize("policy", ["topk", "bernoulli"])
 def test_conv_output_takes_inplace_ops(geometry, mode, layout, policy):
@@ -60,7 +60,7 @@ def test_conv_output_takes_inplace_ops(geometry, mode, layout, policy):
 
 
 @pytest.mark.parametrize("shape", [(6, 8), (2, 3, 8)])
-@pytest.mark.parametrize("mode", ["forward", "blackbox", "backward"])
+@pytest.mark.parametrize("mode", ["forward", "blackbox", "backward", "weight_grad"])
 def test_linear_output_takes_inplace_ops(shape, mode):
     g = _gen(1)
     x = torch.randn(*shape, generator=g, dtype=D, requires_grad=True)

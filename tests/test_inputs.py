@@ -101,7 +101,7 @@ def test_string_padding_in_the_functional_op():
 # -- dtypes ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("mode", ["forward", "backward", "blackbox"])
+@pytest.mark.parametrize("mode", ["forward", "backward", "blackbox", "weight_grad"])
 @pytest.mark.parametrize("kernel", [3, 1])
 def test_half_inputs_keep_their_dtype(dtype, mode, kernel):
     torch.manual_seed(0)
@@ -123,7 +123,7 @@ def test_half_inputs_keep_their_dtype(dtype, mode, kernel):
         torch.testing.assert_close(out.double(), ref, rtol=0.05, atol=0.25)
 
 
-@pytest.mark.parametrize("mode", ["forward", "backward", "blackbox"])
+@pytest.mark.parametrize("mode", ["forward", "backward", "blackbox", "weight_grad"])
 def test_autocast_bfloat16_on_cpu(mode):
     torch.manual_seed(0)
     model = torch.nn.Sequential(ApproxConv2d(3, 8, 3, padding=1, sample_ratio=0.5, mode=mode),

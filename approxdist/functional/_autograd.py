@@ -1,4 +1,4 @@
-"""Autograd Functions for the three sampling modes.
+"""Autograd Functions for the sampling modes.
 
 Forward sampling computes the product over the k selected pairs and, in backward,
 computes only the gradient slices of those pairs, written into zero-filled full-size
@@ -8,7 +8,14 @@ ones, so it also saves memory.
 """
 import torch
 
-from ._layout import dim1_major, dim1_major_strides, dim1_outer, select_dim1, zeros_like_layout
+from ._layout import (
+    contiguous_weight,
+    dim1_major,
+    dim1_major_strides,
+    dim1_outer,
+    select_dim1,
+    zeros_like_layout,
+)
 from ._products import _scatter
 from .sampling import select_columns
 
@@ -84,6 +91,44 @@ class ForwardSampled(torch.autograd.Function):
                 gw_s = gw_s * _scale_view(scale, gw_s, 1)
             gw = _scatter(ctx.w_shape, idx, gw_s, stride=ctx.w_stride)
         return gx, gw, gb, None, None, None, None, None
+
+
+class WeightGradSampled(torch.autograd.Function):
+    """Mode 'weight_grad': the exact product forward and the exact input gradient (bitwise
+    torch's), and the weight gradient of the selected input channels only (scaled where
+    the policy scales), zero elsewhere. The gradient of every weight slice it keeps is
+    the true one, so the model trains the function that eval runs (and BatchNorm sees
+    the exact activations); what it saves is the weight gradient's compute on the other
+    channels and, under the sparse hook, their traffic."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, idx, scale, product):
+        out = product(x, contiguous_weight(w), b)
+        ctx.product, ctx.has_bias = product, b is not None
+        ctx.w_shape = w.shape
+        ctx.w_stride = w.stride() if dim1_major(w) else None
+        ctx.save_for_backward(x, w, idx, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w, idx, scale = ctx.saved_tensors
+        mask = ctx.needs_input_grad[:3]
+        product = ctx.product
+        gx = gb = None
+        if mask[0] or (mask[2] and ctx.has_bias):  # torch's own input and bias gradients
+            gx, _, gb = product.backward(g, x, contiguous_weight(w), ctx.has_bias, (mask[0], False, mask[2]))
+        gw = None
+        if mask[1]:
+            if idx.numel() == 0:
+                gw = zeros_like_layout(ctx.w_shape, ctx.w_stride, g)
+            else:
+                w_s = product.weight_operand(select_dim1(w, idx))
+                gw_s = product.sampled_backward(g, product.take(x, idx, w_s), w_s, False, (False, True, False))[1]
+                if scale is not None:
+                    gw_s = gw_s * _scale_view(scale, gw_s, 1)
+                gw = _scatter(ctx.w_shape, idx, gw_s, stride=ctx.w_stride)
+        return gx, gw, gb, None, None, None
 
 
 def _norms_except(t, dim):

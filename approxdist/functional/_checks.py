@@ -10,7 +10,11 @@ WEIGHT_POLICIES = ("topk_weight", "bernoulli_weight")
 # per-layer state (a rotation over the channels) and so exists only in nn/.
 DIST_POLICIES = ("topk_explore",) + WEIGHT_POLICIES
 WEIGHT_LAYOUTS = ("input_major", "contiguous")
-MODES = ("forward", "backward", "blackbox")
+MODES = ("forward", "backward", "blackbox", "weight_grad")
+# The modes whose weight gradient is zero outside the selected input channels (what the
+# sparse hook relies on), and those whose training forward is the exact product.
+SPARSE_GRAD_MODES = ("forward", "weight_grad")
+EXACT_FORWARD_MODES = ("backward", "weight_grad")
 
 
 def check_sample_ratio(sample_ratio):

@@ -3,7 +3,7 @@ the dispatch to the mode's autograd Function. Operands arrive with the sampled
 dimension at dim 1 of both input and weight."""
 import torch
 
-from ._autograd import BackwardSampled, ForwardSampled
+from ._autograd import BackwardSampled, ForwardSampled, WeightGradSampled
 from ._checks import WEIGHT_POLICIES, check_minimal_k, check_mode, check_policy, check_sample_ratio
 from ._layout import contiguous_weight
 from .sampling import channel_norms, num_samples, select_columns
@@ -31,7 +31,8 @@ def select_pairs(x, w, k, policy, generator=None):
 
 
 def sampled_product(x, w, b, idx, scale, product, mode="forward", prepared_weight=None):
-    """The product over the given pairs; mode 'forward' or 'blackbox'.
+    """The product over the given pairs; mode 'forward' or 'blackbox'; for mode
+    'weight_grad' the exact product whose weight gradient covers only the given pairs.
 
     Forward sampling works on a dim-1-major weight as it is (functional/_layout.py);
     'blackbox' runs torch's dense backward, which takes a row-major copy.
@@ -43,6 +44,8 @@ def sampled_product(x, w, b, idx, scale, product, mode="forward", prepared_weigh
     (Conv2dProduct.reduce: one tap of a one-pixel output) runs as that one."""
     if prepared_weight is not None and mode != "forward":
         raise ValueError(f"prepared_weight is for mode 'forward' only, got mode {mode!r}")
+    if mode == "weight_grad":
+        return WeightGradSampled.apply(x, w, b, idx, scale, product)
     reduced = product.reduce(x.shape[2:]) if mode == "forward" else None
     if reduced is not None:
         take_x, take_w, product = reduced
