@@ -37,7 +37,8 @@ def _worker(rank, world, name, ratio, steps, policy):
 
     torch.set_num_threads(1)
     base = build(name)
-    models = [ad.convert_model(copy.deepcopy(base), ratio, distributed=True, seed=7, policy=policy)
+    models = [ad.convert_model(copy.deepcopy(base), ratio, distributed=True, seed=7, policy=policy,
+                              allow_unbiased=True)
               for _ in range(2)]
     sparse, dense = DDP(models[0]), DDP(models[1])
     state = ad.distributed.register(sparse)

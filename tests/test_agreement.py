@@ -108,7 +108,7 @@ def _diverge(ddp, model, rank, how):
 
 
 def size_mismatch_worker(rank, world, agreement, how, direct=False):
-    model = ad.convert_model(make_model("cnn"), 0.5, distributed=True, policy="bernoulli_weight")
+    model = ad.convert_model(make_model("cnn"), 0.5, distributed=True, policy="bernoulli_weight", allow_unbiased=True)
     ddp = DDP(model)
     state = ad.distributed.SparseAllReduceState(agreement=agreement, check_every=2)
     if direct:  # without register(): the sizes are compared bucket by bucket
@@ -161,7 +161,7 @@ class SideUse(nn.Module):
 def side_use_worker(rank, world, keep_grads):
     torch.manual_seed(0)
     model = ad.convert_model(SideUse(), 0.5, distributed=True) if not keep_grads else \
-        ad.convert_model(make_model("mlp"), 0.5, distributed=True, policy="bernoulli_weight")
+        ad.convert_model(make_model("mlp"), 0.5, distributed=True, policy="bernoulli_weight", allow_unbiased=True)
     ddp = DDP(model)
     state = ad.distributed.register(ddp, ad.distributed.SparseAllReduceState(agreement="check", check_every=1))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)

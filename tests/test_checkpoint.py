@@ -13,7 +13,7 @@ from models import batch_for, make_model
 
 
 def _setup():
-    model = ad.convert_model(make_model("cnn"), 0.4, distributed=True, policy="bernoulli_weight", seed=3)
+    model = ad.convert_model(make_model("cnn"), 0.4, distributed=True, policy="bernoulli_weight", allow_unbiased=True, seed=3)
     ddp = DDP(model)
     state = ad.distributed.register(ddp)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)

@@ -106,7 +106,7 @@ def test_training_step_works_and_is_sampled(case):
     assert len(changed) >= len(sampled)
 
 
-@pytest.mark.parametrize("mode", ["forward", "blackbox"])
+@pytest.mark.parametrize("mode", ["forward", "blackbox", "weight_grad"])
 def test_convert_with_every_local_policy_trains(mode):
     original = _model("resnet18")
     x = torch.randn(2, 3, 32, 32)
@@ -162,7 +162,7 @@ def test_convert_a_bare_layer_and_keep_hooks():
 
 
 def test_distributed_layers_get_distinct_seeds():
-    model = convert_model(_model("resnet18"), 0.5, distributed=True, policy="bernoulli_weight", seed=10)
+    model = convert_model(_model("resnet18"), 0.5, distributed=True, policy="bernoulli_weight", allow_unbiased=True, seed=10)
     seeds = [m.seed for m in model.modules() if isinstance(m, ApproxConv2dDist)]
     assert len(seeds) == len(set(seeds)) and min(seeds) == 10
 

@@ -28,12 +28,14 @@ def _snapshot(model):
 
 @pytest.mark.parametrize("distributed", [False, True])
 def test_same_call_twice_changes_nothing(distributed):
-    model = ad.convert_model(_net(), 0.5, distributed=distributed, policy="bernoulli_weight" if distributed else None)
+    model = ad.convert_model(_net(), 0.5, distributed=distributed, policy="bernoulli_weight" if distributed else None,
+                     allow_unbiased=True)
     model.train()(torch.randn(4, 3, 4, 4)).sum().backward()  # the generators have moved
     before = _snapshot(model)
     sampler = ad.nn.sampler_state(model)
     hooks = norm_stats_of(model)
-    ad.convert_model(model, 0.5, distributed=distributed, policy="bernoulli_weight" if distributed else None)
+    ad.convert_model(model, 0.5, distributed=distributed, policy="bernoulli_weight" if distributed else None,
+                     allow_unbiased=True)
     after = _snapshot(model)
     assert after[0] == before[0]
     assert all(torch.equal(after[1][k], before[1][k]) for k in before[1])
@@ -45,7 +47,7 @@ def test_same_call_twice_changes_nothing(distributed):
 
 def test_second_call_applies_other_arguments():
     model = ad.convert_model(_net(), 0.5, distributed=True)
-    ad.convert_model(model, 0.25, minimal_k=2, distributed=True, policy="bernoulli_weight", seed=5,
+    ad.convert_model(model, 0.25, minimal_k=2, distributed=True, policy="bernoulli_weight", allow_unbiased=True, seed=5,
                      weight_layout="contiguous", explore=0.5)
     conv, fc = model[3], model[5]
     assert (conv.sample_ratio, conv.minimal_k, conv.policy, conv.seed, conv.explore) == (0.25, 2, "bernoulli_weight", 5, 0.5)

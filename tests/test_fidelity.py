@@ -62,7 +62,9 @@ def test_sampled_batchnorm_model_evaluates_like_the_exact_one(digits):
     ("0.5+warmup50+exactlast20+exactevery4+every2", {
         "distributed": True, "sample_ratio": 0.5, "norm_stats_every": 2,
         "schedule": {"warmup": 50, "exact_last": 20, "exact_every": 4}}),
-    ("0.33+policybernoulli_weight", {"distributed": True, "sample_ratio": 0.33, "policy": "bernoulli_weight"}),
+    ("0.33+policybernoulli_weight", {"distributed": True, "sample_ratio": 0.33, "policy": "bernoulli_weight",
+                                     "allow_unbiased": True}),
+    ("0.5+modeforward", {"distributed": True, "sample_ratio": 0.5, "mode": "forward"}),
 ])
 def test_parse_config(text, want):
     assert fidelity.parse_config(text) == want

@@ -138,7 +138,7 @@ def _tied(hvd):
     params, differ = [], False
     for ours in (True, False):
         torch.manual_seed(0)
-        model = approxdist.convert_model(TiedNet(), 0.5, distributed=True, policy="bernoulli_weight",
+        model = approxdist.convert_model(TiedNet(), 0.5, distributed=True, policy="bernoulli_weight", allow_unbiased=True,
                                          seed=3, weight_layout="contiguous")
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         wrap = approxdist.horovod.DistributedOptimizer if ours else hvd.DistributedOptimizer

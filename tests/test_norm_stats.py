@@ -27,7 +27,7 @@ def bn_buffers(model):
 @pytest.mark.parametrize("distributed", [False, True])
 def test_running_stats_come_from_an_exact_forward_of_the_first_quarter(distributed):
     plain = bn_net()
-    model = ad.convert_model(copy.deepcopy(plain), 0.5, distributed=distributed)
+    model = ad.convert_model(copy.deepcopy(plain), 0.5, distributed=distributed, mode="forward")
     x = torch.randn(16, 3, 8, 8)
     model.train()
     model(x).sum().backward()
@@ -43,7 +43,7 @@ def test_running_stats_come_from_an_exact_forward_of_the_first_quarter(distribut
 
 def test_sampled_statistics_are_what_plain_layers_gather():
     plain = bn_net()
-    model = ad.convert_model(copy.deepcopy(plain), 0.5, distributed=True, norm_stats="sampled")
+    model = ad.convert_model(copy.deepcopy(plain), 0.5, distributed=True, mode="forward", norm_stats="sampled")
     assert norm_stats_of(model) is None
     x = torch.randn(16, 3, 8, 8)
     model(x)
@@ -56,8 +56,8 @@ def test_sampled_statistics_are_what_plain_layers_gather():
 def test_training_batch_statistics_and_gradients_are_unchanged():
     """The training forward still normalises with its own batch statistics: its output
     and gradients equal those of the same model without the hook."""
-    base = ad.convert_model(bn_net(), 0.5, distributed=True, norm_stats="sampled")
-    hooked = ad.convert_model(copy.deepcopy(base), 0.5, distributed=True)
+    base = ad.convert_model(bn_net(), 0.5, distributed=True, mode="forward", norm_stats="sampled")
+    hooked = ad.convert_model(copy.deepcopy(base), 0.5, distributed=True, mode="forward")
     assert norm_stats_of(hooked) is not None
     x = torch.randn(16, 3, 8, 8)
     out_a, out_b = base(x), hooked(x)
@@ -69,7 +69,7 @@ def test_training_batch_statistics_and_gradients_are_unchanged():
 
 
 def test_no_stats_pass_without_autograd_or_in_eval():
-    model = ad.convert_model(bn_net(), 0.5, distributed=True)
+    model = ad.convert_model(bn_net(), 0.5, distributed=True, mode="forward")
     before = bn_buffers(model)
     with torch.no_grad():
         model(torch.randn(8, 3, 8, 8))  # a training-mode forward without autograd: one update
@@ -84,8 +84,8 @@ def test_no_stats_pass_without_autograd_or_in_eval():
 def test_selection_stream_is_untouched():
     """The extra exact forward draws nothing: bernoulli_weight picks the same channels
     with and without it."""
-    a = ad.convert_model(bn_net(), 0.5, distributed=True, policy="bernoulli_weight", norm_stats="sampled")
-    b = ad.convert_model(bn_net(), 0.5, distributed=True, policy="bernoulli_weight")
+    a = ad.convert_model(bn_net(), 0.5, distributed=True, mode="forward", policy="bernoulli_weight", allow_unbiased=True, norm_stats="sampled")
+    b = ad.convert_model(bn_net(), 0.5, distributed=True, mode="forward", policy="bernoulli_weight", allow_unbiased=True)
     x = torch.randn(8, 3, 8, 8)
     for _ in range(3):
         a(x).sum().backward()
@@ -96,7 +96,7 @@ def test_selection_stream_is_untouched():
 
 
 def test_copies_and_pickles_carry_their_own_hook():
-    model = ad.convert_model(bn_net(), 0.5, distributed=True, norm_stats_fraction=0.5)
+    model = ad.convert_model(bn_net(), 0.5, distributed=True, mode="forward", norm_stats_fraction=0.5)
     for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
         hooks = norm_stats_of(clone)
         assert hooks is not None and hooks is not norm_stats_of(model) and hooks.fraction == 0.5
@@ -107,7 +107,7 @@ def test_copies_and_pickles_carry_their_own_hook():
 
 
 def test_a_failed_forward_leaves_the_norms_tracking():
-    model = ad.convert_model(bn_net(), 0.5, distributed=True)
+    model = ad.convert_model(bn_net(), 0.5, distributed=True, mode="forward")
     with pytest.raises(RuntimeError):
         model(torch.randn(8, 5, 8, 8))  # wrong channel count
     # the next forward (here in eval) sees tracking norms again
@@ -134,7 +134,7 @@ def test_every_nth_forward_updates_the_statistics():
     """norm_stats_every=2: the exact pass runs on the 1st, 3rd, ... training forward; the
     others leave the running statistics alone."""
     plain = bn_net()
-    model = ad.convert_model(copy.deepcopy(plain), 0.5, distributed=True, norm_stats_every=2)
+    model = ad.convert_model(copy.deepcopy(plain), 0.5, distributed=True, mode="forward", norm_stats_every=2)
     xs = [torch.randn(8, 3, 8, 8) for _ in range(3)]
     for x in xs:
         model(x).sum().backward()

@@ -43,7 +43,8 @@ def overlap_worker(rank, world, name, hook, opt_name, ddp_kw, accum=1, zero="non
                    agreement="local", policy="topk_weight"):
     base = make_model(name)
     if hook.startswith("sparse"):
-        ad.convert_model(base, ratio, distributed=True, policy=policy)
+        # forward mode: the in-hook step gathers the next forward's weights (prepare_next)
+        ad.convert_model(base, ratio, distributed=True, policy=policy, mode="forward", allow_unbiased=True)
     twins, opts, scheds, extras = [], [], [], []
     for overlapped in (True, False):
         model = DDP(copy.deepcopy(base), **ddp_kw)

@@ -45,7 +45,7 @@ def test_exact_at_follows_warmup_period_and_last_steps():
 def test_a_plain_loop_runs_the_scheduled_ratio_at_each_step(distributed):
     """Only training forwards with autograd count: not the BatchNorm statistics pass,
     not a no_grad logging pass, not evaluation."""
-    model = ad.convert_model(bn_net(), 0.5, distributed=distributed)
+    model = ad.convert_model(bn_net(), 0.5, distributed=distributed, mode="forward")
     sched = SamplingSchedule(model, warmup=2, exact_every=3, exact_last=1, total=9)
     layer = model[3]
     n = layer.weight.shape[1]
@@ -162,7 +162,7 @@ def test_a_selection_prepared_before_a_switch_is_not_used():
 
 
 def test_the_schedule_sets_the_next_step_before_the_hook_prepares_it():
-    model = ad.convert_model(bn_net(), 0.5, distributed=True)
+    model = ad.convert_model(bn_net(), 0.5, distributed=True, mode="forward")
     SamplingSchedule(model, warmup=1)
     x = torch.randn(4, 3, 6, 6)
     layer = model[3]
@@ -182,7 +182,7 @@ STEPS = 7
 def schedule_worker(rank, world, policy, agreement, how):
     torch.manual_seed(0)
     base = make_model("cnn")
-    ad.convert_model(base, 0.33, distributed=True, policy=policy, seed=3)
+    ad.convert_model(base, 0.33, distributed=True, policy=policy, seed=3, allow_unbiased=True)
     models = [copy.deepcopy(base) for _ in range(2)]
     scheds = [SamplingSchedule(m, warmup=2, exact_every=3) for m in models]
     sparse, dense = DDP(models[0], bucket_cap_mb=0.01), DDP(models[1], bucket_cap_mb=0.01)

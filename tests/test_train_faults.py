@@ -185,7 +185,7 @@ def test_resume_with_more_epochs_continues_on_a_schedule_over_the_new_length(tmp
 # -- item 7b: a failed load changes nothing and names the file ------------------------------------
 def _sampled_trainer(seed):
     torch.manual_seed(seed)
-    model = ad.convert_model(SmallCNN(), 0.5, distributed=True, policy="bernoulli_weight", seed=seed)
+    model = ad.convert_model(SmallCNN(), 0.5, distributed=True, policy="bernoulli_weight", allow_unbiased=True, seed=seed)
     args = build_parser().parse_args(["--sample-ratio", "0.5", "--policy", "bernoulli_weight"])
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)

@@ -70,18 +70,24 @@ def test_validate_accepts_defaults_and_torchvision_names():
 
 
 def test_fidelity_flags_reach_convert_model():
-    """--budget, --policy topk_explore --explore, --norm-stats(-every) build the model that
-    convert_model(...) with those arguments builds."""
+    """--budget, --policy topk_explore --explore, --sample-mode, --norm-stats(-every) build
+    the model that convert_model(...) with those arguments builds."""
     from approxdist.nn import WeightSampled, norm_stats_of
     from approxdist.train.data import DataInfo
     from approxdist.train.models import build_training_model
 
     info = DataInfo(10, 3, 32)
     model = build_training_model(_args("--model", "resnet18", "--dataset", "fake", "--budget", "0.33",
-                                       "--comm-hook", "sparse", "--norm-stats-every", "3"), info)
+                                       "--comm-hook", "sparse", "--norm-stats-every", "3", "--sample-mode",
+                                       "forward"), info)
     ratios = {m.sample_ratio for m in model.modules() if isinstance(m, WeightSampled)}
     assert 1.0 in ratios and min(ratios) < 0.33  # per-layer ratios
+    assert {m.mode for m in model.modules() if isinstance(m, WeightSampled)} == {"forward"}
     assert norm_stats_of(model).every == 3
+    # the default mode's training forward is exact: no statistics pass to attach
+    model = build_training_model(_args("--model", "resnet18", "--dataset", "fake", "--sample-ratio", "0.5"), info)
+    assert {m.mode for m in model.modules() if isinstance(m, WeightSampled)} == {"weight_grad"}
+    assert norm_stats_of(model) is None
     model = build_training_model(_args("--model", "resnet18", "--dataset", "fake", "--sample-ratio", "0.5",
                                        "--policy", "topk_explore", "--explore", "0.1", "--norm-stats", "sampled"),
                                  info)

@@ -20,7 +20,7 @@ n/k) scale each kept channel by 1/p; at lr 0.1 that variance kept the digits CNN
 import torch
 
 from ..functional import channel_norms, select_columns
-from ..functional._checks import DIST_POLICIES, check_explore, check_seed
+from ..functional._checks import DIST_POLICIES, SPARSE_GRAD_MODES, check_explore, check_seed
 from ._config import SamplingConfig
 from ._registry import is_registered, register_sampled, sampled_layers_of
 from .schedule import SCHEDULE_KEY, schedule_of
@@ -231,7 +231,7 @@ class WeightSampled(SamplingConfig):
         Returns None when every channel may be non-zero (reduce densely), else a sorted
         LongTensor (possibly empty)."""
         touched, self._touched = self._touched, None
-        if self.mode != "forward":  # blackbox gradients are dense
+        if self.mode not in SPARSE_GRAD_MODES:  # blackbox gradients are dense
             return None
         if touched is None:
             return torch.empty(0, dtype=torch.long, device=self.weight.device)
@@ -275,7 +275,7 @@ def touched_count_of(param):
     the union of every holding layer's touched channels."""
     n = param.shape[1]
     layers = sampled_layers_of(param)
-    if not layers or any(layer.mode != "forward" for layer in layers):
+    if not layers or any(layer.mode not in SPARSE_GRAD_MODES for layer in layers):
         return n
     masks = [layer._touched for layer in layers if layer._touched is not None]
     if not masks:

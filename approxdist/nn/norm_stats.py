@@ -27,6 +27,7 @@ import math
 import torch
 from torch import nn
 
+from ..functional._checks import EXACT_FORWARD_MODES
 from ._config import SamplingConfig
 
 _BN = nn.modules.batchnorm._BatchNorm
@@ -52,7 +53,8 @@ def _norms_and_sampled(module):
         if isinstance(m, _BN):
             if m.running_mean is not None and m.training and m.track_running_stats:
                 norms.append(m)
-        elif isinstance(m, SamplingConfig) and m.training and getattr(m, "weight", None) is not None:
+        elif isinstance(m, SamplingConfig) and m.training and getattr(m, "weight", None) is not None \
+                and m.mode not in EXACT_FORWARD_MODES:
             n = m.weight.shape[1]
             if m.num_samples_of(n) < n:
                 sampled.append(m)
