@@ -280,9 +280,13 @@ def test_hook_names_parse_and_bad_ones_name_the_argument():
     assert parse_hook("sparse0.33+overlap0.3").eager_fraction == 0.3
     assert parse_hook("allreduce+step").kind == "allreduce"
     assert parse_hook("powersgd4").rank == 4
+    assert parse_hook("sparse0.33").mode == "weight_grad"  # convert_model's distributed default
+    fwd = parse_hook("sparse0.33-forward+fp16+overlap")
+    assert (fwd.mode, fwd.ratio, fwd.fp16, fwd.loop) == ("forward", 0.33, True, "overlap")
     for bad in ("sparse0", "sparse1.5", "powersgd0", "topk", "sparse0.5+step+fp16", "+step",
                 "sparse0.5+step+overlap", "+overlap", "allreduce+overlap+step",
-                "sparse0.5+step0.3", "sparse0.5+overlap0", "sparse0.5+overlap1.5", "allreduce0.3"):
+                "sparse0.5+step0.3", "sparse0.5+overlap0", "sparse0.5+overlap1.5", "allreduce0.3",
+                "sparse0.5+fp16-forward", "allreduce-forward", "sparse0.5-backward"):
         with pytest.raises(ValueError, match="hook"):
             parse_hook(bad)
 
@@ -650,6 +654,11 @@ def test_time_to_accuracy_bookkeeping():
     assert both[both.index("--sample-ratio") + 1] == "0.33"
     wide = train_argv("allreduce", "/tmp/x", model="cnn", epochs=1, batch=1, seed=0, width=128)
     assert wide[wide.index("--width") + 1] == "128"
+    assert "--image-size" not in wide and "--lr" not in wide and "--sample-mode" not in wide
+    res = train_argv("sparse0.33-forward", "/tmp/x", model="resnet18", epochs=1, batch=1, seed=0,
+                     image_size=32, lr=0.05)
+    assert res[res.index("--image-size") + 1] == "32" and res[res.index("--lr") + 1] == "0.05"
+    assert res[res.index("--sample-mode") + 1] == "forward"
     with pytest.raises(ValueError, match="width"):
         train_argv("allreduce", "/tmp/x", model="cnn", epochs=1, batch=1, seed=0, width=0)
     with pytest.raises(ValueError, match="hook"):

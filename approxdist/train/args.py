@@ -156,6 +156,10 @@ def build_parser(prog="approxdist-train"):
     p.add_argument("--sample-ratio", type=float, default=1.0, help="fraction of channels kept by sampled layers, in (0, 1]")
     p.add_argument("--minimal-k", type=int, default=1, help="keep at least this many channels per layer")
     p.add_argument("--policy", default="topk_weight", choices=POLICIES, help="channel selection of the sampled layers")
+    p.add_argument("--sample-mode", default="weight_grad", choices=("weight_grad", "forward", "blackbox"),
+                   help="weight_grad (default): exact forward, only the selected channels' weight gradient is "
+                        "computed and sent, so the model evaluates as it trained; forward: the forward is "
+                        "sampled too (less compute, an accuracy cost: docs/benchmarks.md, Fidelity)")
     p.add_argument("--allow-unbiased-sampling", action="store_true",
                    help="accept --policy bernoulli_weight below --sample-ratio 1: its unbiased 1/p scaling "
                         "made the digits CNN diverge (docs/design.md)")
@@ -205,7 +209,8 @@ def build_parser(prog="approxdist-train"):
                         "are replaced); without it such a run is refused")
     p.add_argument("--allow-config-change", action="store_true",
                    help="resume even though the sampling or optimizer settings (--sample-ratio, --budget, "
-                        "--policy, --minimal-k, --explore, --norm-stats, --norm-stats-every, --lr, --momentum, "
+                        "--policy, --sample-mode, --minimal-k, --explore, --norm-stats, --norm-stats-every, --lr, "
+                        "--momentum, "
                         "--weight-decay) differ from the checkpoint's: the new ones apply from the resume on")
     p.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (0: per epoch only)")
     p.add_argument("--eval-every", type=int, default=0,
@@ -322,8 +327,9 @@ def validate(args):
     if args.policy == "bernoulli_weight" and (args.sample_ratio < 1.0 or args.budget is not None) \
             and not args.allow_unbiased_sampling:
         raise ValueError("--policy bernoulli_weight: its unbiased 1/p scaling (about 1/ratio on every kept "
-                         "channel) made the digits CNN diverge at ratios 0.5 and 0.33, lr 0.1 and 0.02 "
-                         "(docs/design.md); use topk_weight or topk_explore, or add --allow-unbiased-sampling")
+                         "channel) made the digits CNN diverge at ratios 0.5 and 0.33 and lr 0.1, in both "
+                         "--sample-mode weight_grad and forward (docs/design.md); use topk_weight or "
+                         "topk_explore, or add --allow-unbiased-sampling")
     if args.norm_stats_every < 1:
         raise ValueError(f"--norm-stats-every must be >= 1, got {args.norm_stats_every}")
     _at_least(1, {"--epochs": args.epochs, "--batch-size": args.batch_size, "--minimal-k": args.minimal_k,

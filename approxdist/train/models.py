@@ -143,8 +143,10 @@ def build_training_model(args, info):
             layout = "contiguous" if getattr(args, "dist", "torch") == "horovod" else "input_major"
         model = approxdist.convert_model(
             model, None if args.budget is not None else args.sample_ratio, args.minimal_k, budget=args.budget,
-            distributed=True, policy=args.policy, seed=args.seed, weight_layout=layout, explore=args.explore,
-            norm_stats=args.norm_stats, norm_stats_every=args.norm_stats_every)
+            distributed=True, policy=args.policy, mode=getattr(args, "sample_mode", "weight_grad"), seed=args.seed,
+            weight_layout=layout, explore=args.explore,
+            norm_stats=args.norm_stats, norm_stats_every=args.norm_stats_every,
+            allow_unbiased=getattr(args, "allow_unbiased_sampling", False))
     return model
 
 

@@ -36,7 +36,8 @@ __all__ = ["Trainer", "StepCallback", "STRICT_CONFIG", "SAMPLING_CONFIG", "check
 STRICT_CONFIG = ("model", "dataset", "num_classes")
 # What the sampled layers do: another setting on resume trains another method from the
 # middle on, so it is refused unless --allow-config-change says it is meant.
-SAMPLING_CONFIG = ("sample_ratio", "budget", "minimal_k", "policy", "explore", "norm_stats", "norm_stats_every")
+SAMPLING_CONFIG = ("sample_ratio", "budget", "minimal_k", "policy", "sample_mode", "explore", "norm_stats",
+                   "norm_stats_every")
 # The optimizer's settings are restored with its state: another flag on resume would be
 # ignored silently, so it is refused too; --allow-config-change applies the new values.
 OPTIMIZER_CONFIG = ("lr", "momentum", "weight_decay", "norm_weight_decay")
@@ -61,7 +62,8 @@ def run_config(args, num_classes):
     exists (Trainer.build adds the world size, batch and the rest)."""
     return {"model": args.model, "dataset": args.dataset, "num_classes": num_classes,
             "sample_ratio": args.sample_ratio, "budget": args.budget, "minimal_k": args.minimal_k,
-            "policy": args.policy, "explore": args.explore, "norm_stats": args.norm_stats,
+            "policy": args.policy, "sample_mode": args.sample_mode, "explore": args.explore,
+            "norm_stats": args.norm_stats,
             "norm_stats_every": args.norm_stats_every, "lr": args.lr, "momentum": args.momentum,
             "weight_decay": args.weight_decay, "opt": args.opt, "norm_weight_decay": args.norm_weight_decay,
             **{k: getattr(args, k) for k in RECIPE_CONFIG}}

@@ -89,6 +89,10 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--tta-model", default="cnn")
     g.add_argument("--tta-width", type=int, default=None,
                    help="the built-in model's size (approxdist-train --width; default: its own)")
+    g.add_argument("--tta-image-size", type=int, default=None,
+                   help="digits upscaled to this size in 3 channels (approxdist-train --image-size; for "
+                        "torchvision models such as resnet18, which want 32)")
+    g.add_argument("--tta-lr", type=float, default=None, help="approxdist-train --lr (default: its own, 0.1)")
     g.add_argument("--tta-epochs", type=int, default=6)
     g.add_argument("--tta-batch", type=int, default=32, help="per rank")
     g.add_argument("--tta-rate", default="100mbit")
@@ -241,7 +245,8 @@ def _tta_plan_of(a) -> TtaPlan:
 
     return TtaPlan(model=a.tta_model, width=a.tta_width, epochs=a.tta_epochs, batch=a.tta_batch,
                    rate=a.tta_rate, eval_every=EVAL_EVERY if a.tta_eval_every is None else a.tta_eval_every,
-                   repeats=a.repeats, target=TTA_TARGET if a.target is None else a.target)
+                   repeats=a.repeats, target=TTA_TARGET if a.target is None else a.target,
+                   image_size=getattr(a, "tta_image_size", None), lr=getattr(a, "tta_lr", None))
 
 
 def saved_tta_plan(saved: dict) -> TtaPlan:
@@ -262,6 +267,10 @@ def run_tta_mode(a, command: str) -> int:
         raise ValueError(f"--tta-eval-every must be >= 1, got {plan.eval_every}")
     if plan.width is not None and plan.width < 1:
         raise ValueError(f"--tta-width must be >= 1, got {plan.width}")
+    if plan.image_size is not None and plan.image_size < 8:
+        raise ValueError(f"--tta-image-size must be >= 8, got {plan.image_size}")
+    if plan.lr is not None and not plan.lr > 0:
+        raise ValueError(f"--tta-lr must be > 0, got {plan.lr}")
     hooks = _csv(a.tta_hooks)
     for h in hooks:
         if h not in TTA_HOOKS:
@@ -276,6 +285,7 @@ def run_tta_mode(a, command: str) -> int:
         link["burst_bytes"] = tb.burst_bytes
         rows = run_tta(tb, hooks, repeats=plan.repeats, model=plan.model, epochs=plan.epochs,
                        batch=plan.batch, eval_every=plan.eval_every, width=plan.width,
+                       image_size=plan.image_size, lr=plan.lr,
                        verbose=not a.quiet)
     env["loadavg_end"] = list(os.getloadavg())
     cpu_reference_end(env, a.quiet)
@@ -290,13 +300,15 @@ def run_tta_mode(a, command: str) -> int:
 
 def _tta_outputs(saved: dict, target: float, plots, markdown) -> list[dict]:
     """Print a time-to-accuracy run's table; its plot into `plots` and its markdown block
-    into `markdown` when given. Returns the summary at `target`. A run of a built-in model
-    at another --tta-width gets its own plot and block, beside the default one's."""
+    into `markdown` when given. Returns the summary at `target`. A run of another model, or
+    of a built-in model at another --tta-width, gets its own plot and block, beside the
+    default one's."""
     from .tta import format_tta_table, plot_tta, summarize_tta
 
     plan = saved_tta_plan(saved)
     name = plan.model if plan.width is None else f"{plan.model} width {plan.width}"
-    suffix = "" if plan.width is None else f"-{plan.model}{plan.width}"
+    # the default model's block and plot have no suffix; another model's or width's their own
+    suffix = "" if (plan.model, plan.width) == ("cnn", None) else f"-{plan.model}{plan.width or ''}"
     summary = summarize_tta(saved["rows"], target)
     table = format_tta_table(summary, target)
     print(table)

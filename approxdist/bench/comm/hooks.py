@@ -177,7 +177,7 @@ def build(cfg, spec: Optional[HookSpec] = None, seed: int = 0, groups: Optional[
     if spec.kind == "sparse":
         import approxdist as ad
 
-        model = ad.convert_model(model, spec.ratio, distributed=True)
+        model = ad.convert_model(model, spec.ratio, distributed=True, mode=spec.mode)
     bucket = SINGLE_BUCKET_MB if spec.kind == "powersgd" else (cfg.bucket_mb or DEFAULT_BUCKET_MB)
     ddp = DDP(model, bucket_cap_mb=bucket)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)

@@ -25,7 +25,9 @@ class HookSpec:
     ratio (1 for the others); fp16: the payload travels in 16 bits; rank: PowerSGD's
     matrix rank; loop: "usual" (step after backward), "step" (the optimizer steps inside
     the hook) or "overlap" (the next forward overlaps the transfer and steps each bucket);
-    eager_fraction: +overlapF's F, None where the name gives none."""
+    eager_fraction: +overlapF's F, None where the name gives none; mode: the sampled
+    layers' mode ("sparseX-forward": 'forward', else convert_model's distributed default,
+    'weight_grad')."""
 
     name: str
     kind: str
@@ -34,6 +36,7 @@ class HookSpec:
     rank: Optional[int] = None
     loop: str = "usual"
     eager_fraction: Optional[float] = None
+    mode: str = "weight_grad"
 
     @property
     def step_in_hook(self) -> bool:
@@ -52,25 +55,26 @@ def parse_hook(name: str) -> HookSpec:
     m = re.search(r"\+(step|overlap)(\d*\.?\d+)?$", name)
     loop = m.group(1) if m else "usual"
     base = name[:m.start()] if m else name
-    kind, ratio, fp16, rank = _parse_base_hook(base, name)
+    kind, ratio, fp16, rank, mode = _parse_base_hook(base, name)
     fraction = float(m.group(2)) if m and m.group(2) else None
     if fraction is not None and (loop != "overlap" or not 0 < fraction <= 1):
         raise ValueError(f"hook: an eager fraction F in (0, 1] follows +overlap only, got {name!r}")
     return HookSpec(name=name, kind=kind, ratio=ratio, fp16=fp16, rank=rank, loop=loop,
-                    eager_fraction=fraction)
+                    eager_fraction=fraction, mode=mode)
 
 
 def _parse_base_hook(name: str, full: str):
     if name in ("allreduce", "fp16"):
-        return name, 1.0, name == "fp16", None
+        return name, 1.0, name == "fp16", None, "weight_grad"
     m = re.fullmatch(r"powersgd(\d+)", name)
     if m and int(m.group(1)) >= 1:
-        return "powersgd", 1.0, False, int(m.group(1))
-    m = re.fullmatch(r"sparse(\d*\.?\d+)(\+fp16)?", name)
+        return "powersgd", 1.0, False, int(m.group(1)), "weight_grad"
+    m = re.fullmatch(r"sparse(\d*\.?\d+)(-forward)?(\+fp16)?", name)
     if m and 0.0 < float(m.group(1)) <= 1.0:
-        return "sparse", float(m.group(1)), bool(m.group(2)), None
+        return "sparse", float(m.group(1)), bool(m.group(3)), None, "forward" if m.group(2) else "weight_grad"
     raise ValueError(f"hook must be allreduce, fp16, powersgdR, sparseX or sparseX+fp16 "
-                     f"(0 < X <= 1), each optionally followed by +step, +overlap or +overlapF, got {full!r}")
+                     f"(0 < X <= 1; sparseX-forward: the sampled forward), each optionally followed by "
+                     f"+step, +overlap or +overlapF, got {full!r}")
 
 
 @dataclass
@@ -149,7 +153,7 @@ class Plan:
 @dataclass
 class TtaPlan:
     """A time-to-accuracy run: approxdist-train --model `model` (--width `width`) on digits
-    for `epochs` epochs at `batch` per rank, 2 testbed nodes at `rate`, evaluating every
+    (--image-size `image_size`, --lr `lr` where given) for `epochs` epochs at `batch` per rank, 2 testbed nodes at `rate`, evaluating every
     `eval_every` steps, `repeats` interleaved rounds; `target` the test top-1 % to reach."""
 
     model: str
@@ -160,6 +164,8 @@ class TtaPlan:
     repeats: int
     target: float
     width: Optional[int] = None
+    image_size: Optional[int] = None  # digits upscaled to this size in 3 channels (a torchvision model)
+    lr: Optional[float] = None  # approxdist-train's --lr (None: its default, 0.1)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TtaPlan":
@@ -169,4 +175,4 @@ class TtaPlan:
     def to_dict(self) -> dict:
         return {"model": self.model, "width": self.width, "epochs": self.epochs, "batch": self.batch,
                 "rate": self.rate, "eval_every": self.eval_every, "repeats": self.repeats,
-                "target": self.target}
+                "target": self.target, "image_size": self.image_size, "lr": self.lr}

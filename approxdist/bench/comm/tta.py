@@ -32,6 +32,9 @@ TTA_HOOKS = {
     "sparse0.5": ["--comm-hook", "sparse", "--sample-ratio", "0.5"],
     "sparse0.33": ["--comm-hook", "sparse", "--sample-ratio", "0.33"],
     "sparse0.33+fp16": ["--comm-hook", "sparse-fp16", "--sample-ratio", "0.33"],
+    # the sampled forward of the layers (--sample-mode forward; the default is weight_grad)
+    "sparse0.5-forward": ["--comm-hook", "sparse", "--sample-ratio", "0.5", "--sample-mode", "forward"],
+    "sparse0.33-forward": ["--comm-hook", "sparse", "--sample-ratio", "0.33", "--sample-mode", "forward"],
 }
 
 
@@ -40,8 +43,10 @@ EVAL_EVERY = 2  # steps between evaluations (digits at batch 32 on 2 ranks: 22 s
 
 
 def train_argv(hook: str, out_dir: str, *, model: str, epochs: int, batch: int, seed: int,
-               eval_every: int = EVAL_EVERY, width: int | None = None) -> list[str]:
-    """approxdist-train's arguments for one run; width: the built-in model's (--width)."""
+               eval_every: int = EVAL_EVERY, width: int | None = None, image_size: int | None = None,
+               lr: float | None = None) -> list[str]:
+    """approxdist-train's arguments for one run; width: the built-in model's (--width);
+    image_size, lr: --image-size and --lr where given."""
     if hook not in TTA_HOOKS:
         raise ValueError(f"hook must be one of {', '.join(TTA_HOOKS)}, got {hook!r}")
     if eval_every < 1:
@@ -50,6 +55,8 @@ def train_argv(hook: str, out_dir: str, *, model: str, epochs: int, batch: int, 
         raise ValueError(f"width must be >= 1, got {width}")
     return ["-m", "approxdist.train", "--model", model, "--dataset", "digits",
             *([] if width is None else ["--width", str(width)]),
+            *([] if image_size is None else ["--image-size", str(image_size)]),
+            *([] if lr is None else ["--lr", str(lr)]),
             "--epochs", str(epochs), "--batch-size", str(batch), "--backend", "gloo",
             "--seed", str(seed), "--output-dir", out_dir, "--no-progress",
             "--eval-every", str(eval_every), *TTA_HOOKS[hook]]
@@ -72,8 +79,8 @@ def curves(records: list[dict], t0: float) -> dict:
 
 
 def run_tta(tb, hooks: list[str], *, repeats: int, model: str, epochs: int, batch: int,
-            eval_every: int = EVAL_EVERY, width: int | None = None,
-            verbose: bool = True) -> list[dict]:
+            eval_every: int = EVAL_EVERY, width: int | None = None, image_size: int | None = None,
+            lr: float | None = None, verbose: bool = True) -> list[dict]:
     """Every hook `repeats` times, interleaved; each row holds its curves (see `curves`)."""
     rows = []
     with tempfile.TemporaryDirectory(prefix="adtta-") as tmp:
@@ -85,7 +92,7 @@ def run_tta(tb, hooks: list[str], *, repeats: int, model: str, epochs: int, batc
                 port = 29400 + run % 50
                 run += 1
                 args = train_argv(hook, out, model=model, epochs=epochs, batch=batch, seed=rep,
-                                  eval_every=eval_every, width=width)
+                                  eval_every=eval_every, width=width, image_size=image_size, lr=lr)
                 t0 = time.time()
                 tb.run_checked(
                     lambda i: [sys.executable, "-m", "torch.distributed.run",
