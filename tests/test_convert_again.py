@@ -55,7 +55,7 @@ def test_second_call_applies_other_arguments():
     model.train()(torch.randn(4, 3, 4, 4)).sum().backward()
     assert fc.last_indices.numel() <= 128  # it samples with the new settings
     ad.convert_model(model, budget=0.6, distributed=True)
-    assert fc.sample_ratio < 1 and conv.policy == "topk_weight"
+    assert fc.sample_ratio < 1 and conv.policy == "topk_explore"  # the distributed default again
 
 
 @pytest.mark.parametrize("second", [dict(distributed=False), dict(distributed=True, exclude=["5"]),

@@ -45,8 +45,8 @@ def _batch(rank, step):
 def tied_worker(rank, world, policy, how, steps=3):
     torch.manual_seed(0)
     base = TiedNet()
-    models = [ad.convert_model(copy.deepcopy(base), 0.5, distributed=True, policy=policy, seed=3)
-              for _ in range(2)]
+    models = [ad.convert_model(copy.deepcopy(base), 0.5, distributed=True, policy=policy, seed=3,
+                               allow_unbiased=True) for _ in range(2)]
     sparse, dense = DDP(models[0]), DDP(models[1])
     opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in models]
     if how == "hook":

@@ -248,9 +248,11 @@ def convert_model(module, sample_ratio=None, minimal_k=1, *, budget=None, distri
     also holds (a head tied to an embedding: that module's gradient reaches every
     channel, which the sparse hook would not send). Layers that share a weight with each
     other are all converted; the hook sends the union of their channels. With distributed=True the layers choose channels from the weights
-    (policy 'topk_weight' by default), or from the weights and a generator seeded with
-    seed + layer number, the same on every rank ('topk_explore', whose `explore` share of
-    the k channels rotates over all of them; 'bernoulli_weight').
+    and a generator seeded with seed + layer number, the same on every rank: by default
+    'topk_explore', the top channels by weight norm with an `explore` share of the k
+    taken from a rotation over all of them, so every weight trains ('topk_weight' keeps
+    the top k by norm, which settles on a fixed third of the channels at 0.33 and leaves
+    the rest untrained; 'bernoulli_weight').
 
     allow_unbiased: with distributed=True, policy 'bernoulli_weight' below ratio 1 is
     refused unless this is True: it scales each kept channel's weight gradient by 1/p
@@ -301,7 +303,7 @@ def convert_model(module, sample_ratio=None, minimal_k=1, *, budget=None, distri
         check_sample_ratio(sample_ratio)
     check_minimal_k(minimal_k)
     allowed = DIST_POLICIES if distributed else POLICIES
-    policy = policy or ("topk_weight" if distributed else "topk")
+    policy = policy or ("topk_explore" if distributed else "topk")
     mode = mode or ("weight_grad" if distributed else "forward")
     check_policy(policy, allowed)
     check_mode(mode, policy)

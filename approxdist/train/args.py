@@ -155,7 +155,9 @@ def build_parser(prog="approxdist-train"):
                         "min(8, CPUs per process) for imagefolder and cifar10")
     p.add_argument("--sample-ratio", type=float, default=1.0, help="fraction of channels kept by sampled layers, in (0, 1]")
     p.add_argument("--minimal-k", type=int, default=1, help="keep at least this many channels per layer")
-    p.add_argument("--policy", default="topk_weight", choices=POLICIES, help="channel selection of the sampled layers")
+    p.add_argument("--policy", default="topk_explore", choices=POLICIES,
+                   help="channel selection of the sampled layers: topk_explore (default) trains every weight; "
+                        "topk_weight settles on a fixed top-k")
     p.add_argument("--sample-mode", default="weight_grad", choices=("weight_grad", "forward", "blackbox"),
                    help="weight_grad (default): exact forward, only the selected channels' weight gradient is "
                         "computed and sent, so the model evaluates as it trained; forward: the forward is "
