@@ -40,7 +40,7 @@ def test_distributed_layers_add_no_graph_break():
     """A weight-sampled layer's forward used to read the weak registry map (one break per
     layer); a plain Linear model compiles to one graph, so must its converted form with
     'topk_weight'. (The default 'topk_explore' walks its rotation in Python, reading tensor
-    values: about one break per layer, docs/design.md.)"""
+    values: breaks at every sampled layer, docs/transformers.md.)"""
     torch._dynamo.reset()
     model = ad.convert_model(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
                                            nn.Linear(32, 4)), 0.5, distributed=True, policy="topk_weight").train()

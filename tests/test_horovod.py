@@ -164,7 +164,7 @@ def _payload_mismatch(hvd):
     from models import batch_for, make_model
 
     model = approxdist.convert_model(make_model("cnn", seed=0), 0.5, distributed=True,
-                                     policy="bernoulli_weight", weight_layout="contiguous")
+                                     policy="bernoulli_weight", allow_unbiased=True, weight_layout="contiguous")
     opt = approxdist.horovod.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
                                                   named_parameters=model.named_parameters())
     try:

@@ -708,7 +708,7 @@ def test_time_to_accuracy_render_redoes_table_plot_and_markdown(tmp_path, capsys
             (("allreduce", 3.0), ("sparse0.33", 2.0))]
     env = {"date": "2026-12-02 05:00 UTC", "commit": "abc1234", "cpus": 2, "loadavg": [0.5],
            "loadavg_end": [0.7]}
-    saved = {"command": "approxdist-bench comm --testbed --time-to-accuracy --tta-model mlp "
+    saved = {"command": "approxdist-bench comm --testbed --time-to-accuracy --tta-model cnn "
                         "--tta-rate 1gbit --tta-eval-every 3 --target 97.5 --repeats 1",
              "environment": env, "link": {"link_bits_per_s": 9.5e8}, "rows": rows}  # no burst: old file
     old = tmp_path / "old.json"  # from before the plan was saved: read from the command
@@ -718,7 +718,7 @@ def test_time_to_accuracy_render_redoes_table_plot_and_markdown(tmp_path, capsys
     assert main(["--render", str(old), "--plots", str(tmp_path), "--markdown", str(md)]) == 0
     text = md.read_text()
     assert "keep me" in text and "### Time to accuracy" in text
-    assert "`approxdist-train --model mlp --dataset digits --epochs 6 --batch-size 32 " \
+    assert "`approxdist-train --model cnn --dataset digits --epochs 6 --batch-size 32 " \
            "--eval-every 3` under torchrun on 2 testbed nodes at 1gbit" in text
     assert "(gloo all-reduce measured at 950 Mbit/s), 1 interleaved rounds" in text  # no burst
     assert "PowerSGD" not in text  # not among the hooks: not described
@@ -750,6 +750,14 @@ def test_time_to_accuracy_render_redoes_table_plot_and_markdown(tmp_path, capsys
     assert "training s to 95%" in text  # the default block is left as it was
     assert "![comm_tta_accuracy_vs_time_cnn128](comm_tta_accuracy_vs_time_cnn128.png)" in text
     assert (tmp_path / "comm_tta_accuracy_vs_time_cnn128.png").is_file()
+    # a torchvision model on upscaled digits: its own block, with its flags
+    saved["plan"].update(model="resnet18", width=None, image_size=32, lr=0.05)
+    new.write_text(json.dumps(saved))
+    assert main(["--render", str(new), "--plots", str(tmp_path), "--markdown", str(md)]) == 0
+    text = md.read_text()
+    assert text.count("### Time to accuracy") == 3 and "### Time to accuracy, resnet18" in text
+    assert "`approxdist-train --model resnet18 --image-size 32 --lr 0.05 --dataset digits" in text
+    assert (tmp_path / "comm_tta_accuracy_vs_time_resnet18.png").is_file()
 
 
 def test_burst_sizes_read_like_tc():

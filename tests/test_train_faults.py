@@ -290,8 +290,9 @@ def test_resume_with_another_global_batch_mid_epoch_goes_on_from_the_samples_use
 # -- item 7d: a resume with other sampling settings is refused, unless asked for -----------------
 @pytest.mark.parametrize("flags, named", [
     (["--sample-ratio", "0.25"], "sample_ratio=0.5 (now 0.25)"),
-    (["--policy", "bernoulli_weight", "--allow-unbiased-sampling"], "policy='topk_weight' (now 'bernoulli_weight')"),
+    (["--policy", "bernoulli_weight", "--allow-unbiased-sampling"], "policy='topk_explore' (now 'bernoulli_weight')"),
     (["--norm-stats", "sampled"], "norm_stats='exact' (now 'sampled')"),
+    (["--sample-mode", "forward"], "sample_mode='weight_grad' (now 'forward')"),
     (["--lr", "0.2"], "lr=0.1 (now 0.2)"),  # else ignored: the optimizer's state holds the rate
 ])
 def test_resume_with_other_sampling_settings_is_refused(tmp_path, capsys, flags, named):

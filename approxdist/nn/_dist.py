@@ -5,17 +5,17 @@ The selection depends only on the weights (identical on all ranks under DDP) and
 every rank. Each layer records the channels its weight gradient can be non-zero on since
 the hook last reduced it (a union, so gradient accumulation with no_sync stays lossless).
 
-The default, 'topk_weight', keeps the k channels of largest weight norm. An unselected
-channel gets no gradient, so the selection settles into a sub-network, to which the exact
-eval forward adds the other channels back; with BatchNorm statistics gathered on an exact
-forward (norm_stats.py) that costs little: of the selections measured on the fidelity
-benchmark (docs/benchmarks.md) it evaluated closest to the exact model. 'topk_explore' keeps the top (1 - explore) k channels and fills the rest from a
-rotation: a permutation of all n channels, drawn from the shared generator, walked a few
-channels per training forward and drawn anew when used up, so every channel is selected
-at least once per pass (about n / (explore * k) forwards) and none stays untrained. On the
-same benchmark it cost accuracy and steps (the moving part acts like heavy dropout), so it
-is an option, not the default. Unbiased draws ('bernoulli_weight', or uniform ones scaled
-n/k) scale each kept channel by 1/p; at lr 0.1 that variance kept the digits CNN at chance.
+'topk_weight' (the classes' default) keeps the k channels of largest weight norm. An
+unselected channel gets no gradient, so the selection settles into a sub-network. In mode
+'forward' the training forward computes that sub-network only and the exact eval forward
+adds the other channels back; in mode 'weight_grad' (convert_model's distributed default)
+the forward is exact and the frozen channels stay at their initial values.
+'topk_explore' (convert_model's distributed default) keeps the top (1 - explore) k channels
+and fills the rest from a rotation: a permutation of all n channels, drawn from the shared
+generator, walked a few channels per training forward and drawn anew when used up, so
+every channel is selected at least once per pass (about n / (explore * k) forwards) and
+none stays untrained. Unbiased draws ('bernoulli_weight', or uniform ones scaled n/k) scale
+each kept channel by 1/p; at lr 0.1 that variance kept the digits CNN at chance.
 """
 import torch
 

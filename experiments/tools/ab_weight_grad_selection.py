@@ -6,10 +6,16 @@ Constant learning rate (the fidelity bench's protocol before its cosine decay).
 
     python experiments/tools/ab_weight_grad_selection.py cnn128 OUT.json exact,topk:0.5,rand:0.33 0,1,2
 """
-import json, sys, time, torch, torch.nn.functional as F
+import json
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
 import approxdist as ad
 from approxdist.bench import fidelity as fb
-from approxdist.functional import num_samples
+
 
 def layers_to_mask(task, seed, ratio):
     conv = fb.build(task, seed); ad.convert_model(conv, ratio, distributed=True, seed=seed)

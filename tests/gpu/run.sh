@@ -6,7 +6,8 @@
 #      loaded on the GPU and packing like index_select;
 #   2. the kernel equality tests on CUDA tensors (tests/test_kernels.py runs its CUDA cases
 #      when a GPU is present);
-#   3. a one-rank NCCL DDP run of a converted resnet18: sparse hook + CUDA kernels vs the
+#   3. a one-rank NCCL DDP run of a converted resnet18 (the default mode weight_grad, and
+#      mode forward): sparse hook + CUDA kernels vs the
 #      default all-reduce hook, same init and batches: parameters must agree; and the sparse
 #      hook with the optimizer stepping inside it (register(optimizer=), on the NCCL
 #      future's stream), and with the next forward overlapping the transfer
@@ -96,12 +97,12 @@ with socket.socket() as s:
     s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
 dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 dev = torch.device("cuda", 0); torch.cuda.set_device(dev)
-def build():  # built from one seed each time
+def build(mode=None):  # built from one seed each time; mode None: the default, weight_grad
     torch.manual_seed(0)
-    net = ad.convert_model(torchvision.models.resnet18(num_classes=10), 0.5, distributed=True)
+    net = ad.convert_model(torchvision.models.resnet18(num_classes=10), 0.5, distributed=True, mode=mode)
     return DDP(net.to(dev), device_ids=[0], bucket_cap_mb=5)
 models = {"default": build(), "sparse": build(), "step": build(), "overlap": build(),
-          "fp16": build(), "sparse_fp16": build()}
+          "fp16": build(), "sparse_fp16": build(), "default_fwd": build("forward"), "sparse_fwd": build("forward")}
 opts = {k: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for k, m in models.items()}
 state = ad.distributed.register(models["sparse"])
 ad.distributed.register(models["step"], optimizer=opts["step"])
@@ -109,6 +110,7 @@ ad.distributed.register(models["overlap"], optimizer=opts["overlap"], overlap_fo
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 models["fp16"].register_comm_hook(None, default_hooks.fp16_compress_hook)
 state16 = ad.distributed.register(models["sparse_fp16"], compress="fp16")
+state_fwd = ad.distributed.register(models["sparse_fwd"])
 gen = torch.Generator().manual_seed(1)
 batches = [(torch.randn(16, 3, 64, 64, generator=gen), torch.randint(10, (16,), generator=gen)) for _ in range(6)]
 for x, y in batches:
@@ -128,6 +130,11 @@ print(f"payload/dense bytes: {stats['payload_bytes']}/{stats['dense_bytes']} "
 assert kernels.backend() == "cuda"
 assert stats["payload_bytes"] < stats["dense_bytes"], "the sparse hook sent everything"
 assert worst <= 1e-6, worst
+fwd = max(((a - b).abs().max() / a.abs().max().clamp_min(1e-12)).item() for a, b in
+          zip(models["default_fwd"].module.parameters(), models["sparse_fwd"].module.parameters()))
+print(f"mode='forward': sparse vs default hook max relative diff {fwd:.3g}; payload "
+      f"{state_fwd.stats['payload_bytes']}/{state_fwd.stats['dense_bytes']}")
+assert fwd <= 1e-6 and state_fwd.stats["payload_bytes"] == stats["payload_bytes"], fwd
 same = all(torch.equal(a, b) for a, b in zip(models["sparse"].module.parameters(), models["step"].module.parameters()))
 print(f"in-hook step: {ad.distributed.in_hook_steps(opts['step'])} bucket steps; params bitwise equal to "
       f"the usual step: {same}")
