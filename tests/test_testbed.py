@@ -659,6 +659,9 @@ def test_time_to_accuracy_bookkeeping():
                      image_size=32, lr=0.05)
     assert res[res.index("--image-size") + 1] == "32" and res[res.index("--lr") + 1] == "0.05"
     assert res[res.index("--sample-mode") + 1] == "forward"
+    bud = train_argv("sparse-budget0.33+fp16", "/tmp/x", model="cnn", epochs=1, batch=1, seed=0)
+    assert bud[bud.index("--budget") + 1] == "0.33" and bud[bud.index("--comm-hook") + 1] == "sparse-fp16"
+    assert "--sample-ratio" not in bud
     with pytest.raises(ValueError, match="width"):
         train_argv("allreduce", "/tmp/x", model="cnn", epochs=1, batch=1, seed=0, width=0)
     with pytest.raises(ValueError, match="hook"):

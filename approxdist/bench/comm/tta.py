@@ -32,6 +32,9 @@ TTA_HOOKS = {
     "sparse0.5": ["--comm-hook", "sparse", "--sample-ratio", "0.5"],
     "sparse0.33": ["--comm-hook", "sparse", "--sample-ratio", "0.33"],
     "sparse0.33+fp16": ["--comm-hook", "sparse-fp16", "--sample-ratio", "0.33"],
+    # per-layer ratios whose payload is 0.33 of the dense bytes (--budget)
+    "sparse-budget0.33": ["--comm-hook", "sparse", "--budget", "0.33"],
+    "sparse-budget0.33+fp16": ["--comm-hook", "sparse-fp16", "--budget", "0.33"],
     # the sampled forward of the layers (--sample-mode forward; the default is weight_grad)
     "sparse0.5-forward": ["--comm-hook", "sparse", "--sample-ratio", "0.5", "--sample-mode", "forward"],
     "sparse0.33-forward": ["--comm-hook", "sparse", "--sample-ratio", "0.33", "--sample-mode", "forward"],
