@@ -263,7 +263,7 @@ def convert_model(module, sample_ratio=None, minimal_k=1, *, budget=None, distri
     'weight_grad' runs the exact forward and input gradient and computes the weight
     gradient of the selected channels only: the sparse hook sends exactly as few bytes as
     in 'forward' mode, and the model trains the function that eval() runs, so it
-    evaluates as it learned (a small ViT under AdamW at 0.5: 96.7% against 43.3% in
+    evaluates as it learned (a small ViT under AdamW at 0.5: 96.9% against 43.3% in
     'forward' mode, exact 97.2%; docs/benchmarks.md, Fidelity). What it gives up is the
     compute of 'forward' mode, which samples the forward and the input gradient too:
     use that on a compute-bound machine, at the accuracy cost that table shows.

@@ -1,5 +1,6 @@
 """`make demo`: the small CNN on sklearn's digits, 2 processes, distributed approximate
-layers (half the channels) and the sparse all-reduce hook.
+layers with their defaults (half the channels' weight gradients, `topk_explore`) and the
+sparse all-reduce hook.
 
     torchrun --standalone --nproc-per-node 2 -m approxdist.train.demo
 
@@ -17,7 +18,6 @@ DEMO_FLAGS = [
     "--batch-size", "32",
     "--lr", "0.1",
     "--sample-ratio", "0.5",
-    "--policy", "topk_weight",
     "--comm-hook", "sparse",
     "--no-progress",
 ]

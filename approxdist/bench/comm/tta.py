@@ -35,6 +35,10 @@ TTA_HOOKS = {
     # per-layer ratios whose payload is 0.33 of the dense bytes (--budget)
     "sparse-budget0.33": ["--comm-hook", "sparse", "--budget", "0.33"],
     "sparse-budget0.33+fp16": ["--comm-hook", "sparse-fp16", "--budget", "0.33"],
+    # the next forward overlapping the transfer, the optimizer stepping in the hook
+    "fp16+overlap": ["--comm-hook", "fp16", "--overlap-forward"],
+    "sparse0.33+fp16+overlap": ["--comm-hook", "sparse-fp16", "--sample-ratio", "0.33", "--overlap-forward"],
+    "sparse-budget0.33+fp16+overlap": ["--comm-hook", "sparse-fp16", "--budget", "0.33", "--overlap-forward"],
     # the sampled forward of the layers (--sample-mode forward; the default is weight_grad)
     "sparse0.5-forward": ["--comm-hook", "sparse", "--sample-ratio", "0.5", "--sample-mode", "forward"],
     "sparse0.33-forward": ["--comm-hook", "sparse", "--sample-ratio", "0.33", "--sample-mode", "forward"],
