@@ -103,21 +103,23 @@ class WeightGradSampled(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, b, idx, scale, product):
-        out = product(x, contiguous_weight(w), b)
+        w_c = contiguous_weight(w)  # (w itself when already row-major: no extra memory)
+        out = product(x, w_c, b)
         ctx.product, ctx.has_bias = product, b is not None
         ctx.w_shape = w.shape
         ctx.w_stride = w.stride() if dim1_major(w) else None
-        ctx.save_for_backward(x, w, idx, scale)
+        # the row-major copy is kept for the input gradient rather than made again there
+        ctx.save_for_backward(x, w, w_c, idx, scale)
         return out
 
     @staticmethod
     def backward(ctx, g):
-        x, w, idx, scale = ctx.saved_tensors
+        x, w, w_c, idx, scale = ctx.saved_tensors
         mask = ctx.needs_input_grad[:3]
         product = ctx.product
         gx = gb = None
         if mask[0] or (mask[2] and ctx.has_bias):  # torch's own input and bias gradients
-            gx, _, gb = product.backward(g, x, contiguous_weight(w), ctx.has_bias, (mask[0], False, mask[2]))
+            gx, _, gb = product.backward(g, x, w_c, ctx.has_bias, (mask[0], False, mask[2]))
         gw = None
         if mask[1]:
             if idx.numel() == 0:

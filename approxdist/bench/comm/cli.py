@@ -246,7 +246,7 @@ def _tta_plan_of(a) -> TtaPlan:
     return TtaPlan(model=a.tta_model, width=a.tta_width, epochs=a.tta_epochs, batch=a.tta_batch,
                    rate=a.tta_rate, eval_every=EVAL_EVERY if a.tta_eval_every is None else a.tta_eval_every,
                    repeats=a.repeats, target=TTA_TARGET if a.target is None else a.target,
-                   image_size=getattr(a, "tta_image_size", None), lr=getattr(a, "tta_lr", None))
+                   image_size=a.tta_image_size, lr=a.tta_lr)
 
 
 def saved_tta_plan(saved: dict) -> TtaPlan:

@@ -198,8 +198,8 @@ def tta_markdown(saved: dict, plan, summary: list[dict], table: str, target: flo
     name = plan.model if width is None else f"{plan.model} width {width}"
     load_end = env.get("loadavg_end", [float("nan")])[0]
     flag = ("" if width is None else f" --width {width}") \
-        + ("" if getattr(plan, "image_size", None) is None else f" --image-size {plan.image_size}") \
-        + ("" if getattr(plan, "lr", None) is None else f" --lr {plan.lr:g}")
+        + ("" if plan.image_size is None else f" --image-size {plan.image_size}") \
+        + ("" if plan.lr is None else f" --lr {plan.lr:g}")
     lines = [
         "### Time to accuracy" + ("" if (plan.model, width) == ("cnn", None) else f", {name}"), "",
         f"Command: `{command}` ({env['date']}, commit {env['commit']}, {env['cpus']} CPUs, "
