@@ -95,7 +95,8 @@ class ForwardSampled(torch.autograd.Function):
 
 class WeightGradSampled(torch.autograd.Function):
     """Mode 'weight_grad': the exact product forward and the exact input gradient (bitwise
-    torch's), and the weight gradient of the selected input channels only (scaled where
+    torch's), the exact bias gradient (the same sum, in another order: fp32 rounding),
+    and the weight gradient of the selected input channels only (scaled where
     the policy scales), zero elsewhere. The gradient of every weight slice it keeps is
     the true one, so the model trains the function that eval runs (and BatchNorm sees
     the exact activations); what it saves is the weight gradient's compute on the other
@@ -118,8 +119,12 @@ class WeightGradSampled(torch.autograd.Function):
         mask = ctx.needs_input_grad[:3]
         product = ctx.product
         gx = gb = None
-        if mask[0] or (mask[2] and ctx.has_bias):  # torch's own input and bias gradients
-            gx, _, gb = product.backward(g, x, w_c, ctx.has_bias, (mask[0], False, mask[2]))
+        # torch's own input gradient, asked alone: asked with the bias gradient, oneDNN
+        # computes the whole weight gradient as well (see Conv2dProduct.bias_backward)
+        if mask[0]:
+            gx = product.backward(g, x, w_c, False, (True, False, False))[0]
+        if mask[2] and ctx.has_bias:
+            gb = product.bias_backward(g, x, w_c)
         gw = None
         if mask[1]:
             if idx.numel() == 0:

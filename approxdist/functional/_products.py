@@ -74,6 +74,10 @@ class LinearProduct:
         gb = g.sum(0) if (mask[2] and has_bias) else None
         return gx, gw, gb
 
+    def bias_backward(self, g, x, w):
+        """torch's bias gradient alone."""
+        return g.sum(0)
+
     def sampled_backward(self, g, x, w, has_bias, mask):
         gx = g.mm(w) if mask[0] else None
         gw = _mm_like(w, g.t(), x) if mask[1] else None
@@ -133,6 +137,16 @@ class Conv2dProduct:
             g, x, w, bias_sizes, list(self.stride), list(self.padding), list(self.dilation),
             False, [0, 0], 1, [bool(mask[0]), bool(mask[1]), bool(mask[2] and has_bias)])
         return gx, gw, gb
+
+    def bias_backward(self, g, x, w):
+        """The bias gradient alone: the sum of g over all but the channels. Not torch's
+        own bits: oneDNN computes a convolution's bias gradient only beside its weight
+        gradient, so asking it for the input and bias gradients computes the whole weight
+        gradient too (the layer's full backward: 11.7 ms against 4.9 ms for the input
+        gradient alone, 32x128x8x8 -> 256, 3x3, one thread), and its sum taken over fewer
+        channels is not bitwise the same either (it splits the sum by shape and thread
+        count). This sum differs from torch's by fp32 rounding only."""
+        return g.sum((0, 2, 3))
 
     def out_shape(self, x, w):
         def size(n, k, s, p, d):
