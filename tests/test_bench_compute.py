@@ -36,3 +36,16 @@ def test_compute_bench_writes_consistent_rows(tmp_path, capsys, keep_threads):
 def test_compute_bench_rejects_zero_repeats():
     with pytest.raises(ValueError, match="repeats"):
         compute.main(["--repeats", "0"])
+
+
+def test_compute_bench_distributed_times_the_distributed_defaults(tmp_path, capsys, keep_threads):
+    out = tmp_path / "c.json"
+    assert compute.main(["--only", "convs", "--kernels", "1", "--repeats", "1", "--warmup", "0",
+                         "--ratios", "0.5", "--threads", "1", "--distributed", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["env"]["distributed"] is True
+    for row in data["rows"]:
+        (a,) = row["approx"]
+        assert a["seconds"] > 0 and a["selection_seconds"] is None and a["selection_share"] is None
+    printed = capsys.readouterr().out
+    assert "mode weight_grad" in printed and "    -" in printed

@@ -21,11 +21,12 @@ def _train(model, steps=3):
         opt.zero_grad()
 
 
-@pytest.mark.parametrize("distributed", [pytest.param(False, marks=pytest.mark.slow), True], ids=["local", "dist"])
-def test_compiled_training_equals_eager(distributed):
+@pytest.mark.parametrize("distributed,policy", [pytest.param(False, "topk", marks=pytest.mark.slow),
+                                               (True, "topk_weight"), (True, None)],
+                         ids=["local", "dist-topk_weight", "dist-default"])
+def test_compiled_training_equals_eager(distributed, policy):
     torch._dynamo.reset()
-    base = ad.convert_model(make_model("cnn"), 0.5, distributed=distributed,
-                            policy="topk_weight" if distributed else "topk")
+    base = ad.convert_model(make_model("cnn"), 0.5, distributed=distributed, policy=policy)
     eager, compiled = base, copy.deepcopy(base)
     _train(eager)
     _train(torch.compile(compiled, backend="aot_eager"))
@@ -36,16 +37,18 @@ def test_compiled_training_equals_eager(distributed):
             assert torch.equal(a.last_indices, b.last_indices)
 
 
-def test_distributed_layers_add_no_graph_break():
+@pytest.mark.parametrize("policy", ["topk_weight", "topk_explore"])
+def test_distributed_layers_add_no_graph_break(policy):
     """A weight-sampled layer's forward used to read the weak registry map (one break per
-    layer); a plain Linear model compiles to one graph, so must its converted form with
-    'topk_weight'. (The default 'topk_explore' walks its rotation in Python, reading tensor
-    values: breaks at every sampled layer, docs/transformers.md.)"""
+    layer), and the default 'topk_explore' walked its rotation in Python, reading tensor
+    values (7 breaks on this model); a plain Linear model compiles to one graph, so must
+    its converted form, also on the calls after the first (the rotation has moved)."""
     torch._dynamo.reset()
     model = ad.convert_model(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
-                                           nn.Linear(32, 4)), 0.5, distributed=True, policy="topk_weight").train()
-    explained = torch._dynamo.explain(model)(torch.randn(4, 16))
-    assert explained.graph_break_count == 0, explained.break_reasons
+                                           nn.Linear(32, 4)), 0.5, distributed=True, policy=policy).train()
+    for _ in range(2):
+        explained = torch._dynamo.explain(model)(torch.randn(4, 16))
+        assert explained.graph_break_count == 0, explained.break_reasons
     # a copy registers its new weights when it is made, not in its first compiled forward
     torch._dynamo.reset()
     explained = torch._dynamo.explain(copy.deepcopy(model))(torch.randn(4, 16))

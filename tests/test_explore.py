@@ -55,6 +55,27 @@ def test_the_top_part_is_the_top_by_weight_norm():
     assert top <= set(idx.tolist())
 
 
+def test_the_rotation_part_is_the_next_channels_of_the_permutation_not_in_the_top():
+    """Against a plain Python walk of the saved permutation, over two passes, the weights
+    moving between steps: the top k - r by norm, then the permutation walked cyclically
+    from the saved position, skipping channels already chosen, until k are chosen."""
+    layer = conv(64, 0.5, explore=0.25)  # k 32: 24 by norm, 8 from the rotation
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    x = torch.randn(2, 64, 4, 4)
+    perm, pos = layer.sampler_state()["rotation"]
+    perm = perm.tolist()
+    assert sorted(perm) == list(range(64)) and pos == 0
+    for _ in range(2 * 64 // 8):
+        want = set(channel_norms(layer.weight.detach(), 1).topk(24).indices.tolist())
+        while len(want) < 32:
+            want.add(perm[pos])
+            pos = (pos + 1) % 64
+        assert step(layer, x).tolist() == sorted(want)
+        assert layer.sampler_state()["rotation"][1] == pos
+        opt.step()
+        opt.zero_grad()
+
+
 def test_explore_zero_is_topk_weight():
     a, b = conv(explore=0.0), conv(policy="topk_weight")
     x = torch.randn(2, 64, 4, 4)
@@ -84,7 +105,7 @@ def test_global_rng_untouched():
     layer = conv()
     x = torch.randn(2, 64, 4, 4)
     before = torch.get_rng_state()
-    for _ in range(10):  # more than one pass: the rotation is drawn again
+    for _ in range(10):  # more than one pass of the rotation
         step(layer, x)
     assert torch.equal(before, torch.get_rng_state())
 

@@ -44,7 +44,8 @@ def test_a_forward_recording_no_gradient_leaves_the_stream(kind, policy, how):
             extra_forward(a, x, how)  # one "rank" logs
         assert torch.equal(step(a, x), step(b, x))
     sa, sb = a.sampler_state(), b.sampler_state()
-    assert torch.equal(sa["generator"], sb["generator"])
+    ga, gb = sa["generator"], sb["generator"]  # (topk_explore's rotation is drawn from the seed alone)
+    assert (ga is None and gb is None and policy == "topk_explore") or torch.equal(ga, gb)
     assert (sa["rotation"] is None) == (sb["rotation"] is None)
     if sa["rotation"] is not None:
         assert torch.equal(sa["rotation"][0], sb["rotation"][0]) and sa["rotation"][1] == sb["rotation"][1]

@@ -4,11 +4,15 @@ Exact and approximate variants run side by side in one process, interleaved (eve
 repeat times each variant once, in turn), and the median is reported: on a shared
 machine, load changes over seconds hit all variants alike instead of one of them.
 The approximate models come from `convert_model` with its defaults (policy 'topk',
-mode 'forward', first conv exact), as a user would get them.
+mode 'forward', first conv exact), as a user would get them; with --distributed, from
+`convert_model(distributed=True)` with its defaults (mode 'weight_grad': the exact
+forward and input gradient, the weight gradient of the selected channels only; policy
+'topk_explore').
 
 Channel selection (the norms, top-k and sort of every sampled layer) is timed on its
 own, on the inputs the layers saw in the measured step, so its share of the step is a
-measurement, not an estimate.
+measurement, not an estimate. The distributed layers select from their weights alone
+(inside the step; not timed apart: the share reads "-").
 """
 import argparse
 import copy
@@ -52,6 +56,9 @@ def _parser():
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall: elapsed time (default); cpu: CPU time of this process, summed "
                         "over its threads, steadier on a machine shared with other jobs")
+    p.add_argument("--distributed", action="store_true",
+                   help="time convert_model(distributed=True)'s layers with its defaults (mode weight_grad, "
+                        "policy topk_explore) instead of the single-node ones (mode forward, policy topk)")
     p.add_argument("--json", metavar="PATH", default=None, help="also write the results as JSON")
     return p
 
@@ -104,7 +111,9 @@ class _SelectionRecorder:
 
 def _selection_times(models, x, args):
     """Median seconds of each model's channel selection, replayed on the inputs its
-    sampled layers saw in one forward pass of x."""
+    sampled layers saw in one forward pass of x (None for the distributed layers)."""
+    if args.distributed:
+        return [None] * len(models)
     out = []
     for m in models:
         rec = _SelectionRecorder(m)
@@ -133,7 +142,8 @@ def bench_convs(args):
             g = torch.randn(batch, ch, size, size)
             variants = [("exact", exact)]
             for r in args.ratios:
-                approx = convert_model(nn.Sequential(copy.deepcopy(exact)), r, skip_first_conv=False)
+                approx = convert_model(nn.Sequential(copy.deepcopy(exact)), r, skip_first_conv=False,
+                                       distributed=args.distributed)
                 variants.append((f"{r:g}", approx))
             fns = [_conv_step(m, x, g) for _, m in variants]
             times = _median_times(fns, args.repeats, args.warmup, args.clock)
@@ -162,7 +172,8 @@ def bench_models(args):
         exact = getattr(torchvision.models, mname)(num_classes=1000).train()
         x = torch.randn(args.batch, 3, args.image_size, args.image_size)
         y = torch.randint(0, 1000, (args.batch,))
-        variants = [exact] + [convert_model(copy.deepcopy(exact), r) for r in args.ratios]
+        variants = [exact] + [convert_model(copy.deepcopy(exact), r, distributed=args.distributed)
+                              for r in args.ratios]
         fns = [_model_step(m, torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9), x, y)
                for m in variants]
         times = _median_times(fns, args.repeats, args.warmup, args.clock)
@@ -175,7 +186,7 @@ def bench_models(args):
 def _row(name, times, sel, ratios):
     exact = times[0]
     approx = [{"ratio": r, "seconds": t, "speedup": exact / t, "selection_seconds": s,
-               "selection_share": s / t} for r, t, s in zip(ratios, times[1:], sel)]
+               "selection_share": None if s is None else s / t} for r, t, s in zip(ratios, times[1:], sel)]
     return {"case": name, "exact_seconds": exact, "approx": approx}
 
 
@@ -185,8 +196,10 @@ def _header(ratios):
 
 
 def _print_row(row):
-    cells = "".join(f" | {a['seconds'] * 1e3:7.1f} {a['speedup']:4.2f}x {a['selection_share'] * 100:4.1f}%"
-                    for a in row["approx"])
+    def share(a):
+        return "    -" if a["selection_share"] is None else f"{a['selection_share'] * 100:4.1f}%"
+
+    cells = "".join(f" | {a['seconds'] * 1e3:7.1f} {a['speedup']:4.2f}x {share(a)}" for a in row["approx"])
     print(f"| {row['case']:<30} | {row['exact_seconds'] * 1e3:9.1f}{cells} |", flush=True)
 
 
@@ -197,11 +210,12 @@ def main(argv=None):
         raise ValueError(f"repeats must be >= 1, got {args.repeats}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    env = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+    env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "distributed": args.distributed,
            "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
            "repeats": args.repeats, "clock": args.clock, "command": "approxdist-bench compute " + " ".join(argv)}
     print(f"# torch {env['torch']}, {env['threads']} threads, median of {args.repeats} interleaved runs, "
-          f"{args.clock} clock")
+          f"{args.clock} clock; " + ("convert_model(distributed=True) defaults (mode weight_grad)"
+                                    if args.distributed else "convert_model defaults (mode forward)"))
     print("# each ratio cell: approximate ms, speedup over exact, channel-selection share of the step")
     print(_header(args.ratios))
     print("|" + "-" * 32 + "|" + "-" * 11 + "".join("|" + "-" * 23 for _ in args.ratios) + "|")

@@ -11,10 +11,12 @@ unselected channel gets no gradient, so the selection settles into a sub-network
 adds the other channels back; in mode 'weight_grad' (convert_model's distributed default)
 the forward is exact and the frozen channels stay at their initial values.
 'topk_explore' (convert_model's distributed default) keeps the top (1 - explore) k channels
-and fills the rest from a rotation: a permutation of all n channels, drawn from the shared
-generator, walked a few channels per training forward and drawn anew when used up, so
-every channel is selected at least once per pass (about n / (explore * k) forwards) and
-none stays untrained. Unbiased draws ('bernoulli_weight', or uniform ones scaled n/k) scale
+and fills the rest from a rotation: a permutation of all n channels, drawn once from the
+seed, walked cyclically a few channels per training forward (skipping those already in
+the top), so every channel is selected at least once per pass (about n / (explore * k)
+forwards) and none stays untrained. The walk is tensor arithmetic of static shape (the
+position is a tensor; nothing is read back to Python), so under torch.compile it adds no
+graph break. Unbiased draws ('bernoulli_weight', or uniform ones scaled n/k) scale
 each kept channel by 1/p; at lr 0.1 that variance kept the digits CNN at chance.
 """
 import torch
@@ -44,7 +46,9 @@ class WeightSampled(SamplingConfig):
         # it existed lack the attribute).
         super().__setstate__(state)
         self._prepared = None
-        self.__dict__.setdefault("_rotation", None)
+        rotation = self.__dict__.setdefault("_rotation", None)
+        if rotation is not None and not isinstance(rotation[1], torch.Tensor):  # an earlier version's
+            self._rotation = (rotation[0], torch.tensor(int(rotation[1]), dtype=torch.long))
         self.__dict__.setdefault("_explore", 0.25)
         if "seed" in self.__dict__:  # pickled before seed was a property
             self.__dict__["_seed"] = self.__dict__.pop("seed")
@@ -63,9 +67,18 @@ class WeightSampled(SamplingConfig):
         """Validated; assigning one restarts the selection stream from it (the generator
         is drawn from the seed, so keeping the old one would ignore the assignment)."""
         self._seed = check_seed(value)
-        self._rotation = None  # (permutation of the channels, position) of 'topk_explore'
+        self._rotation = None  # (permutation of the channels, position tensor) of 'topk_explore'
         self._generator = None
         self._generator_state = None  # restored state waiting for the first draw
+        if getattr(self, "weight", None) is not None:
+            # drawn now, outside any compiled forward (a draw there is a graph break)
+            self._rotation = self._new_rotation(self.weight.shape[1])
+
+    def _new_rotation(self, n):
+        """The rotation of a layer with n input channels: a permutation drawn from the seed
+        alone on the CPU (the same on every rank and device) and its start."""
+        g = torch.Generator().manual_seed(self.seed)
+        return torch.randperm(n, generator=g), torch.zeros((), dtype=torch.long)
 
     @property
     def explore(self):
@@ -134,33 +147,30 @@ class WeightSampled(SamplingConfig):
         return idx, scale
 
     def _explore_select(self, scores, k):
-        """Top k - r by norm plus the next r unselected channels of the rotation (which a
-        forward recording no gradient reads without moving: _select)."""
+        """Top k - r by norm plus the next r channels of the rotation not among them (which
+        a forward recording no gradient reads without moving: _select); sorted. Static
+        shapes and no value read back to Python, so torch.compile traces it whole."""
         n = scores.numel()
         r = min(k, max(1, round(self.explore * k))) if self.explore > 0 else 0
         chosen = torch.zeros(n, dtype=torch.bool, device=scores.device)
         if k - r > 0:
             chosen[torch.topk(scores.float(), k - r, sorted=False).indices] = True
-        need = r
-        while need > 0:
-            if self._rotation is None or self._rotation[1] >= n or self._rotation[0].numel() != n:
-                perm = torch.randperm(n, generator=self.generator, device=self.generator.device)
-                self._rotation = (perm.to(scores.device), 0)
-            perm, pos = self._rotation
-            rest = perm[pos:]
-            free = ~chosen[rest]
-            count = torch.cumsum(free, 0)
-            have = int(count[-1])
-            if have >= need:
-                end = int(torch.searchsorted(count, need)) + 1  # through the need-th free one
-                chosen[rest[:end]] = True
-                self._rotation = (perm, pos + end)
-                need = 0
-            else:
-                chosen[rest] = True
-                need -= have
-                self._rotation = (perm, n)
-        return chosen.nonzero().squeeze(1)
+        if r > 0:
+            rotation = self._rotation
+            if rotation is None or rotation[0].numel() != n:
+                rotation = self._new_rotation(n)
+            perm, pos = rotation
+            if perm.device != scores.device:
+                perm, pos = perm.to(scores.device), pos.to(scores.device)
+            order = perm[(pos + torch.arange(n, device=scores.device)) % n]  # the walk from pos
+            free = ~chosen[order]
+            count = torch.cumsum(free, 0)  # n - (k - r) >= r channels are free
+            taken = free & (count <= r)  # the first r free ones
+            chosen = chosen.scatter(0, order, chosen[order] | taken)
+            end = torch.searchsorted(count, torch.full((1,), r, dtype=count.dtype, device=count.device))[0] + 1
+            self._rotation = (perm, (pos + end) % n)  # through the r-th taken one
+        # the k chosen channels in ascending order (a stable sort puts them first)
+        return torch.sort((~chosen).to(torch.uint8), stable=True).indices[:k]
 
     def prepare_next(self):
         """Select the channels of the next training forward now and gather their weights.
@@ -243,13 +253,15 @@ class WeightSampled(SamplingConfig):
         state = self._generator.get_state() if self._generator is not None else self._generator_state
         rotation = getattr(self, "_rotation", None)
         return {"seed": self.seed, "generator": state,
-                "rotation": None if rotation is None else (rotation[0].cpu(), rotation[1])}
+                "rotation": None if rotation is None else (rotation[0].cpu(), int(rotation[1]))}
 
     def load_sampler_state(self, state):
-        self.seed = int(state["seed"])  # (drops the generator and the rotation)
+        self.seed = int(state["seed"])  # (draws the rotation from the seed, drops the generator)
         self._generator_state = state.get("generator")
         rotation = state.get("rotation")
-        self._rotation = None if rotation is None else (rotation[0].to(self.weight.device), int(rotation[1]))
+        if rotation is not None:  # (a permutation drawn by an earlier version is walked as it is)
+            self._rotation = (rotation[0].to(self.weight.device),
+                              torch.tensor(int(rotation[1]), dtype=torch.long, device=self.weight.device))
 
 
 def pop_touched_of(param):
