@@ -655,6 +655,9 @@ def test_time_to_accuracy_bookkeeping():
     wide = train_argv("allreduce", "/tmp/x", model="cnn", epochs=1, batch=1, seed=0, width=128)
     assert wide[wide.index("--width") + 1] == "128"
     assert "--image-size" not in wide and "--lr" not in wide and "--sample-mode" not in wide
+    assert "--bucket-cap-mb" not in wide
+    small = train_argv("fp16", "/tmp/x", model="cnn", epochs=1, batch=1, seed=0, bucket_mb=1.0)
+    assert small[small.index("--bucket-cap-mb") + 1] == "1.0"
     res = train_argv("sparse0.33-forward", "/tmp/x", model="resnet18", epochs=1, batch=1, seed=0,
                      image_size=32, lr=0.05)
     assert res[res.index("--image-size") + 1] == "32" and res[res.index("--lr") + 1] == "0.05"

@@ -93,6 +93,8 @@ def parser() -> argparse.ArgumentParser:
                    help="digits upscaled to this size in 3 channels (approxdist-train --image-size; for "
                         "torchvision models such as resnet18, which want 32)")
     g.add_argument("--tta-lr", type=float, default=None, help="approxdist-train --lr (default: its own, 0.1)")
+    g.add_argument("--tta-bucket-mb", type=float, default=None,
+                   help="DDP's bucket_cap_mb for every hook (approxdist-train --bucket-cap-mb; default: its own, 25)")
     g.add_argument("--tta-epochs", type=int, default=6)
     g.add_argument("--tta-batch", type=int, default=32, help="per rank")
     g.add_argument("--tta-rate", default="100mbit")
@@ -246,7 +248,7 @@ def _tta_plan_of(a) -> TtaPlan:
     return TtaPlan(model=a.tta_model, width=a.tta_width, epochs=a.tta_epochs, batch=a.tta_batch,
                    rate=a.tta_rate, eval_every=EVAL_EVERY if a.tta_eval_every is None else a.tta_eval_every,
                    repeats=a.repeats, target=TTA_TARGET if a.target is None else a.target,
-                   image_size=a.tta_image_size, lr=a.tta_lr)
+                   image_size=a.tta_image_size, lr=a.tta_lr, bucket_mb=a.tta_bucket_mb)
 
 
 def saved_tta_plan(saved: dict) -> TtaPlan:
@@ -271,6 +273,8 @@ def run_tta_mode(a, command: str) -> int:
         raise ValueError(f"--tta-image-size must be >= 8, got {plan.image_size}")
     if plan.lr is not None and not plan.lr > 0:
         raise ValueError(f"--tta-lr must be > 0, got {plan.lr}")
+    if plan.bucket_mb is not None and not plan.bucket_mb > 0:
+        raise ValueError(f"--tta-bucket-mb must be > 0, got {plan.bucket_mb}")
     hooks = _csv(a.tta_hooks)
     for h in hooks:
         if h not in TTA_HOOKS:
@@ -285,7 +289,7 @@ def run_tta_mode(a, command: str) -> int:
         link["burst_bytes"] = tb.burst_bytes
         rows = run_tta(tb, hooks, repeats=plan.repeats, model=plan.model, epochs=plan.epochs,
                        batch=plan.batch, eval_every=plan.eval_every, width=plan.width,
-                       image_size=plan.image_size, lr=plan.lr,
+                       image_size=plan.image_size, lr=plan.lr, bucket_mb=plan.bucket_mb,
                        verbose=not a.quiet)
     env["loadavg_end"] = list(os.getloadavg())
     cpu_reference_end(env, a.quiet)

@@ -153,7 +153,7 @@ class Plan:
 @dataclass
 class TtaPlan:
     """A time-to-accuracy run: approxdist-train --model `model` (--width `width`) on digits
-    (--image-size `image_size`, --lr `lr` where given) for `epochs` epochs at `batch` per rank, 2 testbed nodes at `rate`, evaluating every
+    (--image-size `image_size`, --lr `lr`, --bucket-cap-mb `bucket_mb` where given) for `epochs` epochs at `batch` per rank, 2 testbed nodes at `rate`, evaluating every
     `eval_every` steps, `repeats` interleaved rounds; `target` the test top-1 % to reach."""
 
     model: str
@@ -166,6 +166,7 @@ class TtaPlan:
     width: Optional[int] = None
     image_size: Optional[int] = None  # digits upscaled to this size in 3 channels (a torchvision model)
     lr: Optional[float] = None  # approxdist-train's --lr (None: its default, 0.1)
+    bucket_mb: Optional[float] = None  # approxdist-train's --bucket-cap-mb (None: its default, DDP's 25)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TtaPlan":
@@ -175,4 +176,5 @@ class TtaPlan:
     def to_dict(self) -> dict:
         return {"model": self.model, "width": self.width, "epochs": self.epochs, "batch": self.batch,
                 "rate": self.rate, "eval_every": self.eval_every, "repeats": self.repeats,
-                "target": self.target, "image_size": self.image_size, "lr": self.lr}
+                "target": self.target, "image_size": self.image_size, "lr": self.lr,
+                "bucket_mb": self.bucket_mb}

@@ -51,9 +51,9 @@ EVAL_EVERY = 2  # steps between evaluations (digits at batch 32 on 2 ranks: 22 s
 
 def train_argv(hook: str, out_dir: str, *, model: str, epochs: int, batch: int, seed: int,
                eval_every: int = EVAL_EVERY, width: int | None = None, image_size: int | None = None,
-               lr: float | None = None) -> list[str]:
+               lr: float | None = None, bucket_mb: float | None = None) -> list[str]:
     """approxdist-train's arguments for one run; width: the built-in model's (--width);
-    image_size, lr: --image-size and --lr where given."""
+    image_size, lr, bucket_mb: --image-size, --lr and --bucket-cap-mb where given."""
     if hook not in TTA_HOOKS:
         raise ValueError(f"hook must be one of {', '.join(TTA_HOOKS)}, got {hook!r}")
     if eval_every < 1:
@@ -64,6 +64,7 @@ def train_argv(hook: str, out_dir: str, *, model: str, epochs: int, batch: int, 
             *([] if width is None else ["--width", str(width)]),
             *([] if image_size is None else ["--image-size", str(image_size)]),
             *([] if lr is None else ["--lr", str(lr)]),
+            *([] if bucket_mb is None else ["--bucket-cap-mb", str(bucket_mb)]),
             "--epochs", str(epochs), "--batch-size", str(batch), "--backend", "gloo",
             "--seed", str(seed), "--output-dir", out_dir, "--no-progress",
             "--eval-every", str(eval_every), *TTA_HOOKS[hook]]
@@ -87,7 +88,7 @@ def curves(records: list[dict], t0: float) -> dict:
 
 def run_tta(tb, hooks: list[str], *, repeats: int, model: str, epochs: int, batch: int,
             eval_every: int = EVAL_EVERY, width: int | None = None, image_size: int | None = None,
-            lr: float | None = None, verbose: bool = True) -> list[dict]:
+            lr: float | None = None, bucket_mb: float | None = None, verbose: bool = True) -> list[dict]:
     """Every hook `repeats` times, interleaved; each row holds its curves (see `curves`)."""
     rows = []
     with tempfile.TemporaryDirectory(prefix="adtta-") as tmp:
@@ -99,7 +100,8 @@ def run_tta(tb, hooks: list[str], *, repeats: int, model: str, epochs: int, batc
                 port = 29400 + run % 50
                 run += 1
                 args = train_argv(hook, out, model=model, epochs=epochs, batch=batch, seed=rep,
-                                  eval_every=eval_every, width=width, image_size=image_size, lr=lr)
+                                  eval_every=eval_every, width=width, image_size=image_size, lr=lr,
+                                  bucket_mb=bucket_mb)
                 t0 = time.time()
                 tb.run_checked(
                     lambda i: [sys.executable, "-m", "torch.distributed.run",
