@@ -31,7 +31,7 @@ from .schedule import SCHEDULE_KEY, schedule_of
 class WeightSampled(SamplingConfig):
     _allowed_policies = DIST_POLICIES
 
-    def _init_dist(self, seed, weight_layout="input_major", explore=0.25):
+    def _init_dist(self, seed, weight_layout="input_major", explore=0.1):
         self._init_layout(weight_layout)
         self.explore = explore
         self.seed = seed  # (also sets the generator and rotation: none drawn yet)
@@ -49,7 +49,7 @@ class WeightSampled(SamplingConfig):
         rotation = self.__dict__.setdefault("_rotation", None)
         if rotation is not None and not isinstance(rotation[1], torch.Tensor):  # an earlier version's
             self._rotation = (rotation[0], torch.tensor(int(rotation[1]), dtype=torch.long))
-        self.__dict__.setdefault("_explore", 0.25)
+        self.__dict__.setdefault("_explore", 0.1)
         if "seed" in self.__dict__:  # pickled before seed was a property
             self.__dict__["_seed"] = self.__dict__.pop("seed")
         # A copy (deepcopy, unpickling) holds a new weight: register it now rather than at

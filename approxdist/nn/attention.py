@@ -106,7 +106,7 @@ class ApproxMultiheadAttentionDist(_SampledAttention, WeightSampled, nn.Multihea
 
     def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False, add_zero_attn=False,
                  kdim=None, vdim=None, batch_first=False, *, sample_ratio=1.0, minimal_k=1,
-                 policy="topk_weight", mode="forward", seed=0, explore=0.25, device=None, dtype=None):
+                 policy="topk_weight", mode="forward", seed=0, explore=0.1, device=None, dtype=None):
         self._init_sampling(sample_ratio, minimal_k, policy, mode)
         super().__init__(*_attention_args(embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn,
                                           kdim, vdim, batch_first), device=device, dtype=dtype)

@@ -79,7 +79,7 @@ class ApproxConv2dDist(WeightSampled, _ApproxConvBase):
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
                  groups=1, bias=True, padding_mode="zeros", *, sample_ratio=1.0, minimal_k=1,
-                 policy="topk_weight", mode="forward", seed=0, weight_layout="input_major", explore=0.25,
+                 policy="topk_weight", mode="forward", seed=0, weight_layout="input_major", explore=0.1,
                  device=None, dtype=None):
         _check_conv_args(kernel_size, stride, padding, dilation, groups)
         self._init_sampling(sample_ratio, minimal_k, policy, mode)

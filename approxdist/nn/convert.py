@@ -224,7 +224,7 @@ def _plan(module, exclude, skip_first_conv, distributed):
 
 def convert_model(module, sample_ratio=None, minimal_k=1, *, budget=None, distributed=False, policy=None,
                   mode=None, skip_first_conv=True, exclude=(), seed=0, weight_layout="input_major",
-                  explore=0.25, norm_stats="exact", norm_stats_fraction=0.25, norm_stats_every=1,
+                  explore=0.1, norm_stats="exact", norm_stats_fraction=0.25, norm_stats_every=1,
                   allow_unbiased=False):
     """Replace every nn.Linear / nn.Conv2d / nn.MultiheadAttention under `module` by
     ApproxLinear / ApproxConv2d / ApproxMultiheadAttention (their *Dist forms with

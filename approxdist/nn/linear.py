@@ -38,7 +38,7 @@ class ApproxLinearDist(WeightSampled, nn.Linear):
     picks the same ones; `last_indices` holds the features of the last training forward."""
 
     def __init__(self, in_features, out_features, bias=True, *, sample_ratio=1.0, minimal_k=1,
-                 policy="topk_weight", mode="forward", seed=0, weight_layout="input_major", explore=0.25,
+                 policy="topk_weight", mode="forward", seed=0, weight_layout="input_major", explore=0.1,
                  device=None, dtype=None):
         self._init_sampling(sample_ratio, minimal_k, policy, mode)
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)

@@ -168,7 +168,7 @@ def build_parser(prog="approxdist-train"):
     p.add_argument("--budget", type=float, default=None,
                    help="instead of --sample-ratio: the fraction of the dense gradient bytes sent per step, "
                         "spread as per-layer ratios (convert_model(budget=...)), in (0, 1]")
-    p.add_argument("--explore", type=float, default=0.25,
+    p.add_argument("--explore", type=float, default=0.1,
                    help="--policy topk_explore: the share of the k channels taken from the rotation, in [0, 1]")
     p.add_argument("--norm-stats", default="exact", choices=("exact", "sampled"),
                    help="BatchNorm running statistics from an extra exact no-grad forward of a quarter of the "
