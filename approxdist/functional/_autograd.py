@@ -124,7 +124,7 @@ class WeightGradSampled(torch.autograd.Function):
         if mask[0]:
             gx = product.backward(g, x, w_c, False, (True, False, False))[0]
         if mask[2] and ctx.has_bias:
-            gb = product.bias_backward(g, x, w_c)
+            gb = product.bias_backward(g)
         gw = None
         if mask[1]:
             if idx.numel() == 0:

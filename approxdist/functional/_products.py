@@ -71,17 +71,17 @@ class LinearProduct:
     def backward(self, g, x, w, has_bias, mask):
         gx = g.mm(w) if mask[0] else None
         gw = g.t().mm(x) if mask[1] else None
-        gb = g.sum(0) if (mask[2] and has_bias) else None
+        gb = self.bias_backward(g) if (mask[2] and has_bias) else None
         return gx, gw, gb
 
-    def bias_backward(self, g, x, w):
+    def bias_backward(self, g):
         """torch's bias gradient alone."""
         return g.sum(0)
 
     def sampled_backward(self, g, x, w, has_bias, mask):
         gx = g.mm(w) if mask[0] else None
         gw = _mm_like(w, g.t(), x) if mask[1] else None
-        gb = g.sum(0) if (mask[2] and has_bias) else None
+        gb = self.bias_backward(g) if (mask[2] and has_bias) else None
         return gx, gw, gb
 
     def out_shape(self, x, w):
@@ -138,7 +138,7 @@ class Conv2dProduct:
             False, [0, 0], 1, [bool(mask[0]), bool(mask[1]), bool(mask[2] and has_bias)])
         return gx, gw, gb
 
-    def bias_backward(self, g, x, w):
+    def bias_backward(self, g):
         """The bias gradient alone: the sum of g over all but the channels. Not torch's
         own bits: oneDNN computes a convolution's bias gradient only beside its weight
         gradient, so asking it for the input and bias gradients computes the whole weight

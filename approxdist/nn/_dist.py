@@ -167,7 +167,7 @@ class WeightSampled(SamplingConfig):
             count = torch.cumsum(free, 0)  # n - (k - r) >= r channels are free
             taken = free & (count <= r)  # the first r free ones
             chosen = chosen.scatter(0, order, chosen[order] | taken)
-            end = torch.searchsorted(count, torch.full((1,), r, dtype=count.dtype, device=count.device))[0] + 1
+            end = torch.searchsorted(count, count.new_full((1,), r))[0] + 1
             self._rotation = (perm, (pos + end) % n)  # through the r-th taken one
         # the k chosen channels in ascending order (a stable sort puts them first)
         return torch.sort((~chosen).to(torch.uint8), stable=True).indices[:k]
