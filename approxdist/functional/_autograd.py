@@ -9,7 +9,6 @@ ones, so it also saves memory.
 import torch
 
 from ._layout import (
-    contiguous_weight,
     dim1_major,
     dim1_major_strides,
     dim1_outer,
@@ -94,17 +93,21 @@ class ForwardSampled(torch.autograd.Function):
 
 
 class WeightGradSampled(torch.autograd.Function):
-    """Mode 'weight_grad': the exact product forward and the exact input gradient (bitwise
-    torch's), the exact bias gradient (the same sum, in another order: fp32 rounding),
-    and the weight gradient of the selected input channels only (scaled where
-    the policy scales), zero elsewhere. The gradient of every weight slice it keeps is
+    """Mode 'weight_grad': the exact product forward and the exact input gradient, the
+    exact bias gradient (the same sum, in another order: fp32 rounding), and the weight
+    gradient of the selected input channels only (scaled where the policy scales), zero
+    elsewhere. A convolution's forward and input gradient are torch's bit for bit (on a
+    row-major copy of the weight); a linear layer's take the weight as stored
+    (product.exact_weight: BLAS reads a dim-1-major matrix as it is, where a copy would
+    cost as much as the product at a few hundred tokens), so they equal nn.Linear's up
+    to the summation order of the kernel BLAS picks for that layout. The gradient of every weight slice it keeps is
     the true one, so the model trains the function that eval runs (and BatchNorm sees
     the exact activations); what it saves is the weight gradient's compute on the other
     channels and, under the sparse hook, their traffic."""
 
     @staticmethod
     def forward(ctx, x, w, b, idx, scale, product):
-        w_c = contiguous_weight(w)  # (w itself when already row-major: no extra memory)
+        w_c = product.exact_weight(w)  # (w itself when already row-major: no extra memory)
         out = product(x, w_c, b)
         ctx.product, ctx.has_bias = product, b is not None
         ctx.w_shape = w.shape
@@ -130,8 +133,7 @@ class WeightGradSampled(torch.autograd.Function):
             if idx.numel() == 0:
                 gw = zeros_like_layout(ctx.w_shape, ctx.w_stride, g)
             else:
-                w_s = product.weight_operand(select_dim1(w, idx))
-                gw_s = product.sampled_backward(g, product.take(x, idx, w_s), w_s, False, (False, True, False))[1]
+                gw_s = product.sampled_weight_grad(g, x, w, idx)
                 if scale is not None:
                     gw_s = gw_s * _scale_view(scale, gw_s, 1)
                 gw = _scatter(ctx.w_shape, idx, gw_s, stride=ctx.w_stride)

@@ -13,7 +13,7 @@ convolution on CPU.
 import torch
 import torch.nn.functional as F
 
-from ._layout import dim1_major, dim1_major_strides, zeros_like_layout
+from ._layout import contiguous_weight, dim1_major, dim1_major_strides, select_dim1, zeros_like_layout
 
 _CONV_BACKWARD = torch.ops.aten.convolution_backward.default
 
@@ -86,6 +86,16 @@ class LinearProduct:
 
     def out_shape(self, x, w):
         return (x.shape[0], w.shape[0])
+
+    def exact_weight(self, w):
+        """The weight as the exact product takes it in mode 'weight_grad': as stored (a
+        dim-1-major weight is a transposed matrix to BLAS, no copy)."""
+        return w
+
+    def sampled_weight_grad(self, g, x, w, idx):
+        """The weight gradient of the input features idx, laid out like w: the product
+        reads g and the selected columns of x, never the weight."""
+        return _mm_like(w, g.t(), x.index_select(1, idx))
 
     def weight_operand(self, w_s):
         """The sampled weight as the products take it: BLAS reads a transposed
@@ -187,7 +197,19 @@ class Conv2dProduct:
             pixel.append(read[0] * d - p)
         return tuple(tap), tuple(pixel)
 
+    def exact_weight(self, w):
+        """The weight as the exact product takes it in mode 'weight_grad': a row-major copy
+        of a dim-1-major weight, so the forward and input gradient are torch's bit for bit
+        (oneDNN would copy it anyway)."""
+        return contiguous_weight(w)
+
     # -- the k selected channels ----------------------------------------------------------
+    def sampled_weight_grad(self, g, x, w, idx):
+        """The weight gradient of the input channels idx (convolution_backward takes the
+        sampled weight for its shape and layout)."""
+        w_s = self.weight_operand(select_dim1(w, idx))
+        return self.sampled_backward(g, self.take(x, idx, w_s), w_s, False, (False, True, False))[1]
+
     def weight_operand(self, w_s):
         """The sampled weight as the products take it, made once in the forward and kept
         for the backward: a row-major copy for a convolution (oneDNN would copy a

