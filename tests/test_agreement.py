@@ -111,7 +111,7 @@ def size_mismatch_worker(rank, world, agreement, how, direct=False):
     model = ad.convert_model(make_model("cnn"), 0.5, distributed=True, policy="bernoulli_weight", allow_unbiased=True)
     ddp = DDP(model)
     state = ad.distributed.SparseAllReduceState(agreement=agreement, check_every=2)
-    if direct:  # without register(): the sizes are compared bucket by bucket
+    if direct:  # without register(): bucket by bucket in the first step, then once per step
         ddp.register_comm_hook(state, ad.distributed.sparse_allreduce_hook)
     else:  # register() knows every sampled weight: compared once per step
         ad.distributed.register(ddp, state)

@@ -355,6 +355,35 @@ def test_copied_models_and_replaced_weights_stay_sampled(how):
         assert payload == analytic < dense
 
 
+def direct_check_worker(rank, world):
+    model = make_model("cnn")
+    ad.convert_model(model, 0.5, distributed=True, seed=7)
+    ddp = DDP(model, bucket_cap_mb=0.01)  # several buckets
+    state = ad.distributed.SparseAllReduceState()
+    ddp.register_comm_hook(state, ad.distributed.sparse_allreduce_hook)  # not register()
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+    per_step, buckets = [], []
+    for step in range(3):
+        before, b0 = state.check_bytes, state.buckets
+        _train(ddp, opt, "cnn", rank, 1, 1, torch.float32, start=step)
+        per_step.append(state.check_bytes - before)
+        buckets.append(state.buckets - b0)
+    weights = len({id(m.weight) for m in model.modules() if isinstance(m, WeightSampled)})
+    return per_step, buckets, weights
+
+
+def test_hook_registered_directly_checks_sizes_once_per_step_after_the_first():
+    """Registered the plain DDP way, the hook compares the payload sizes before each
+    bucket in its first step (a blocking collective that waits for the buckets in
+    flight), learns the model's sampled weights there, and from then on compares them
+    once per step, as register() sets up: 16 bytes per sampled weight plus 16."""
+    for per_step, buckets, weights in run_ranks(direct_check_worker, 2):
+        # (DDP's first step has one bucket, its later ones several: bucket by bucket
+        # those would send 16 more bytes per extra bucket)
+        assert min(buckets[1:]) > 1, buckets
+        assert per_step == [16 * (weights + 1)] * 3
+
+
 def test_world_size_one():
     results = run_ranks(compare_worker, 1, "cnn", 0.5, "topk_weight", 2, {})
     _assert_equal_runs(results, exact=True)

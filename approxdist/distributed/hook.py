@@ -67,6 +67,20 @@ def _check_step_sizes(state, group, device):
     check_payload_sizes(state, group, sizes + [sum(sizes)], names, device, scope="step")
 
 
+def _learn_step_weights(state, layers, names, last):
+    """A hook registered without register() compares the payload sizes before every
+    bucket in the first step: a blocking collective that queues behind the buckets in
+    flight and holds backward until their transfer ends. It learns the model's sampled
+    weights meanwhile, and from the second step on compares them once per step, as
+    register() sets up."""
+    seen = state._seen_weights
+    for layer, name in zip(layers, names):
+        seen.setdefault(id(layer.weight), (name, layer.weight))
+    if last and seen:
+        state.step_weights = tuple(seen.values())
+        state._seen_weights = {}
+
+
 def sparse_allreduce_hook(state: SparseAllReduceState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """Average the bucket's gradients across ranks, sending only the sampled slices.
 
@@ -111,6 +125,8 @@ def sparse_payload(state: SparseAllReduceState, bucket: dist.GradBucket):
             sizes = [pieces[i] for i in where] + [sum(pieces)]
             check_payload_sizes(state, group, sizes, names, buffer.device)
 
+    if not state.step_weights:
+        _learn_step_weights(state, layers, names if layers else (), bucket.is_last())
     state.buckets += 1
     state.dense_bytes += buffer.numel() * buffer.element_size()
 

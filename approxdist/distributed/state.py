@@ -24,7 +24,7 @@ class SparseAllReduceState:
 
     __slots__ = ("_process_group", "_agreement", "_check_every", "steps", "payload_bytes",
                  "dense_bytes", "buckets", "pack_seconds", "unpack_seconds", "checks", "check_bytes",
-                 "param_names", "step_weights", "_sizes_step", "_synced_layers", "_buffers")
+                 "param_names", "step_weights", "_seen_weights", "_sizes_step", "_synced_layers", "_buffers")
 
     def __init__(self, process_group=None, *, agreement="local", check_every=100):
         self.process_group = process_group
@@ -40,9 +40,11 @@ class SparseAllReduceState:
         self.check_bytes = 0  # the size and index checks' small all-reduces (not payload)
         self.param_names = {}  # id(weight) -> sampled layer's name, filled by register()
         # (name, weight) of every sampled weight of the registered model, filled by
-        # register(): the payload sizes are then compared once per step, at its first
-        # bucket, when nothing is queued on the group yet (else before every bucket).
+        # register() or learned by the hook in its first step: the payload sizes are then
+        # compared once per step, at its first bucket, when nothing is queued on the
+        # group yet (before every bucket until then).
         self.step_weights = ()
+        self._seen_weights = {}  # id(weight) -> (name, weight), while learning them
         self._sizes_step = -1  # the step whose sizes were compared
         self._synced_layers = set()  # ids of layers given the broadcast index sync
         # Packed buffers kept from step to step, one per bucket (keyed by its parameters):
@@ -105,8 +107,9 @@ class SparseAllReduceState:
         """Cumulative counters: steps, payload_bytes (what the hook handed to all_reduce),
         dense_bytes (what the default hook would have sent), their ratio, and the hook's
         own pack/unpack seconds. check_bytes: what the checks that keep the ranks' payloads
-        alike sent besides (16 bytes per sampled weight and bucket, plus 16 per bucket
-        that holds one; agreement 'check' a digest of 80 bytes per weight on its checked steps);
+        alike sent besides (16 bytes per sampled weight plus 16, once per step; in the
+        first step of a hook registered without register(), per bucket that holds one;
+        agreement 'check' a digest of 80 bytes per weight on its checked steps);
         payload_bytes does not include them."""
         return {
             "steps": self.steps,
