@@ -217,11 +217,26 @@ def test_state_dict_of_a_trained_model_runs_the_same_in_plain_torch():
     torch.testing.assert_close(plain.train()(x), model.train()(x), rtol=1e-6, atol=1e-6)
 
 
-def test_prepare_next_is_a_no_op():
-    """The in-hook step's gather ahead of the forward is for a sampled forward only."""
-    layer = ad.nn.ApproxConv2dDist(8, 4, 3, sample_ratio=0.5, mode="weight_grad")
-    layer.prepare_next()
-    assert layer._prepared is None
+@pytest.mark.parametrize("policy", ["topk_weight", "topk_explore"])
+def test_prepare_next_selects_ahead_without_gathering(policy):
+    """The in-hook step (and forward_overlap) selects the next forward's channels ahead,
+    while the link is busy: in weight_grad mode there is no weight to gather, only the
+    selection, which the forward then takes as it is, the same channels and the same
+    rotation as selecting in the forward."""
+    torch.manual_seed(0)
+    ahead = ad.nn.ApproxConv2dDist(8, 4, 3, sample_ratio=0.5, mode="weight_grad", policy=policy)
+    inline = copy.deepcopy(ahead)
+    x = torch.randn(2, 8, 5, 5)
+    for _ in range(3):
+        ahead.prepare_next()
+        assert ahead._prepared is not None and ahead._prepared[3] is None  # no gathered weight
+        prepared_idx = ahead._prepared[1]
+        ahead(x).sum().backward()
+        inline(x).sum().backward()
+        assert ahead._prepared is None  # taken by the forward
+        assert torch.equal(ahead.last_indices, prepared_idx)
+        assert torch.equal(ahead.last_indices, inline.last_indices)
+        assert torch.equal(ahead.weight.grad, inline.weight.grad)
 
 
 def test_bernoulli_weight_is_refused_unless_allowed():

@@ -173,7 +173,8 @@ class WeightSampled(SamplingConfig):
         return torch.sort((~chosen).to(torch.uint8), stable=True).indices[:k]
 
     def prepare_next(self):
-        """Select the channels of the next training forward now and gather their weights.
+        """Select the channels of the next training forward now and, in mode 'forward',
+        gather their weights.
 
         For a caller that knows the weight has just changed and has idle time before the
         forward: the comm hook's optimizer_wrapper calls it after stepping the layer's
@@ -181,17 +182,19 @@ class WeightSampled(SamplingConfig):
         the rotation here, as the forward would have). The next training forward uses
         the result if the weight is the same tensor, not modified in place since (its
         version counter) and the sampling settings are unchanged; otherwise it selects
-        anew. Only for the top-k policies ('topk_explore', 'topk_weight') in forward mode
-        without the 'broadcast' agreement (whose selection is a collective): elsewhere a
-        no-op.
+        anew. Only for the top-k policies ('topk_explore', 'topk_weight') in modes
+        'forward' and 'weight_grad' (which has no weight to gather, but the selection's
+        norms and top-k leave the forward) without the 'broadcast' agreement (whose
+        selection is a collective): elsewhere a no-op.
         Writes through ``weight.data`` bypass the version counter: call
         ``discard_prepared()`` after those."""
         self._prepared = None
         if not self.training or self.policy not in ("topk_weight", "topk_explore") \
-                or self.mode != "forward" or self._index_sync is not None:
+                or self.mode not in ("forward", "weight_grad") or self._index_sync is not None:
             return
         idx, scale = self._select()  # for a training forward: the rotation moves
-        w_s = None if idx is None else self._sampled_weight(self.weight.detach(), idx, scale)
+        w_s = None if idx is None or self.mode != "forward" else \
+            self._sampled_weight(self.weight.detach(), idx, scale)
         self._prepared = (self._prepared_key(), idx, scale, w_s)
 
     def discard_prepared(self):
