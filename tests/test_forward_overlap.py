@@ -213,6 +213,67 @@ def test_overlap_with_resnet18_dim1_major_weights():
     assert all(split == [1] for split in results[0]["overlap"]["splits"][1:])
 
 
+def last_launch_worker(rank, world, steps=5):
+    """Logs every collective the overlap launches (dist.all_reduce wrapped): the phase
+    that launched it and, at that moment, which of the collectives launched before it
+    were complete (their futures' state, not a callback, which waits for the GIL); and
+    whether the last held one was still waiting when backward returned."""
+    torch.manual_seed(0)
+    # one bucket per layer (a layer whose parameters straddle two buckets needs both at
+    # once, and then the last one goes at once)
+    layers = [nn.Linear(64, 64, bias=False) for _ in range(6)]
+    model = DDP(nn.Sequential(*[m for layer in layers for m in (layer, nn.ReLU())], nn.Linear(64, 5, bias=False)),
+                bucket_cap_mb=0.01)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    hook = ad.distributed.forward_overlap(model, default_hooks.allreduce_hook, opt, eager_fraction=0.1)
+    model.register_comm_hook(dist.new_group(), hook)
+    overlap = model._approxdist_forward_overlap
+    log, works, waiting, phase = [], [], [], [None]
+    all_reduce = dist.all_reduce
+
+    def logged(tensor, *args, **kwargs):
+        log.append((phase[0], [w.get_future().done() for w in works]))
+        work = all_reduce(tensor, *args, **kwargs)
+        works.append(work)
+        return work
+
+    dist.all_reduce = logged
+    try:
+        for step in range(steps):
+            g = torch.Generator().manual_seed(10 * rank + step)
+            x, y = torch.randn(8, 64, generator=g), torch.randint(0, 5, (8,), generator=g)
+            phase[0] = ("forward", step)
+            out = model(x)
+            phase[0] = ("backward", step)
+            nn.CrossEntropyLoss()(out, y).backward()
+            # held back after backward: launched by nothing yet
+            waiting.append(overlap.deferred is not None and overlap.deferred[0].future is None)
+            opt.step()
+        phase[0] = ("forward", steps)
+        ad.distributed.finish_steps(model)
+    finally:
+        dist.all_reduce = all_reduce
+    # per step but the first and last: how many collectives its backward launched, and
+    # for each one the next forward launched, whether the collective launched just before
+    # it was complete
+    return waiting, [(sum(p == ("backward", step) for p, _ in log),
+                      [done[-1] for p, done in log if p == ("forward", step + 1)])
+                     for step in range(1, steps - 1)], overlap.deferred  # (finish_steps: at once)
+
+
+def test_the_last_held_collective_waits_for_the_one_before_it():
+    """gloo runs two collectives at a time: launched together, the last two held ones
+    would share the link and both end with the transfer. The last one is launched from
+    the main thread, by the next forward, once the one before it is done; the parameters
+    stay those of the usual loop (the other tests)."""
+    for waiting, steps, deferred in run_ranks(last_launch_worker, 2):
+        assert waiting[0] is False  # the first backward reduces synchronously
+        assert all(waiting[1:])
+        assert deferred is None  # finish_steps launched and waited for everything
+        for in_backward, in_forward in steps:
+            assert in_backward >= 3 and in_forward == [True], steps
+
+
 def refusals_worker(rank, world):
     messages = []
     params = lambda m: torch.optim.SGD(m.parameters(), lr=0.1)  # noqa: E731

@@ -19,6 +19,14 @@ without moving a whole deep bucket ahead of the held ones. The plan depends only
 bucket sizes (this step's, and the previous step's total), so every rank issues the
 same collectives in the same order.
 
+The last held collective is launched only once the one before it is in: gloo runs two
+collectives at a time, and launched together the two would share the link and both end
+with the transfer, leaving the forward of both their layers after the last byte. Held
+back, the one before arrives first and its layers run forward while the last one is on
+the wire. It is launched from the main thread (a module's forward pre-hook, or a wait
+for the one before it), never from a callback, so every rank still issues the same
+collectives in the same order.
+
 The parameters equal those of the usual loop bit for bit: the same reductions, the same
 optimizer steps, with the settings (learning rate, ...) of the user's `optimizer.step()`
 call that follows the backward. One exception: on three or more ranks a split bucket's
@@ -100,6 +108,7 @@ class ForwardOverlap:
         self.pending = {}  # id(parameter) -> its bucket's _Reduction, until stepped
         self.open = set()  # the _Reductions not stepped yet
         self.held = []  # (reduction, launch) launched at the step's last bucket, in reverse
+        self.deferred = None  # (reduction, launch, the reduction launched before it)
         self.total = None  # bucket elements of the previous synchronised backward
         self._seen = 0  # of this one, so far
         self._zeros = {}  # (numel, dtype, device) -> the placeholder result DDP copies
@@ -161,11 +170,24 @@ class ForwardOverlap:
             out = torch.futures.Future()
             out.set_result(self._placeholder(buffer))
         if bucket.is_last():
-            for held, launch in reversed(self.held):
-                held.future = launch()
+            launches = list(reversed(self.held))
             self.held = []
+            if len(launches) >= 2:  # the last one goes once the one before it is in
+                self.deferred = launches[-1] + (launches[-2][0],)
+                launches = launches[:-1]
+            for held, launch in launches:
+                held.future = launch()
             self.total = self._seen
         return out
+
+    def _release(self, force=False) -> None:
+        """Launch the deferred last collective if the one before it is done (force: now)."""
+        if self.deferred is None:
+            return
+        reduction, launch, before = self.deferred
+        if force or before.future.done():
+            self.deferred = None
+            reduction.future = launch()
 
     def _split(self, reduction, state, bucket, share) -> None:
         """Launch the first `share` of the bucket's payload now and hold the rest."""
@@ -203,12 +225,20 @@ class ForwardOverlap:
         and gather for their forward (WeightSampled.prepare_next) while this one waits."""
         if not self.open:
             return
+        self._release()
         if params is None:
             needed = set(self.open)
         else:  # (a module's forward pre-hook: nothing to do once its bucket is stepped)
             needed = {self.pending[id(p)] for p in params if id(p) in self.pending}
             if not needed:
                 return
+        if self.deferred is not None:
+            reduction, _, before = self.deferred
+            if reduction in needed:
+                self._release(force=True)
+            elif before in needed:  # in as soon as it is: then the last one goes
+                before.future.wait()
+                self._release(force=True)
         for reduction in [r for r in self.open - needed if r.future is not None and r.future.done()]:
             self._finish(reduction, prepare=True)
         for reduction in needed:
