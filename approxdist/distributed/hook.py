@@ -113,11 +113,11 @@ def sparse_payload(state: SparseAllReduceState, bucket: dist.GradBucket):
     # The views and indices are the hook's own, so packed_numel's structural checks
     # (~0.4 ms for a resnet50 bucket) are skipped; pack checks the size against its plan.
     pieces = kernels.reference.slice_numels(views, indices)
+    names = [state.param_names.get(id(layer.weight), f"{type(layer).__name__}{tuple(layer.weight.shape)}")
+             for layer in layers]
     if layers:
         # Ranks that selected different channels would hand all_reduce tensors of other
         # sizes (gloo aborts, NCCL hangs or misreads): compare first, raise naming the layer.
-        names = [state.param_names.get(id(layer.weight), f"{type(layer).__name__}{tuple(layer.weight.shape)}")
-                 for layer in layers]
         if checking:
             check_indices(state, group, layers, layer_idx, names,  # the digests hold the counts
                           outside=[outside_digest(views[i], indices[i]) for i in where])
@@ -126,7 +126,7 @@ def sparse_payload(state: SparseAllReduceState, bucket: dist.GradBucket):
             check_payload_sizes(state, group, sizes, names, buffer.device)
 
     if not state.step_weights:
-        _learn_step_weights(state, layers, names if layers else (), bucket.is_last())
+        _learn_step_weights(state, layers, names, bucket.is_last())
     state.buckets += 1
     state.dense_bytes += buffer.numel() * buffer.element_size()
 

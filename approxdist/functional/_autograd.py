@@ -100,14 +100,14 @@ class WeightGradSampled(torch.autograd.Function):
     row-major copy of the weight); a linear layer's take the weight as stored
     (product.exact_weight: BLAS reads a dim-1-major matrix as it is, where a copy would
     cost as much as the product at a few hundred tokens), so they equal nn.Linear's up
-    to the summation order of the kernel BLAS picks for that layout. The gradient of every weight slice it keeps is
-    the true one, so the model trains the function that eval runs (and BatchNorm sees
-    the exact activations); what it saves is the weight gradient's compute on the other
-    channels and, under the sparse hook, their traffic."""
+    to the summation order of the kernel BLAS picks for that layout. The gradient of
+    every weight slice it keeps is the true one, so the model trains the function that
+    eval runs (and BatchNorm sees the exact activations); what it saves is the weight
+    gradient's compute on the other channels and, under the sparse hook, their traffic."""
 
     @staticmethod
     def forward(ctx, x, w, b, idx, scale, product):
-        w_c = product.exact_weight(w)  # (w itself when already row-major: no extra memory)
+        w_c = product.exact_weight(w)  # (w itself for a linear or a row-major weight)
         out = product(x, w_c, b)
         ctx.product, ctx.has_bias = product, b is not None
         ctx.w_shape = w.shape
