@@ -95,7 +95,7 @@ class LinearProduct:
     def sampled_weight_grad(self, g, x, w, idx):
         """The weight gradient of the input features idx, laid out like w: the product
         reads g and the selected columns of x, never the weight."""
-        return _mm_like(w, g.t(), x.index_select(1, idx))
+        return _mm_like(w, g.t(), self.take(x, idx))
 
     def weight_operand(self, w_s):
         """The sampled weight as the products take it: BLAS reads a transposed

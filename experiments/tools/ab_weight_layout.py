@@ -6,19 +6,18 @@
 One process: the exact model, `convert_model(m, R, distributed=True)` (weights stored
 input-major, the default) and the same with `weight_layout="contiguous"` (row-major), each
 stepping forward + backward + SGD with momentum, interleaved, median of --steps steps
-after 3 warm-up rounds. In weight_grad mode an input-major conv weight is copied to
+after 3 warm-up rounds (timed as `approxdist-bench compute` times its models). In weight_grad mode an input-major conv weight is copied to
 row-major for every exact forward; row-major, the sparse hook packs a slower layout
 (docs/benchmarks.md, Kernels). This measures the first half of that trade.
 """
 import argparse
 import copy
-import statistics
-import time
 
 import torch
 import torchvision
 
 import approxdist as ad
+from approxdist.bench.compute import _median_times, _model_step  # the compute bench's own timing
 
 
 def main():
@@ -39,29 +38,14 @@ def main():
               "input_major": ad.convert_model(copy.deepcopy(base), a.ratio, distributed=True),
               "contiguous": ad.convert_model(copy.deepcopy(base), a.ratio, distributed=True,
                                              weight_layout="contiguous")}
-    opts = {k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for k, m in models.items()}
     g = torch.Generator().manual_seed(0)
     x = torch.randn(a.batch, 3, a.image_size, a.image_size, generator=g)
     y = torch.randint(0, 10, (a.batch,), generator=g)
-
-    def step(name):
-        t0 = time.perf_counter()
-        opts[name].zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(models[name](x), y).backward()
-        opts[name].step()
-        return time.perf_counter() - t0
-
-    for _ in range(3):
-        for name in models:
-            step(name)
-    times = {name: [] for name in models}
-    for _ in range(a.steps):
-        for name in models:
-            times[name].append(step(name))
-    exact = statistics.median(times["exact"])
-    for name, values in times.items():
-        ms = statistics.median(values) * 1e3
-        print(f"{name:12s} {ms:7.1f} ms  {ms / (exact * 1e3):.2f}x the exact step")
+    steps = [_model_step(m, torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9), x, y)
+             for m in models.values()]
+    times = dict(zip(models, _median_times(steps, a.steps, warmup=3)))
+    for name, seconds in times.items():
+        print(f"{name:12s} {seconds * 1e3:7.1f} ms  {seconds / times['exact']:.2f}x the exact step")
 
 
 if __name__ == "__main__":

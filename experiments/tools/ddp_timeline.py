@@ -84,11 +84,9 @@ def worker(a):
         return work
 
     dist.all_reduce = timed_all_reduce
+    # (registered directly, the hook compares payload sizes per bucket in its first step
+    # only; the steps reported start at 2)
     state = ad.distributed.SparseAllReduceState()
-    # as register() does: the payload sizes are compared once per step, not per bucket
-    # (a blocking check per bucket would queue behind the collectives in flight)
-    state.step_weights = tuple((name, m.weight) for name, m in model.named_modules()
-                               if isinstance(m, ad.nn.WeightSampled))
     if a.overlap_forward:  # a step's transfer runs on into the next forward
         state.process_group = dist.new_group()
     group = state.process_group  # fp16: torch's hook takes the process group as its state
